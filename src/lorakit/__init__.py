@@ -1,0 +1,18 @@
+"""lorakit: exact, fast, small LoRA adapters for any PyTorch model.
+
+>>> import lorakit
+>>> cfg = lorakit.LoraConfig(r=8, alpha=16, targets=["query", "value"])
+>>> lorakit.inject(model, cfg)                       # doctest: +SKIP
+"""
+
+from .config import INITS, LoraConfig, LoraError
+from .io import load, save
+from .layers import LoraLayer
+from .model import (Summary, delete, disabled, inject, lora_layers, merge, merge_and_unload, registry,
+                    set_active, summary, unmerge)
+
+__version__ = "0.1.0"
+
+__all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
+           "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "registry",
+           "lora_layers", "__version__"]

@@ -1,0 +1,137 @@
+"""`LoraConfig`: an immutable, validated description of one adapter.
+
+A config says *which* weights get an adapter (``targets``, ``target_parameters``, ``exclude``)
+and *how* it is shaped and initialised (``r``, ``alpha``, ``rank_pattern``, ``alpha_pattern``,
+``init``, ``use_rslora``, ``dropout``). It never changes after construction; use
+:func:`dataclasses.replace` to derive a variant.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence, Union
+
+from torch import nn
+
+__all__ = ["LoraConfig", "LoraError", "INITS", "Target"]
+
+#: Valid values of ``LoraConfig.init``.
+#: ``kaiming``: A ~ Kaiming-uniform(a=√5) (PEFT's default), ``gaussian``: A ~ N(0, 1/r),
+#: ``normal``: A ~ N(0, 1) (the plain init of the seed's minimal example). B is always zero.
+INITS = ("kaiming", "gaussian", "normal")
+
+#: A target is a module name / dotted suffix, a regex string, a module type, or "all-linear".
+Target = Union[str, type]
+
+
+class LoraError(ValueError):
+    """Raised for invalid configurations, unmatched targets, bad adapter files and misuse."""
+
+
+def _as_tuple(value: Any, what: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)):
+        return (value,)
+    if isinstance(value, Sequence) or isinstance(value, (set, frozenset)):
+        return tuple(value)
+    raise LoraError(f"{what} must be a string, a module type or a list of them, got {type(value).__name__}")
+
+
+def _frozen_mapping(value: Mapping | None, what: str, cast: type) -> Mapping[str, Any]:
+    out = {}
+    for key, v in dict(value or {}).items():
+        if not isinstance(key, str):
+            raise LoraError(f"{what} keys must be strings (regex patterns), got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise LoraError(f"{what} key {key!r} is not a valid regex: {e}") from None
+        out[key] = cast(v)
+    return MappingProxyType(out)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Configuration of one LoRA adapter.
+
+    Args:
+        r: rank of the update ΔW = B·A (≥ 1).
+        alpha: scale numerator; the update is scaled by ``alpha / r`` (``alpha / √r`` with rsLoRA).
+        dropout: dropout probability on the adapter's input, in [0, 1).
+        targets: which modules to adapt. Each entry is an exact module path or dotted suffix
+            (``"query"``, ``"attn.c_attn"``), a module type (``nn.Linear``), ``"all-linear"``
+            (every linear layer except the output head), or a regex matched against the full
+            module path (any string with characters other than letters, digits, ``_ . -``,
+            e.g. ``r".*layer\.[01]\..*query"``). Every entry must match at least one module.
+        target_parameters: raw parameters to adapt, by full name or dotted suffix
+            (``"experts.weight"``); for weights that are not inside a supported layer.
+        exclude: module paths/suffixes (or one regex string) never to adapt.
+        rank_pattern: ``{regex: rank}``; the first key matching a module path
+            (PEFT semantics: ``(.*\\.)?key$``) overrides ``r`` there.
+        alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
+        init: one of :data:`INITS`.
+        use_rslora: scale by ``alpha / √r`` instead of ``alpha / r``.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[Target, ...] = ()
+    target_parameters: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    init: str = "kaiming"
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        # A lone regex string stays a string; a list of names becomes a tuple.
+        for name in ("targets", "target_parameters", "exclude"):
+            set_(name, _as_tuple(getattr(self, name), name))
+        for t in self.targets:
+            if not (isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module))):
+                raise LoraError(f"targets entries must be strings or nn.Module subclasses, got {t!r}")
+        if not self.targets and not self.target_parameters:
+            raise LoraError("LoraConfig needs targets (e.g. ['query', 'value'] or 'all-linear') "
+                            "or target_parameters")
+        set_("rank_pattern", _frozen_mapping(self.rank_pattern, "rank_pattern", int))
+        set_("alpha_pattern", _frozen_mapping(self.alpha_pattern, "alpha_pattern", float))
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise LoraError(f"r must be an integer >= 1, got {self.r!r}")
+        for key, r in self.rank_pattern.items():
+            if r < 1:
+                raise LoraError(f"rank_pattern[{key!r}] must be >= 1, got {r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise LoraError(f"alpha must be a finite number > 0, got {self.alpha!r}")
+        for key, a in self.alpha_pattern.items():
+            if not (math.isfinite(a) and a > 0):
+                raise LoraError(f"alpha_pattern[{key!r}] must be > 0, got {a}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise LoraError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise LoraError(f"unknown init {self.init!r}; valid inits are: {', '.join(INITS)}")
+
+    def rank_for(self, path: str) -> int:
+        """The rank used for the module at ``path`` (``rank_pattern`` first, else ``r``)."""
+        return _pattern_lookup(self.rank_pattern, path, self.r)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha used for the module at ``path`` (``alpha_pattern`` first, else ``alpha``)."""
+        return _pattern_lookup(self.alpha_pattern, path, self.alpha)
+
+    def scale_for(self, path: str) -> float:
+        """The factor s in ``W x + s·B A x`` for the module at ``path``."""
+        r, alpha = self.rank_for(path), self.alpha_for(path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_lookup(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+    for key, value in patterns.items():  # first match wins, as in PEFT
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default

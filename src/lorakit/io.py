@@ -1,0 +1,235 @@
+"""Save and load adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (embeddings:
+``lora_embedding_A`` / ``lora_embedding_B``), tensors in PEFT's shapes, fp32 by default.
+
+Loading is strict and all-or-nothing: the whole file is checked against the model (keys, shapes,
+prefix) before the model is touched. Nothing is ever unpickled. Each file is replaced atomically
+(temp file, fsync, rename), the weights last; the weights file also carries its config in the
+safetensors metadata, so a crash between the two renames still loads the previous adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .config import LoraConfig, LoraError
+from .layers import PARAM
+from .model import _apply, _root, lora_layers, registry, set_active
+from .targets import Site, _matcher, plan, walk
+
+__all__ = ["save", "load", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_META_KEY = "lorakit_config"
+# PEFT options lorakit cannot honour: loading them silently would give different outputs.
+_UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
+                "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
+                "trainable_token_indices": None, "modules_to_save": None}
+
+
+# -- save ---------------------------------------------------------------------------------------
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
+    """Shortest explicit list: leaf names if they select exactly ``paths`` (PEFT's suffix rule)."""
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    selected = {p for p, *_ in walk(model) if p.rsplit(".", 1)[-1] in leaves}
+    return leaves if selected == set(paths) else sorted(paths)
+
+
+def _peft_config(model: nn.Module, adapter: str) -> dict:
+    cfg = registry(model).configs[adapter]
+    layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
+    modules = [p for p, layer in layers if layer.kind is not PARAM]
+    params = [f"{p}.{layer.param_name}" for p, layer in layers if layer.kind is PARAM]
+    ranks = {p: layer.lora_A[adapter].shape[0] for p, layer in layers}
+    alphas = {p: cfg.alpha_for(p) for p, _ in layers}
+    num = lambda x: int(x) if float(x).is_integer() else x  # noqa: E731
+    base = getattr(getattr(_root(model), "config", None), "_name_or_path", None)
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base or None,
+        "r": cfg.r, "lora_alpha": num(cfg.alpha), "lora_dropout": cfg.dropout,
+        "target_modules": _target_modules(_root(model), modules) if modules else None,
+        "target_parameters": sorted(params) or None, "exclude_modules": None,
+        "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != cfg.r},
+        "alpha_pattern": {re.escape(p): num(a) for p, a in alphas.items() if a != cfg.alpha},
+        "use_rslora": cfg.use_rslora,
+        "fan_in_fan_out": any(layer.kind.name == "conv1d_hf" for _, layer in layers),
+        "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
+    }
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+         dtype: torch.dtype = torch.float32) -> Path:
+    """Write adapter ``adapter`` of ``model`` to ``directory`` in PEFT's format; returns the path."""
+    reg = registry(model)
+    if adapter not in reg.configs:
+        raise LoraError(f"unknown adapter {adapter!r}; the model has: {sorted(reg.configs)}")
+    tensors = {}
+    for path, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            for key, t in ((layer.kind.a_key, layer.lora_A[adapter]), (layer.kind.b_key, layer.lora_B[adapter])):
+                tensors[f"{PREFIX}{path}.{key}"] = t.detach().to("cpu", dtype).contiguous()
+    config = json.dumps(_peft_config(model, adapter), indent=2, sort_keys=True)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / CONFIG_NAME, config.encode())
+    _write_atomic(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", _META_KEY: config}))
+    return directory
+
+
+# -- load ---------------------------------------------------------------------------------------
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise LoraError(f"{path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _open_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [p.name for p in directory.glob("adapter_model.*")]
+        extra = f"; found {pickled}, which lorakit never unpickles (convert to safetensors)" if pickled else ""
+        raise LoraError(f"{path}: not found{extra}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoraError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, metadata
+
+
+def _to_lora_config(config: dict, source: Path) -> LoraConfig:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{source}: peft_type is {config.get('peft_type')!r}; lorakit loads LORA adapters")
+    for key, default in _UNSUPPORTED.items():
+        value = config.get(key, default)
+        if value not in (default, None, [], {}, False) and value != default:
+            raise LoraError(f"{source}: {key}={value!r} is not supported by lorakit (expected {default!r})")
+    try:
+        return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+                          targets=config.get("target_modules") or (),
+                          target_parameters=config.get("target_parameters") or (),
+                          rank_pattern=config.get("rank_pattern") or {},
+                          alpha_pattern=config.get("alpha_pattern") or {},
+                          use_rslora=bool(config.get("use_rslora", False)))
+    except KeyError as e:
+        raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
+
+
+def _exact_targets(cfg: LoraConfig, paths: set[str], model: nn.Module) -> LoraConfig:
+    """The file's config, re-targeted at exactly the modules present in the file."""
+    params = set()
+    if cfg.target_parameters:
+        rules = [_matcher(t) for t in cfg.target_parameters]
+        params = {f"{p}.{n}" for p, m, *_ in walk(model) if p in paths
+                  for n, _ in m.named_parameters(recurse=False) if any(rule(f"{p}.{n}") for rule in rules)}
+    modules = paths - {p.rsplit(".", 1)[0] for p in params}
+    exact = lambda names: ("|".join(re.escape(n) for n in sorted(names)),) if names else ()  # noqa: E731
+    return dataclasses.replace(cfg, targets=exact(modules), target_parameters=exact(params), exclude=())
+
+
+def _check(sites: list[Site], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Every expected key present with the expected shape, and nothing else."""
+    expected = {}
+    for s in sites:
+        a_shape, b_shape = s.kind.shapes(s.weight, s.r)
+        expected[f"{PREFIX}{s.path}.{s.kind.a_key}"] = a_shape
+        expected[f"{PREFIX}{s.path}.{s.kind.b_key}"] = b_shape
+    problems = [f"missing {k} (expected shape {tuple(v)})" for k, v in expected.items() if k not in tensors]
+    problems += [f"unexpected key {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: expected shape {tuple(v)}, found {tuple(tensors[k].shape)}"
+                 for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != tuple(v)]
+    problems += [f"{k}: dtype {t.dtype} is not floating point" for k, t in tensors.items()
+                 if not t.is_floating_point()]
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise LoraError(f"{source} does not fit this model: " + "; ".join(problems[:10]) + more)
+
+
+def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> nn.Module:
+    """Load a PEFT-format adapter from ``directory`` as adapter ``adapter`` and make it active.
+
+    If the model has no adapter of that name, one is injected per the saved config (on exactly
+    the modules the file holds). Any mismatch raises :class:`LoraError` and leaves the model as it
+    was. Returns ``model``.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    config = _read_config(directory)
+    tensors, metadata = _open_weights(directory)
+    if _META_KEY in metadata and json.loads(metadata[_META_KEY]) != config:
+        config = json.loads(metadata[_META_KEY])  # a save was interrupted: trust the weights' own config
+    source = directory / WEIGHTS_NAME
+    bad = sorted(k for k in tensors if not k.startswith(PREFIX))
+    if bad:
+        raise LoraError(f"{source}: key {bad[0]!r} (and {len(bad) - 1} more) lacks the prefix {PREFIX!r}; "
+                        "expected keys like 'base_model.model.<module path>.lora_A.weight'")
+    paths = {k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors}
+    known = {p for p, *_ in walk(_root(model))}
+    if unknown := sorted(paths - known):
+        raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
+                        f"is this adapter for another model? Model modules include: {sorted(known)[:8]}")
+    cfg = _exact_targets(_to_lora_config(config, directory / CONFIG_NAME), paths, _root(model))
+    reg = _root(model).__dict__.get("lorakit_registry")
+    existing = reg is not None and adapter in reg.configs
+    if existing:
+        if reg.merged:
+            raise LoraError(f"cannot load into {adapter!r} while adapters are merged; unmerge first")
+        layers = {p: layer for p, layer in lora_layers(model) if adapter in layer.lora_A}
+        sites = [dataclasses.replace(s, r=layers[s.path].lora_A[adapter].shape[0]) if s.path in layers else s
+                 for s in plan(_root(model), cfg)]
+        if set(layers) != {s.path for s in sites}:
+            raise LoraError(f"{source}: adapter {adapter!r} is on {len(layers)} modules but the file has "
+                            f"{len(sites)}; delete it first or load under another name")
+    else:
+        sites = plan(_root(model), cfg)
+    _check(sites, tensors, source)
+    if not existing:
+        _apply(model, adapter, cfg, sites)
+    with torch.no_grad():
+        for path, layer in lora_layers(model):
+            if adapter in layer.lora_A:
+                layer.lora_A[adapter].copy_(tensors[f"{PREFIX}{path}.{layer.kind.a_key}"])
+                layer.lora_B[adapter].copy_(tensors[f"{PREFIX}{path}.{layer.kind.b_key}"])
+    if existing:
+        for path, layer in lora_layers(model):
+            if adapter in layer.lora_A:
+                layer.scale[adapter] = cfg.scale_for(path)
+                layer.dropout[adapter] = cfg.dropout
+        reg.configs[adapter] = cfg
+        set_active(model, adapter)
+    return model

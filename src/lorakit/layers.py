@@ -1,0 +1,285 @@
+"""LoRA layers: one wrapper module, one merge path, a small strategy object per layer kind.
+
+A :class:`LoraLayer` wraps an existing module (``base_layer``) and holds any number of named
+adapters for one of its weights W. Every kind stores its factors in PEFT's shapes and defines the
+update the same way::
+
+    ΔW = s · (B.flatten(1) @ A.flatten(1))      reshaped (and transposed for Conv1D/Embedding) like W
+
+so merge, unmerge and delta code exist exactly once (:meth:`LoraLayer.delta`). What differs per kind
+is only how the *unmerged* forward applies B·A to an input without materialising ΔW.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .config import LoraError
+
+__all__ = ["LoraLayer", "Kind", "kind_of", "SUPPORTED"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (weight stored as (in, out)); no import if unused."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+class Kind:
+    """How one kind of layer hosts an adapter.
+
+    ``a_key``/``b_key`` are PEFT's file names for the factors; ``transposed`` says ΔW is stored
+    as (B·A)ᵀ in W's layout (Conv1D, Embedding).
+    """
+
+    name = "param"
+    a_key, b_key = "lora_A.weight", "lora_B.weight"
+    transposed = False
+    supports_dropout = False
+
+    def check(self, base: nn.Module, path: str) -> None:
+        """Raise :class:`LoraError` if ``base`` cannot host this kind of adapter."""
+
+    def shapes(self, weight: Tensor, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for a weight of this kind (PEFT's layout)."""
+        out, rest = weight.shape[0], math.prod(weight.shape[1:])
+        return (r, rest), (out, r)
+
+    def init_a(self, a: Tensor, b: Tensor, init: str) -> None:
+        """Initialise the factors in place so that ΔW = 0."""
+        r = a.shape[0]
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+        else:  # "normal": the seed's plain N(0, 1)
+            nn.init.normal_(a)
+        nn.init.zeros_(b)
+
+    def forward(self, layer: "LoraLayer", x: Tensor, *args, **kwargs) -> Tensor:
+        """Unmerged forward: by default run the base module with W + ΣΔW swapped in."""
+        w = layer.weight
+        delta = sum(layer.delta(name, w.dtype) for name in layer.active)
+        return functional_call(layer.base_layer, {layer.param_name: w + delta}, (x, *args), kwargs)
+
+
+class _Linear(Kind):
+    name = "linear"
+    supports_dropout = True
+
+    def forward(self, layer, x, *args, **kwargs):
+        result = layer.base_layer(x, *args, **kwargs)
+        for name in layer.active:
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            h = F.linear(F.linear(layer.dropped(x, name).to(a.dtype), a), b)
+            result = result + (h * layer.scale[name]).to(result.dtype)
+        return result
+
+
+class _Conv1D(_Linear):
+    """transformers' ``Conv1D``: y = x @ W + b with W stored (in, out); PEFT's fan_in_fan_out."""
+
+    name = "conv1d_hf"
+    transposed = True
+
+    def shapes(self, weight, r):
+        return (r, weight.shape[0]), (weight.shape[1], r)
+
+
+class _Embedding(Kind):
+    """Lookup of A's columns, then B; A is (r, num_embeddings), B is (dim, r) as in PEFT."""
+
+    name = "embedding"
+    a_key, b_key = "lora_embedding_A", "lora_embedding_B"
+    transposed = True
+
+    def check(self, base, path):
+        if base.max_norm is not None:
+            raise LoraError(f"{path}: nn.Embedding with max_norm rewrites its weight during forward; "
+                            "LoRA cannot be merged exactly into it (set max_norm=None)")
+
+    def shapes(self, weight, r):
+        return (r, weight.shape[0]), (weight.shape[1], r)
+
+    def init_a(self, a, b, init):
+        # PEFT's convention for embeddings: A = 0, B random (the lookup of a zero A keeps ΔW = 0).
+        nn.init.zeros_(a)
+        nn.init.normal_(b)
+
+    def forward(self, layer, x, *args, **kwargs):
+        base = layer.base_layer
+        result = base(x, *args, **kwargs)
+        for name in layer.active:
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            h = F.embedding(x, a.t(), base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
+            result = result + (F.linear(h, b) * layer.scale[name]).to(result.dtype)
+        return result
+
+
+class _Conv(Kind):
+    """ConvNd with groups = 1: A is a conv with the base's kernel/stride/padding/dilation, B a 1×1 conv."""
+
+    name = "conv"
+    supports_dropout = True
+
+    def shapes(self, weight, r):
+        return (r, *weight.shape[1:]), (weight.shape[0], r, *([1] * (weight.dim() - 2)))
+
+    def forward(self, layer, x, *args, **kwargs):
+        base = layer.base_layer
+        result = base(x, *args, **kwargs)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[layer.weight.dim() - 3]
+        for name in layer.active:
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            h = conv(base._conv_forward(layer.dropped(x, name).to(a.dtype), a, None), b)
+            result = result + (h * layer.scale[name]).to(result.dtype)
+        return result
+
+
+class _GroupedConv(Kind):
+    """ConvNd with groups > 1: ΔW has the grouped weight's shape, so it is built and convolved.
+
+    The factors are A (r, in/groups·k…) and B (out, r); the update merges exactly. (PEFT instead
+    uses a full conv for A, whose ΔW cannot be merged into a grouped conv; its files differ.)
+    """
+
+    name = "conv_grouped"
+    supports_dropout = True
+
+    def forward(self, layer, x, *args, **kwargs):
+        base = layer.base_layer
+        result = base(x, *args, **kwargs)
+        for name in layer.active:
+            delta = layer.delta(name, layer.lora_A[name].dtype)
+            h = base._conv_forward(layer.dropped(x, name).to(delta.dtype), delta, None)
+            result = result + h.to(result.dtype)
+        return result
+
+
+LINEAR, CONV1D_HF, EMBEDDING, CONV, GROUPED_CONV, PARAM = (
+    _Linear(), _Conv1D(), _Embedding(), _Conv(), _GroupedConv(), Kind())
+
+#: Module types adapted by ``targets`` (anything else: use ``target_parameters``).
+SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d"
+
+
+def kind_of(module: nn.Module) -> Kind | None:
+    """The kind of a module targeted by name/type, or None if it is not a supported layer."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONV if module.groups == 1 else GROUPED_CONV
+    if _is_hf_conv1d(module):
+        return CONV1D_HF
+    return None
+
+
+class LoraLayer(nn.Module):
+    """A module plus named low-rank adapters on one of its weights (``param_name``).
+
+    Attributes:
+        base_layer: the wrapped, frozen module (its forward and buffers are untouched).
+        lora_A, lora_B: the factors per adapter name, in PEFT's shapes.
+        scale: per adapter, s = α/r (or α/√r).
+        active: names whose updates are applied in forward (set by :func:`lorakit.set_active`).
+        merged: names currently merged into W (then forward is the base forward alone).
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: Kind, param_name: str = "weight") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.param_name = param_name
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scale: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+        self._original: Tensor | None = None  # exact copy of W while merged (exact mode)
+
+    @property
+    def weight(self) -> Tensor:
+        return getattr(self.base_layer, self.param_name)
+
+    # -- adapters -------------------------------------------------------------------------------
+    def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
+        """Create adapter ``name`` with ΔW = 0. Factors are fp32 on a half-precision base."""
+        w = self.weight
+        dtype = torch.float32 if w.dtype in _LOW_PRECISION else w.dtype
+        a_shape, b_shape = self.kind.shapes(w, r)
+        a = torch.empty(a_shape, dtype=dtype, device=w.device)
+        b = torch.empty(b_shape, dtype=dtype, device=w.device)
+        self.kind.init_a(a, b, init)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.scale[name] = float(scale)
+        self.dropout[name] = float(dropout)
+
+    def remove(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name], self.scale[name], self.dropout[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def dropped(self, x: Tensor, name: str) -> Tensor:
+        p = self.dropout[name]
+        return F.dropout(x, p, self.training) if p > 0 else x
+
+    def delta(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """ΔW of adapter ``name`` in W's layout, scale included (the single definition of ΔW)."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        d = (b.flatten(1) @ a.flatten(1)) * self.scale[name]
+        w = self.weight
+        d = (d.t() if self.kind.transposed else d).reshape(w.shape)
+        return d if dtype is None else d.to(dtype)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.merged or not self.active:
+            return self.base_layer(x, *args, **kwargs)
+        return self.kind.forward(self, x, *args, **kwargs)
+
+    # -- merge ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: Sequence[str], exact: bool = True) -> None:
+        """Add the update of ``names`` into W, rounding once. ``exact`` keeps a copy of W."""
+        if self.merged:
+            raise LoraError(f"already merged ({', '.join(self.merged)}); unmerge first")
+        names = tuple(n for n in names if n in self.lora_A)
+        if not names:
+            return
+        w = self.weight
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        total = w.to(acc) + sum(self.delta(n, acc) for n in names)
+        if exact:
+            self._original = w.detach().clone()
+        w.copy_(total)  # in place: the Parameter (and anything tied to it) stays the same object
+        self.merged = names
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the merged update out of W: bit-exact from the kept copy, else by subtraction."""
+        if not self.merged:
+            return
+        w = self.weight
+        if self._original is not None:
+            w.copy_(self._original)
+        else:
+            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+            w.copy_(w.to(acc) - sum(self.delta(n, acc) for n in self.merged))
+        self._original = None
+        self.merged = ()
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.lora_A[n].shape[0] for n in self.lora_A}
+        return f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}, active={list(self.active)}"

@@ -1,0 +1,264 @@
+"""Model-level API: inject adapters in place, keep one registry per model, merge and unload.
+
+The registry (:class:`Registry`, at ``model.lorakit_registry``) is the single record of which
+adapters exist, their configs, which are active and whether they are merged. The
+:class:`~lorakit.layers.LoraLayer` modules hold the weights and a copy of the active set for
+their forward. There are no hooks and no global state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from torch import nn
+
+from .config import LoraConfig, LoraError
+from .layers import LoraLayer
+from .targets import Site, plan, walk
+
+__all__ = ["Registry", "inject", "set_active", "disabled", "delete", "merge", "unmerge",
+           "merge_and_unload", "summary", "Summary", "registry", "lora_layers"]
+
+_NAME = re.compile(r"[A-Za-z_][\w\-]*")
+
+
+@dataclass
+class Registry:
+    """What adapters a model has. ``paths[name]`` lists the modules adapter ``name`` is on."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    merged: tuple[str, ...] = ()
+    frozen: list = field(default_factory=list)  # (param, requires_grad before inject), restored on unload
+
+
+def _root(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # see through torch.compile's wrapper
+
+
+def registry(model: nn.Module) -> Registry:
+    """The model's adapter registry; raises if the model has no lorakit adapters."""
+    reg = _root(model).__dict__.get("lorakit_registry")
+    if reg is None:
+        raise LoraError("this model has no lorakit adapters; call lorakit.inject(model, config) first")
+    return reg
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(path, layer)`` for every LoraLayer, with paths in the original model's naming."""
+    for path, _, _, _, layer in walk(_root(model)):
+        if layer is not None:
+            yield path, layer
+
+
+def _require_unmerged(reg: Registry, action: str) -> None:
+    if reg.merged:
+        raise LoraError(f"cannot {action} while adapters {list(reg.merged)} are merged into the weights; "
+                        "call lorakit.unmerge(model) first")
+
+
+def _check_names(reg: Registry, names: Sequence[str]) -> None:
+    unknown = [n for n in names if n not in reg.configs]
+    if unknown:
+        raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
+
+
+def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site]) -> None:
+    """Wrap (or reuse) a LoraLayer at every site and add adapter ``name``; then activate it."""
+    root = _root(model)
+    reg = root.__dict__.get("lorakit_registry")
+    if reg is None:
+        reg = Registry(frozen=[(p, p.requires_grad) for p in root.parameters()])
+        root.lorakit_registry = reg
+        for p in root.parameters():
+            p.requires_grad_(False)
+    for site in sites:
+        layer = site.layer
+        if layer is None:
+            layer = LoraLayer(site.module, site.kind, site.param)
+            setattr(site.parent, site.attr, layer)
+        layer.add(name, site.r, site.scale, cfg.dropout, cfg.init)
+    reg.configs[name] = cfg
+    reg.paths[name] = tuple(s.path for s in sites)
+    set_active(root, name)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
+    """Add adapter ``adapter`` to ``model`` in place and make it the active one.
+
+    The base model is frozen (requires_grad=False); the new adapter's factors are trainable.
+    Calling again with another name adds a second adapter. Returns ``model``.
+    All targets are resolved before anything changes, so an error leaves the model untouched.
+    """
+    if not isinstance(adapter, str) or not _NAME.fullmatch(adapter):
+        raise LoraError(f"adapter name {adapter!r} is invalid: use letters, digits, '_' or '-', "
+                        "not starting with a digit")
+    reg = _root(model).__dict__.get("lorakit_registry")
+    if reg is not None:
+        if adapter in reg.configs:
+            raise LoraError(f"adapter {adapter!r} already exists; delete it first or pick another name "
+                            f"(existing: {sorted(reg.configs)})")
+        _require_unmerged(reg, "add an adapter")
+    _apply(model, adapter, config, plan(_root(model), config))
+    return model
+
+
+def set_active(model: nn.Module, adapters: str | Sequence[str]) -> None:
+    """Make ``adapters`` (one name or several) the active set; their updates add up.
+
+    Active adapters are trainable, inactive ones are frozen.
+    """
+    names = (adapters,) if isinstance(adapters, str) else tuple(dict.fromkeys(adapters))
+    reg = registry(model)
+    _check_names(reg, names)
+    _require_unmerged(reg, "change the active adapters")
+    reg.active = names
+    for _, layer in lora_layers(model):
+        layer.active = tuple(n for n in names if n in layer.lora_A)
+        for n in layer.lora_A:
+            layer.lora_A[n].requires_grad_(n in names)
+            layer.lora_B[n].requires_grad_(n in names)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the block; adapters (and a merge) are restored on exit, always."""
+    reg = registry(model)
+    merged, active = reg.merged, reg.active
+    layers = [layer for _, layer in lora_layers(model)]
+    exact = all(layer._original is not None for layer in layers if layer.merged)
+    if merged:
+        unmerge(model)
+    saved = [layer.active for layer in layers]
+    try:
+        for layer in layers:
+            layer.active = ()
+        reg.active = ()
+        yield model
+    finally:
+        for layer, act in zip(layers, saved):
+            layer.active = act
+        reg.active = active
+        if merged:
+            merge(model, exact=exact)
+
+
+def delete(model: nn.Module, adapter: str) -> None:
+    """Remove adapter ``adapter``; modules left without adapters get their original module back."""
+    reg = registry(model)
+    _check_names(reg, [adapter])
+    _require_unmerged(reg, "delete an adapter")
+    for path, layer in list(lora_layers(model)):
+        if adapter in layer.lora_A:
+            layer.remove(adapter)
+            if not layer.lora_A:
+                _replace(_root(model), path, layer.base_layer)
+    del reg.configs[adapter], reg.paths[adapter]
+    reg.active = tuple(n for n in reg.active if n != adapter)
+    if not reg.configs:
+        _unload(model)
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent = root
+    for attr in path.split(".")[:-1]:
+        parent = getattr(parent, attr)
+        parent = parent.base_layer if isinstance(parent, LoraLayer) else parent
+    setattr(parent, path.rsplit(".", 1)[-1], new)
+
+
+def _tied(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, p in _root(model).named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def merge(model: nn.Module, exact: bool = True) -> None:
+    """Merge the active adapters into the base weights; forward then costs what the base costs.
+
+    With ``exact=True`` (default) each merged weight is copied first, so :func:`unmerge` restores
+    it bit for bit (memory: one extra copy of every adapted weight while merged). ``exact=False``
+    skips the copy and unmerges by subtraction, which drifts by rounding errors.
+    Merging twice is an error, as is merging a weight tied to another module.
+    """
+    reg = registry(model)
+    if reg.merged:
+        raise LoraError(f"adapters {list(reg.merged)} are already merged; unmerge first")
+    if not reg.active:
+        raise LoraError(f"no active adapter to merge; adapters: {sorted(reg.configs)}")
+    owners = _tied(model)
+    layers = [(path, layer) for path, layer in lora_layers(model) if layer.active]
+    for path, layer in layers:
+        names = owners[id(layer.weight)]
+        if len(names) > 1:
+            names = [n.replace(".base_layer", "") for n in names]
+            raise LoraError(f"cannot merge into {path}.{layer.param_name}: the weight is shared by {names} "
+                            "(merging would change all of them); keep this adapter unmerged")
+    for _, layer in layers:
+        layer.merge(layer.active, exact=exact)
+    reg.merged = reg.active
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take merged adapters out of the base weights (bit-exact after an exact merge)."""
+    reg = registry(model)
+    if not reg.merged:
+        raise LoraError("nothing is merged")
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    reg.merged = ()
+
+
+def _unload(model: nn.Module) -> None:
+    root = _root(model)
+    for path, layer in list(lora_layers(root)):
+        _replace(root, path, layer.base_layer)
+    reg = root.__dict__.pop("lorakit_registry")
+    for p, flag in reg.frozen:
+        p.requires_grad_(flag)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters (if any, and not yet merged) and remove every lorakit module.
+
+    The result is the user's own model class with the original state_dict keys, the adapters'
+    updates in its weights and the parameters' original ``requires_grad`` flags.
+    """
+    reg = registry(model)
+    if reg.active and not reg.merged:
+        merge(model, exact=False)
+    _unload(model)
+    return model
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Parameter counts and per-module ranks of a model with adapters."""
+
+    trainable: int
+    total: int
+    active: tuple[str, ...]
+    merged: tuple[str, ...]
+    modules: dict[str, dict[str, int]]  # path -> {adapter: rank}
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        lines = [f"trainable params: {self.trainable:,} / {self.total:,} ({pct:.4f}%)",
+                 f"active: {list(self.active)}" + (f", merged: {list(self.merged)}" if self.merged else "")]
+        lines += [f"  {path}: " + ", ".join(f"{a} r={r}" for a, r in ranks.items())
+                  for path, ranks in self.modules.items()]
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Trainable/total parameters, adapters and per-module ranks (print it for a table)."""
+    reg = registry(model)
+    params = list(_root(model).parameters())
+    modules = {path: {n: layer.lora_A[n].shape[0] for n in layer.lora_A} for path, layer in lora_layers(model)}
+    return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params),
+                   reg.active, reg.merged, modules)

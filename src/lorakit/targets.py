@@ -1,0 +1,161 @@
+"""Target selection: which weights of a model an adapter goes on (pure; never mutates the model).
+
+:func:`plan` walks the model, resolves every pattern of a :class:`LoraConfig` and returns one
+:class:`Site` per weight to adapt, or raises a :class:`LoraError` that names what was wrong and
+what would be valid. Injection (:mod:`lorakit.model`) and loading (:mod:`lorakit.io`) both build on
+it, so a load can be checked completely before anything is changed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import nn
+
+from .config import LoraConfig, LoraError, Target
+from .layers import PARAM, SUPPORTED, Kind, LoraLayer, kind_of
+
+__all__ = ["Site", "plan", "walk"]
+
+_PLAIN = re.compile(r"[\w.\-]+")
+#: Names treated as the output head by "all-linear" (besides HF's get_output_embeddings()).
+HEAD_NAMES = ("lm_head", "classifier", "score", "head")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One weight to adapt: the module at ``path`` (seen through any existing LoraLayer)."""
+
+    path: str
+    module: nn.Module
+    kind: Kind
+    param: str
+    r: int
+    scale: float
+    parent: nn.Module
+    attr: str
+    layer: LoraLayer | None  # the existing wrapper, if the module already has adapters
+
+    @property
+    def weight(self):
+        return getattr(self.module, self.param)
+
+
+def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, str, LoraLayer | None]]:
+    """Yield ``(path, module, parent, attr, layer)`` for every submodule, in the original model's
+    naming: a :class:`LoraLayer` at ``path`` is reported as its base module, and the adapters'
+    own containers are skipped."""
+
+    def rec(module: nn.Module, prefix: str):
+        for attr, child in module.named_children():
+            path = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(child, LoraLayer):
+                yield path, child.base_layer, module, attr, child
+                yield from rec(child.base_layer, path)
+            else:
+                yield path, child, module, attr, None
+                yield from rec(child, path)
+
+    yield from rec(model, "")
+
+
+def _matcher(pattern: str):
+    if _PLAIN.fullmatch(pattern):
+        return lambda path: path == pattern or path.endswith("." + pattern)
+    rx = re.compile(pattern)
+    return lambda path: rx.fullmatch(path) is not None
+
+
+def _output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
+    heads = {p for p in modules if p.rsplit(".", 1)[-1] in HEAD_NAMES}
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    heads |= {p for p, m in modules.items() if out is not None and m is out}
+    return heads
+
+
+def _unmatched(pattern: Target, names: list, what: str) -> LoraError:
+    """The error for a pattern that matches nothing; ``names`` are paths (modules for a type)."""
+    if isinstance(pattern, type):
+        types = sorted({type(m).__name__ for m in names})
+        return LoraError(f"target type {pattern.__name__} matches no module; the model has: "
+                         f"{', '.join(types)}")
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    close = difflib.get_close_matches(str(pattern), leaves + names, n=6, cutoff=0.5)
+    hint = f"closest {what} names: {', '.join(close)}" if close else \
+        f"{what} names in the model include: {', '.join(leaves[:20])}"
+    return LoraError(f"target {pattern!r} matches no {what}; {hint}")
+
+
+def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
+    """Resolve ``cfg``'s targets on ``model``; raise if any pattern matches nothing."""
+    entries = list(walk(model))
+    modules = {path: m for path, m, *_ in entries}
+    excluded = [_matcher(e) for e in cfg.exclude]
+    is_excluded = lambda p: any(m(p) for m in excluded)  # noqa: E731
+    chosen: dict[str, tuple[Kind, str]] = {}
+
+    for target in cfg.targets:
+        if target == "all-linear":
+            heads = _output_heads(model, modules)
+            hits = [p for p, m in modules.items()
+                    if kind_of(m) is not None and kind_of(m).name in ("linear", "conv1d_hf") and p not in heads]
+        elif isinstance(target, type):
+            hits = [p for p, m in modules.items() if isinstance(m, target)]
+        else:
+            match = _matcher(target)
+            hits = [p for p in modules if match(p)]
+        if not hits:
+            raise _unmatched(target, list(modules.values() if isinstance(target, type) else modules), "module")
+        for p in hits:
+            kind = kind_of(modules[p])
+            if kind is None:
+                raise LoraError(
+                    f"target {target!r} matches {p} of type {type(modules[p]).__name__}, which is not a "
+                    f"supported layer ({SUPPORTED}); narrow the pattern, or adapt a raw weight with "
+                    f"target_parameters=['{p}.weight']")
+            if not is_excluded(p):
+                chosen[p] = (kind, "weight")
+
+    params = {f"{p}.{n}": (p, n) for p, m, *_ in entries for n, _ in m.named_parameters(recurse=False)}
+    params.update({n: ("", n) for n, _ in model.named_parameters(recurse=False)})
+    for target in cfg.target_parameters:
+        match = _matcher(target)
+        hits = [full for full in params if match(full)]
+        if not hits:
+            raise _unmatched(target, list(params), "parameter")
+        for full in hits:
+            path, name = params[full]
+            if not path:
+                raise LoraError(f"target_parameters {target!r} matches {full}, a parameter of the root "
+                                "module itself; only parameters of submodules can be adapted")
+            if getattr(modules[path], name).dim() < 2:
+                raise LoraError(f"target_parameters {target!r} matches {full} of shape "
+                                f"{tuple(getattr(modules[path], name).shape)}; only weights with >= 2 dims "
+                                "can take a low-rank update")
+            if path in chosen and chosen[path][1] != name:
+                raise LoraError(f"{path}: an adapter can adapt one weight per module, but both "
+                                f"{path}.{chosen[path][1]} and {full} are targeted")
+            if not is_excluded(path):
+                chosen[path] = (PARAM, name)
+
+    sites = []
+    for path, module, parent, attr, layer in entries:
+        if path not in chosen:
+            continue
+        kind, param = chosen[path]
+        if layer is not None and layer.param_name != param:
+            raise LoraError(f"{path}: already has adapters on {layer.param_name!r}; cannot add one on {param!r}")
+        kind.check(module, path)
+        if cfg.dropout > 0 and not kind.supports_dropout:
+            raise LoraError(f"{path}.{param}: dropout is not supported on raw parameters (the adapter "
+                            "sees no input of its own); use dropout=0")
+        sites.append(Site(path, module, kind, param, cfg.rank_for(path), cfg.scale_for(path),
+                          parent, attr, layer))
+    if not sites:
+        raise LoraError(f"every module matched by {list(cfg.targets) + list(cfg.target_parameters)} "
+                        f"is excluded by {list(cfg.exclude)}")
+    return sites

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Mapping, Sequence, Union
 
 from torch import nn
@@ -41,6 +40,21 @@ def _as_tuple(value: Any, what: str) -> tuple:
     raise LoraError(f"{what} must be a string, a module type or a list of them, got {type(value).__name__}")
 
 
+class FrozenDict(dict):
+    """A read-only dict (copyable and picklable, unlike ``MappingProxyType``)."""
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("LoraConfig is immutable; derive a new one with dataclasses.replace")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _readonly
+
+    def __reduce__(self):
+        return FrozenDict, (dict(self),)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def _frozen_mapping(value: Mapping | None, what: str, cast: type) -> Mapping[str, Any]:
     out = {}
     for key, v in dict(value or {}).items():
@@ -51,12 +65,12 @@ def _frozen_mapping(value: Mapping | None, what: str, cast: type) -> Mapping[str
         except re.error as e:
             raise LoraError(f"{what} key {key!r} is not a valid regex: {e}") from None
         out[key] = cast(v)
-    return MappingProxyType(out)
+    return FrozenDict(out)
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Configuration of one LoRA adapter.
+    r"""Configuration of one LoRA adapter.
 
     Args:
         r: rank of the update ΔW = B·A (≥ 1).
@@ -71,7 +85,7 @@ class LoraConfig:
             (``"experts.weight"``); for weights that are not inside a supported layer.
         exclude: module paths/suffixes (or one regex string) never to adapt.
         rank_pattern: ``{regex: rank}``; the first key matching a module path
-            (PEFT semantics: ``(.*\\.)?key$``) overrides ``r`` there.
+            (PEFT semantics: ``(.*\.)?key$``) overrides ``r`` there.
         alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
         init: one of :data:`INITS`.
         use_rslora: scale by ``alpha / √r`` instead of ``alpha / r``.

@@ -42,7 +42,7 @@ def _package_dir(module: str, pip_name: str) -> Path:
 
 
 def _existing(path: Path, pip_name: str) -> Path:
-    if not path.exists():
+    if not path.exists():  # package installed but damaged
         raise BuiltinNotFoundError(f"{path} is missing; reinstall with: pip install --force-reinstall {pip_name}")
     return path
 
@@ -121,8 +121,7 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     dest = Path(cache_dir or cache_root()) / SMOLLM2_DIRNAME
     if (dest / _MARKER).is_file():
         return dest
-    gguf = smollm2_gguf_path()
-    return _atomic_build(dest, functools.partial(_convert_smollm2, gguf))
+    return _atomic_build(dest, functools.partial(_convert_smollm2, smollm2_gguf_path()))
 
 
 def load_minilm_classifier(num_labels: int, **kw: Any) -> tuple[Any, Any]:
@@ -181,25 +180,26 @@ def bbc_split(
 ) -> tuple[list[Example], ...]:
     """Seeded, stratified split of :func:`bbc_news`, e.g. (train, val, test).
 
-    Each topic is shuffled with ``random.Random(seed)`` and cut at the rounded
-    cumulative fractions, so every split has ~the same topic mix and the result
-    is identical on every machine. Splits are shuffled too.
+    Per topic, the distinct texts are shuffled with ``random.Random(seed)`` and
+    cut at the rounded cumulative fractions; the corpus's 98 duplicated articles
+    stay with their twin, so no text is in two splits. Identical on every
+    machine; each split is shuffled too.
     """
     if not fractions or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions!r}")
     rng = random.Random(seed)
-    by_topic: dict[str, list[Example]] = {}
+    groups: dict[str, dict[str, list[Example]]] = {}  # topic -> text -> copies
     for ex in _bbc_news():
-        by_topic.setdefault(ex[1], []).append(ex)
+        groups.setdefault(ex[1], {}).setdefault(ex[0], []).append(ex)
     splits: list[list[Example]] = [[] for _ in fractions]
-    for topic in sorted(by_topic):
-        docs = by_topic[topic]
-        rng.shuffle(docs)
+    for topic in sorted(groups):
+        texts = list(groups[topic].values())  # insertion (= sorted file) order
+        rng.shuffle(texts)
         cum, start = 0.0, 0
         for i, frac in enumerate(fractions):
             cum += frac
-            end = len(docs) if i == len(fractions) - 1 else round(cum * len(docs))
-            splits[i].extend(docs[start:end])
+            end = len(texts) if i == len(fractions) - 1 else round(cum * len(texts))
+            splits[i].extend(ex for copies in texts[start:end] for ex in copies)
             start = end
     for split in splits:
         rng.shuffle(split)

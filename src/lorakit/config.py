@@ -89,6 +89,8 @@ class LoraConfig:
         alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
         init: one of :data:`INITS`.
         use_rslora: scale by ``alpha / √r`` instead of ``alpha / r``.
+        modules_to_save: modules trained and saved whole with the adapter (e.g. a new
+            classification head ``"classifier"``), same pattern rules as ``targets``.
     """
 
     r: int = 8
@@ -101,16 +103,17 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     init: str = "kaiming"
     use_rslora: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         # A lone regex string stays a string; a list of names becomes a tuple.
-        for name in ("targets", "target_parameters", "exclude"):
+        for name in ("targets", "target_parameters", "exclude", "modules_to_save"):
             set_(name, _as_tuple(getattr(self, name), name))
         for t in self.targets:
             if not (isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module))):
                 raise LoraError(f"targets entries must be strings or nn.Module subclasses, got {t!r}")
-        if not self.targets and not self.target_parameters:
+        if not self.targets and not self.target_parameters and not self.modules_to_save:
             raise LoraError("LoraConfig needs targets (e.g. ['query', 'value'] or 'all-linear') "
                             "or target_parameters")
         set_("rank_pattern", _frozen_mapping(self.rank_pattern, "rank_pattern", int))

@@ -25,8 +25,8 @@ from torch import nn
 
 from .config import LoraConfig, LoraError
 from .layers import PARAM
-from .model import _apply, _root, lora_layers, registry, set_active
-from .targets import Site, _matcher, plan, walk
+from .model import _apply, _root, lora_layers, registry, saved_modules, set_active
+from .targets import Site, _matcher, plan, plan_saved, walk
 
 __all__ = ["save", "load", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 
@@ -37,7 +37,7 @@ _META_KEY = "lorakit_config"
 # PEFT options lorakit cannot honour: loading them silently would give different outputs.
 _UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
                 "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
-                "trainable_token_indices": None, "modules_to_save": None}
+                "trainable_token_indices": None}
 
 
 # -- save ---------------------------------------------------------------------------------------
@@ -56,6 +56,7 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
     ranks = {p: layer.lora_A[adapter].shape[0] for p, layer in layers}
     alphas = {p: cfg.alpha_for(p) for p, _ in layers}
     num = lambda x: int(x) if float(x).is_integer() else x  # noqa: E731
+    saved = [p for p, w in saved_modules(model) if adapter in w.adapters()]
     base = getattr(getattr(_root(model), "config", None), "_name_or_path", None)
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base or None,
@@ -67,6 +68,7 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         "use_rslora": cfg.use_rslora,
         "fan_in_fan_out": any(layer.kind.name == "conv1d_hf" for _, layer in layers),
         "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
+        "modules_to_save": _target_modules(_root(model), saved) if saved else None,
     }
 
 
@@ -94,6 +96,11 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
         if adapter in layer.lora_A:
             for key, t in ((layer.kind.a_key, layer.lora_A[adapter]), (layer.kind.b_key, layer.lora_B[adapter])):
                 tensors[f"{PREFIX}{path}.{key}"] = t.detach().to("cpu", dtype).contiguous()
+    for path, wrapper in saved_modules(model):
+        if adapter in wrapper.adapters():  # saved whole, as PEFT's modules_to_save: <path>.<state key>
+            for key, t in wrapper.modules_to_save[adapter].state_dict().items():
+                t = t.detach().to("cpu").contiguous()
+                tensors[f"{PREFIX}{path}.{key}"] = t.to(dtype) if t.is_floating_point() else t
     config = json.dumps(_peft_config(model, adapter), indent=2, sort_keys=True)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -144,12 +151,13 @@ def _to_lora_config(config: dict, source: Path) -> LoraConfig:
                           target_parameters=config.get("target_parameters") or (),
                           rank_pattern=config.get("rank_pattern") or {},
                           alpha_pattern=config.get("alpha_pattern") or {},
-                          use_rslora=bool(config.get("use_rslora", False)))
+                          use_rslora=bool(config.get("use_rslora", False)),
+                          modules_to_save=config.get("modules_to_save") or ())
     except KeyError as e:
         raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
 
 
-def _exact_targets(cfg: LoraConfig, paths: set[str], model: nn.Module) -> LoraConfig:
+def _exact_targets(cfg: LoraConfig, paths: set[str], saved: set[str], model: nn.Module) -> LoraConfig:
     """The file's config, re-targeted at exactly the modules present in the file."""
     params = set()
     if cfg.target_parameters:
@@ -158,12 +166,13 @@ def _exact_targets(cfg: LoraConfig, paths: set[str], model: nn.Module) -> LoraCo
                   for n, _ in m.named_parameters(recurse=False) if any(rule(f"{p}.{n}") for rule in rules)}
     modules = paths - {p.rsplit(".", 1)[0] for p in params}
     exact = lambda names: ("|".join(re.escape(n) for n in sorted(names)),) if names else ()  # noqa: E731
-    return dataclasses.replace(cfg, targets=exact(modules), target_parameters=exact(params), exclude=())
+    return dataclasses.replace(cfg, targets=exact(modules), target_parameters=exact(params), exclude=(),
+                               modules_to_save=exact(saved))
 
 
-def _check(sites: list[Site], tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _check(sites: list[Site], saved: list[tuple], tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Every expected key present with the expected shape, and nothing else."""
-    expected = {}
+    expected = {f"{PREFIX}{e[0]}.{k}": tuple(v.shape) for e in saved for k, v in e[1].state_dict().items()}
     for s in sites:
         a_shape, b_shape = s.kind.shapes(s.weight, s.r)
         expected[f"{PREFIX}{s.path}.{s.kind.a_key}"] = a_shape
@@ -173,10 +182,20 @@ def _check(sites: list[Site], tensors: dict[str, torch.Tensor], source: Path) ->
     problems += [f"{k}: expected shape {tuple(v)}, found {tuple(tensors[k].shape)}"
                  for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != tuple(v)]
     problems += [f"{k}: dtype {t.dtype} is not floating point" for k, t in tensors.items()
-                 if not t.is_floating_point()]
+                 if ".lora_" in k and not t.is_floating_point()]
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise LoraError(f"{source} does not fit this model: " + "; ".join(problems[:10]) + more)
+
+
+def _owner(key: str, modules: dict[str, nn.Module]) -> str:
+    """The module a saved-whole key belongs to: the longest module path whose state has the rest."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        path, rest = ".".join(parts[:i]), ".".join(parts[i:])
+        if path in modules and rest in modules[path].state_dict():
+            return path
+    return key.rsplit(".", 1)[0]
 
 
 def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> nn.Module:
@@ -198,12 +217,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     if bad:
         raise LoraError(f"{source}: key {bad[0]!r} (and {len(bad) - 1} more) lacks the prefix {PREFIX!r}; "
                         "expected keys like 'base_model.model.<module path>.lora_A.weight'")
-    paths = {k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors}
-    known = {p for p, *_ in walk(_root(model))}
-    if unknown := sorted(paths - known):
+    modules = {p: m for p, m, *_ in walk(_root(model))}
+    paths = {k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+    saved = {_owner(k[len(PREFIX):], modules) for k in tensors if ".lora_" not in k}
+    if unknown := sorted(p for p in paths | saved if p not in modules):
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
-                        f"is this adapter for another model? Model modules include: {sorted(known)[:8]}")
-    cfg = _exact_targets(_to_lora_config(config, directory / CONFIG_NAME), paths, _root(model))
+                        f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
+    cfg = _exact_targets(_to_lora_config(config, directory / CONFIG_NAME), paths, saved, _root(model))
     reg = _root(model).__dict__.get("lorakit_registry")
     existing = reg is not None and adapter in reg.configs
     if existing:
@@ -212,19 +232,26 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
         layers = {p: layer for p, layer in lora_layers(model) if adapter in layer.lora_A}
         sites = [dataclasses.replace(s, r=layers[s.path].lora_A[adapter].shape[0]) if s.path in layers else s
                  for s in plan(_root(model), cfg)]
-        if set(layers) != {s.path for s in sites}:
-            raise LoraError(f"{source}: adapter {adapter!r} is on {len(layers)} modules but the file has "
-                            f"{len(sites)}; delete it first or load under another name")
+        saved_now = {p for p, w in saved_modules(model) if adapter in w.adapters()}
+        if set(layers) != {s.path for s in sites} or saved_now != saved:
+            raise LoraError(f"{source}: adapter {adapter!r} is on other modules than the file's; "
+                            "delete it first or load under another name")
     else:
         sites = plan(_root(model), cfg)
-    _check(sites, tensors, source)
+    saved_plan = plan_saved(_root(model), cfg)
+    _check(sites, saved_plan, tensors, source)
     if not existing:
-        _apply(model, adapter, cfg, sites)
+        _apply(model, adapter, cfg, sites, saved_plan)
     with torch.no_grad():
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
                 layer.lora_A[adapter].copy_(tensors[f"{PREFIX}{path}.{layer.kind.a_key}"])
                 layer.lora_B[adapter].copy_(tensors[f"{PREFIX}{path}.{layer.kind.b_key}"])
+        for path, wrapper in saved_modules(model):
+            if adapter in wrapper.adapters():
+                prefix = f"{PREFIX}{path}."
+                wrapper.modules_to_save[adapter].load_state_dict(
+                    {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
     if existing:
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:

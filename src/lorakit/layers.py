@@ -12,6 +12,7 @@ is only how the *unmerged* forward applies B·A to an input without materialisin
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from typing import Sequence
@@ -23,7 +24,7 @@ from torch.func import functional_call
 
 from .config import LoraError
 
-__all__ = ["LoraLayer", "Kind", "kind_of", "SUPPORTED"]
+__all__ = ["LoraLayer", "SavedModule", "Kind", "kind_of", "SUPPORTED"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -231,6 +232,15 @@ class LoraLayer(nn.Module):
         del self.lora_A[name], self.lora_B[name], self.scale[name], self.dropout[name]
         self.active = tuple(n for n in self.active if n != name)
 
+    def adapters(self) -> list[str]:
+        return list(self.lora_A)
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active = tuple(n for n in names if n in self.lora_A)
+        for n in self.lora_A:
+            self.lora_A[n].requires_grad_(n in names)
+            self.lora_B[n].requires_grad_(n in names)
+
     def dropped(self, x: Tensor, name: str) -> Tensor:
         p = self.dropout[name]
         return F.dropout(x, p, self.training) if p > 0 else x
@@ -283,3 +293,37 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: self.lora_A[n].shape[0] for n in self.lora_A}
         return f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}, active={list(self.active)}"
+
+
+class SavedModule(nn.Module):
+    """A module trained and saved whole with an adapter (PEFT's ``modules_to_save``), e.g. a
+    classification head. Each adapter gets its own copy; forward uses the first active adapter's
+    copy, else the original (``base_layer``), which is never modified."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.modules_to_save = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()  # nothing to merge: a copy is already a plain module
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
+
+    def remove(self, name: str) -> None:
+        del self.modules_to_save[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active = tuple(n for n in names if n in self.modules_to_save)
+        for n, module in self.modules_to_save.items():
+            module.requires_grad_(n in names)
+
+    def current(self) -> nn.Module:
+        return self.modules_to_save[self.active[0]] if self.active else self.base_layer
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)

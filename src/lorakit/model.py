@@ -16,11 +16,11 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from .config import LoraConfig, LoraError
-from .layers import LoraLayer
-from .targets import Site, plan, walk
+from .layers import LoraLayer, SavedModule
+from .targets import Site, Wrapper, plan, plan_saved, walk
 
 __all__ = ["Registry", "inject", "set_active", "disabled", "delete", "merge", "unmerge",
-           "merge_and_unload", "summary", "Summary", "registry", "lora_layers"]
+           "merge_and_unload", "summary", "Summary", "registry", "lora_layers", "saved_modules", "wrappers"]
 
 _NAME = re.compile(r"[A-Za-z_][\w\-]*")
 
@@ -48,11 +48,21 @@ def registry(model: nn.Module) -> Registry:
     return reg
 
 
+def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
+    """``(path, wrapper)`` for every LoraLayer and SavedModule, in the original model's naming."""
+    for path, _, _, _, wrapper in walk(_root(model)):
+        if wrapper is not None:
+            yield path, wrapper
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """``(path, layer)`` for every LoraLayer, with paths in the original model's naming."""
-    for path, _, _, _, layer in walk(_root(model)):
-        if layer is not None:
-            yield path, layer
+    return ((p, w) for p, w in wrappers(model) if isinstance(w, LoraLayer))
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    """``(path, wrapper)`` for every module saved whole with an adapter (modules_to_save)."""
+    return ((p, w) for p, w in wrappers(model) if isinstance(w, SavedModule))
 
 
 def _require_unmerged(reg: Registry, action: str) -> None:
@@ -67,8 +77,9 @@ def _check_names(reg: Registry, names: Sequence[str]) -> None:
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
 
 
-def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site]) -> None:
-    """Wrap (or reuse) a LoraLayer at every site and add adapter ``name``; then activate it."""
+def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple]) -> None:
+    """Wrap (or reuse) a LoraLayer at every site and a SavedModule at every ``saved`` entry,
+    add adapter ``name`` to them, then activate it."""
     root = _root(model)
     reg = root.__dict__.get("lorakit_registry")
     if reg is None:
@@ -82,8 +93,13 @@ def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site]) -> N
             layer = LoraLayer(site.module, site.kind, site.param)
             setattr(site.parent, site.attr, layer)
         layer.add(name, site.r, site.scale, cfg.dropout, cfg.init)
+    for path, module, parent, attr, wrapper in saved:
+        if wrapper is None:
+            wrapper = SavedModule(module)
+            setattr(parent, attr, wrapper)
+        wrapper.add(name)
     reg.configs[name] = cfg
-    reg.paths[name] = tuple(s.path for s in sites)
+    reg.paths[name] = tuple(s.path for s in sites) + tuple(e[0] for e in saved)
     set_active(root, name)
 
 
@@ -103,7 +119,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
             raise LoraError(f"adapter {adapter!r} already exists; delete it first or pick another name "
                             f"(existing: {sorted(reg.configs)})")
         _require_unmerged(reg, "add an adapter")
-    _apply(model, adapter, config, plan(_root(model), config))
+    _apply(model, adapter, config, plan(_root(model), config), plan_saved(_root(model), config))
     return model
 
 
@@ -117,11 +133,8 @@ def set_active(model: nn.Module, adapters: str | Sequence[str]) -> None:
     _check_names(reg, names)
     _require_unmerged(reg, "change the active adapters")
     reg.active = names
-    for _, layer in lora_layers(model):
-        layer.active = tuple(n for n in names if n in layer.lora_A)
-        for n in layer.lora_A:
-            layer.lora_A[n].requires_grad_(n in names)
-            layer.lora_B[n].requires_grad_(n in names)
+    for _, wrapper in wrappers(model):
+        wrapper.set_active(names)
 
 
 @contextlib.contextmanager
@@ -129,8 +142,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block; adapters (and a merge) are restored on exit, always."""
     reg = registry(model)
     merged, active = reg.merged, reg.active
-    layers = [layer for _, layer in lora_layers(model)]
-    exact = all(layer._original is not None for layer in layers if layer.merged)
+    layers = [w for _, w in wrappers(model)]
+    exact = all(w._original is not None for _, w in lora_layers(model) if w.merged)
     if merged:
         unmerge(model)
     saved = [layer.active for layer in layers]
@@ -152,11 +165,11 @@ def delete(model: nn.Module, adapter: str) -> None:
     reg = registry(model)
     _check_names(reg, [adapter])
     _require_unmerged(reg, "delete an adapter")
-    for path, layer in list(lora_layers(model)):
-        if adapter in layer.lora_A:
-            layer.remove(adapter)
-            if not layer.lora_A:
-                _replace(_root(model), path, layer.base_layer)
+    for path, wrapper in list(wrappers(model)):
+        if adapter in wrapper.adapters():
+            wrapper.remove(adapter)
+            if not wrapper.adapters():
+                _replace(_root(model), path, wrapper.base_layer)
     del reg.configs[adapter], reg.paths[adapter]
     reg.active = tuple(n for n in reg.active if n != adapter)
     if not reg.configs:
@@ -167,7 +180,7 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     parent = root
     for attr in path.split(".")[:-1]:
         parent = getattr(parent, attr)
-        parent = parent.base_layer if isinstance(parent, LoraLayer) else parent
+        parent = parent.base_layer if isinstance(parent, (LoraLayer, SavedModule)) else parent
     setattr(parent, path.rsplit(".", 1)[-1], new)
 
 
@@ -216,8 +229,8 @@ def unmerge(model: nn.Module) -> None:
 
 def _unload(model: nn.Module) -> None:
     root = _root(model)
-    for path, layer in list(lora_layers(root)):
-        _replace(root, path, layer.base_layer)
+    for path, wrapper in list(wrappers(root)):
+        _replace(root, path, wrapper.current() if isinstance(wrapper, SavedModule) else wrapper.base_layer)
     reg = root.__dict__.pop("lorakit_registry")
     for p, flag in reg.frozen:
         p.requires_grad_(flag)
@@ -245,6 +258,7 @@ class Summary:
     active: tuple[str, ...]
     merged: tuple[str, ...]
     modules: dict[str, dict[str, int]]  # path -> {adapter: rank}
+    saved: dict[str, list[str]] = field(default_factory=dict)  # path -> adapters with a full copy
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable / max(self.total, 1)
@@ -252,6 +266,7 @@ class Summary:
                  f"active: {list(self.active)}" + (f", merged: {list(self.merged)}" if self.merged else "")]
         lines += [f"  {path}: " + ", ".join(f"{a} r={r}" for a, r in ranks.items())
                   for path, ranks in self.modules.items()]
+        lines += [f"  {path}: trained whole with {', '.join(names)}" for path, names in self.saved.items()]
         return "\n".join(lines)
 
 
@@ -260,5 +275,6 @@ def summary(model: nn.Module) -> Summary:
     reg = registry(model)
     params = list(_root(model).parameters())
     modules = {path: {n: layer.lora_A[n].shape[0] for n in layer.lora_A} for path, layer in lora_layers(model)}
+    saved = {path: w.adapters() for path, w in saved_modules(model)}
     return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params),
-                   reg.active, reg.merged, modules)
+                   reg.active, reg.merged, modules, saved)

@@ -16,9 +16,11 @@ from typing import Iterator
 from torch import nn
 
 from .config import LoraConfig, LoraError, Target
-from .layers import PARAM, SUPPORTED, Kind, LoraLayer, kind_of
+from .layers import PARAM, SUPPORTED, Kind, LoraLayer, SavedModule, kind_of
 
-__all__ = ["Site", "plan", "walk"]
+__all__ = ["Site", "plan", "plan_saved", "walk", "Wrapper"]
+
+Wrapper = LoraLayer | SavedModule
 
 _PLAIN = re.compile(r"[\w.\-]+")
 #: Names treated as the output head by "all-linear" (besides HF's get_output_embeddings()).
@@ -44,15 +46,15 @@ class Site:
         return getattr(self.module, self.param)
 
 
-def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, str, LoraLayer | None]]:
-    """Yield ``(path, module, parent, attr, layer)`` for every submodule, in the original model's
-    naming: a :class:`LoraLayer` at ``path`` is reported as its base module, and the adapters'
-    own containers are skipped."""
+def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, str, Wrapper | None]]:
+    """Yield ``(path, module, parent, attr, wrapper)`` for every submodule, in the original
+    model's naming: a wrapper (:class:`LoraLayer`, :class:`SavedModule`) at ``path`` is reported
+    as its base module, and the adapters' own containers are skipped."""
 
     def rec(module: nn.Module, prefix: str):
         for attr, child in module.named_children():
             path = f"{prefix}.{attr}" if prefix else attr
-            if isinstance(child, LoraLayer):
+            if isinstance(child, (LoraLayer, SavedModule)):
                 yield path, child.base_layer, module, attr, child
                 yield from rec(child.base_layer, path)
             else:
@@ -143,10 +145,15 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                 chosen[path] = (PARAM, name)
 
     sites = []
+    saved = {p for p, *_ in plan_saved(model, cfg, entries)}
     for path, module, parent, attr, layer in entries:
         if path not in chosen:
             continue
         kind, param = chosen[path]
+        inside = [s for s in saved if path == s or path.startswith(s + ".")]
+        if inside or isinstance(layer, SavedModule) or _inside_saved(entries, path):
+            raise LoraError(f"{path} is (inside) a module in modules_to_save; it cannot also get a LoRA "
+                            "update: exclude it from targets")
         if layer is not None and layer.param_name != param:
             raise LoraError(f"{path}: already has adapters on {layer.param_name!r}; cannot add one on {param!r}")
         kind.check(module, path)
@@ -155,7 +162,27 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                             "sees no input of its own); use dropout=0")
         sites.append(Site(path, module, kind, param, cfg.rank_for(path), cfg.scale_for(path),
                           parent, attr, layer))
-    if not sites:
+    if not sites and not saved:
         raise LoraError(f"every module matched by {list(cfg.targets) + list(cfg.target_parameters)} "
                         f"is excluded by {list(cfg.exclude)}")
     return sites
+
+
+def _inside_saved(entries: list, path: str) -> bool:
+    return any(isinstance(w, SavedModule) and path.startswith(p + ".") for p, _, _, _, w in entries)
+
+
+def plan_saved(model: nn.Module, cfg: LoraConfig, entries: list | None = None) -> list[tuple]:
+    """``(path, module, parent, attr, wrapper)`` of every module in ``cfg.modules_to_save``."""
+    entries = list(walk(model)) if entries is None else entries
+    chosen = []
+    for pattern in cfg.modules_to_save:
+        match = _matcher(pattern)
+        hits = [e for e in entries if match(e[0]) and not _inside_saved(entries, e[0])]
+        if not hits:
+            raise _unmatched(pattern, [e[0] for e in entries], "module")
+        for e in hits:
+            if isinstance(e[4], LoraLayer):
+                raise LoraError(f"{e[0]} has LoRA adapters; it cannot also be in modules_to_save")
+        chosen += [e for e in hits if e not in chosen]
+    return chosen

@@ -1,0 +1,268 @@
+"""A small, deterministic training loop for models with lorakit adapters.
+
+Only parameters with ``requires_grad`` train (the active adapters, plus any ``modules_to_save``).
+AdamW with optional LoRA+ (B learns ``lora_plus_ratio`` × faster than A), warm-up then cosine /
+linear decay, gradient accumulation and clipping, optional bf16 autocast and gradient
+checkpointing. Checkpoints hold the trainable weights, the optimizer, the RNG states and the
+position in the data (safetensors + JSON, written atomically, never pickled), so a killed run
+resumed with ``resume=True`` ends with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["TrainConfig", "fit", "peak_memory_mb"]
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`fit` (all have sensible defaults for LoRA)."""
+
+    epochs: float = 3.0
+    batch_size: int = 16
+    lr: float = 5e-4
+    lora_plus_ratio: float = 1.0
+    weight_decay: float = 0.0
+    warmup: float = 0.06          # fraction of all optimizer steps
+    schedule: str = "cosine"
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 0           # optimizer steps between evaluations; 0: once per epoch
+    save_every: int = 0           # optimizer steps between checkpoints; 0: at each evaluation
+    max_steps: int = 0            # stop after this many optimizer steps (0: no limit)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs <= 0 or self.lr <= 0 or self.lora_plus_ratio <= 0:
+            raise ValueError("epochs, lr and lora_plus_ratio must be > 0")
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (MB), or CUDA's peak allocation when on GPU."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters (inject an adapter and set it active)")
+    b = [p for n, p in named if ".lora_B." in n or ".lora_embedding_B." in n]
+    rest = [p for n, p in named if not (".lora_B." in n or ".lora_embedding_B." in n)]
+    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if b:
+        lr_b = cfg.lr * cfg.lora_plus_ratio
+        groups.append({"params": b, "lr": lr_b, "base_lr": lr_b})
+    return groups
+
+
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = int(round(cfg.warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else max(0.0, 1 - progress)
+
+
+def _order(n: int, epoch: int, seed: int) -> list[int]:
+    """The data order of ``epoch``: a function of (seed, epoch) only, so resuming needs no state."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+# -- checkpoints (safetensors + JSON; nothing is ever unpickled) ----------------------------------
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"model.{n}": p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    opt_state = opt.state_dict()
+    for idx, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
+    py_rng = random.getstate()
+    meta = {**state, "param_groups": groups, "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]]}
+    (tmp / "state.json").write_text(json.dumps(meta))
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")  # killed between the two renames
+    meta = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, t in tensors.items():
+            if key.startswith("model."):
+                params[key[len("model."):]].copy_(t)
+    state: dict = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = t
+    opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.torch"])
+    v, internal, gauss = meta.pop("python_rng")
+    random.setstate((v, tuple(internal), gauss))
+    return meta
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
+        loss_fn: Callable[[nn.Module, dict], torch.Tensor], cfg: TrainConfig = TrainConfig(),
+        evaluate: Callable[[nn.Module], dict] | None = None, metric: str = "loss", higher_is_better: bool = False,
+        out_dir: str | Path | None = None, resume: bool = False,
+        on_best: Callable[[nn.Module, Path], None] | None = None, progress: bool = True) -> list[dict]:
+    """Train ``model``'s trainable parameters on ``train``; returns the metric records.
+
+    Args:
+        train: the examples; ``collate(list_of_examples)`` makes a batch (a dict of tensors).
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar loss to minimise.
+        evaluate: called after each epoch (or every ``cfg.eval_every`` steps); returns metrics,
+            among them ``metric``. The best value so far triggers ``on_best(model, out_dir/"best")``.
+        out_dir: where ``metrics.jsonl`` and ``checkpoint/`` go (nothing is written if None).
+        resume: continue from ``out_dir/checkpoint`` if there is one.
+    """
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    if cfg.grad_checkpointing:
+        _enable_checkpointing(model)
+    groups = _param_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum))
+    total = max(1, int(math.ceil(per_epoch * cfg.epochs)))
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    eval_every = cfg.eval_every or per_epoch
+    save_every = cfg.save_every or eval_every
+    step, best, records = 0, None, []
+    ckpt = out / "checkpoint" if out else None
+    if resume and ckpt and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+        meta = _load_checkpoint(ckpt, model, opt)
+        step, best = meta["step"], meta["best"]
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["step"] <= step] if (out / "metrics.jsonl").exists() else []
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    bar = _progress(total, step, progress)
+    micro = cfg.batch_size
+    model.train()
+    t0, seen, running = time.perf_counter(), 0, []
+    while step < total:
+        epoch, within = divmod(step, per_epoch)
+        order = _order(len(train), epoch, cfg.seed)
+        start = within * micro * cfg.grad_accum
+        chunk = order[start:start + micro * cfg.grad_accum]
+        for g, base_lr in zip(opt.param_groups, [g["base_lr"] for g in opt.param_groups]):
+            g["lr"] = base_lr * _lr_factor(step, total, cfg)
+        opt.zero_grad(set_to_none=True)
+        n_micro = math.ceil(len(chunk) / micro)
+        loss_sum = 0.0
+        for i in range(n_micro):
+            batch = collate([train[j] for j in chunk[i * micro:(i + 1) * micro]])
+            with torch.autocast("cuda" if _on_cuda(model) else "cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = loss_fn(model, batch) / n_micro
+            loss.backward()
+            loss_sum += loss.item()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.max_grad_norm)
+        opt.step()
+        step += 1
+        seen += len(chunk)
+        running.append(loss_sum)
+        rate = seen / (time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", ex_s=f"{rate:.1f}")
+        if step % cfg.log_every == 0 or step == total:
+            rec = {"step": step, "epoch": round(step / per_epoch, 3), "split": "train",
+                   "loss": sum(running) / len(running), "lr": opt.param_groups[0]["lr"], "examples_per_s": rate}
+            running = []
+            _record(records, rec, out)
+        if evaluate and (step % eval_every == 0 or step == total):
+            model.eval()
+            with torch.no_grad():
+                metrics = evaluate(model)
+            model.train()
+            rec = {"step": step, "epoch": round(step / per_epoch, 3), "split": "val", **metrics}
+            value = metrics[metric]
+            if best is None or (value > best if higher_is_better else value < best):
+                best = value
+                if out and on_best:
+                    on_best(model, out / "best")
+            _record(records, rec, out)
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if ckpt and (step % save_every == 0 or step == total):
+            _save_checkpoint(ckpt, model, opt, {"step": step, "best": best, "config": asdict(cfg)})
+    bar.close()
+    model.eval()
+    return records
+
+
+def _record(records: list, rec: dict, out: Path | None) -> None:
+    records.append(rec)
+    if out:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cuda"
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    root = getattr(model, "_orig_mod", model)
+    if not hasattr(root, "gradient_checkpointing_enable"):
+        raise ValueError("gradient checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+    root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: a silent stand-in
+        class _Null:
+            def update(self, *_): ...
+            def set_postfix(self, **_): ...
+            def write(self, s): print(s)
+            def close(self): ...
+        return _Null()
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -4,14 +4,19 @@ Keys are ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (e
 ``lora_embedding_A`` / ``lora_embedding_B``), tensors in PEFT's shapes, fp32 by default.
 
 Loading is strict and all-or-nothing: the whole file is checked against the model (keys, shapes,
-prefix) before the model is touched. Nothing is ever unpickled. Each file is replaced atomically
-(temp file, fsync, rename), the weights last; the weights file also carries its config in the
-safetensors metadata, so a crash between the two renames still loads the previous adapter.
+prefix) before the model is touched. Nothing is ever unpickled.
+
+Saving is crash-safe: each file is replaced atomically (temp file, fsync, rename), the config
+first, the weights last. The config records the SHA-256 of the weights it belongs to, and the
+weights carry a copy of their config in the safetensors metadata; a crash between the two renames
+leaves a config whose hash does not match, and :func:`load` then uses the weights' own copy, so
+the previous adapter loads intact. (Hand edits of the config are honoured: they keep the hash.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -25,7 +30,7 @@ from torch import nn
 
 from .config import LoraConfig, LoraError
 from .layers import PARAM
-from .model import _apply, _root, lora_layers, registry, saved_modules, set_active
+from .model import _apply, _root, check_name, lora_layers, registry, saved_modules, set_active
 from .targets import Site, _matcher, plan, plan_saved, walk
 
 __all__ = ["save", "load", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
@@ -34,6 +39,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _META_KEY = "lorakit_config"
+_HASH_KEY = "lorakit_weights_sha256"
 # PEFT options lorakit cannot honour: loading them silently would give different outputs.
 _UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
                 "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
@@ -74,7 +80,10 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -101,11 +110,13 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
             for key, t in wrapper.modules_to_save[adapter].state_dict().items():
                 t = t.detach().to("cpu").contiguous()
                 tensors[f"{PREFIX}{path}.{key}"] = t.to(dtype) if t.is_floating_point() else t
-    config = json.dumps(_peft_config(model, adapter), indent=2, sort_keys=True)
+    config = _peft_config(model, adapter)
+    weights = st_save(tensors, metadata={"format": "pt", _META_KEY: json.dumps(config, sort_keys=True)})
+    config[_HASH_KEY] = hashlib.sha256(weights).hexdigest()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / CONFIG_NAME, config.encode())
-    _write_atomic(directory / WEIGHTS_NAME, st_save(tensors, metadata={"format": "pt", _META_KEY: config}))
+    _write_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+    _write_atomic(directory / WEIGHTS_NAME, weights)
     return directory
 
 
@@ -123,7 +134,7 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _open_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _open_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         pickled = [p.name for p in directory.glob("adapter_model.*")]
@@ -135,7 +146,26 @@ def _open_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoraError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    return tensors, metadata
+    if not tensors:
+        raise LoraError(f"{path}: the file holds no tensors")
+    return tensors, metadata, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _consistent_config(config: dict, metadata: dict, digest: str, directory: Path) -> tuple[dict, Path]:
+    """The config that belongs to the weights: the JSON file, unless it records another weights
+    hash (a save was interrupted between its two renames): then the weights' embedded copy."""
+    recorded = config.get(_HASH_KEY)
+    if recorded is None or recorded == digest or _META_KEY not in metadata:
+        return config, directory / CONFIG_NAME  # consistent, or weights rewritten by another tool
+    source = directory / WEIGHTS_NAME
+    try:
+        embedded = json.loads(metadata[_META_KEY])
+    except json.JSONDecodeError:
+        embedded = None
+    if not isinstance(embedded, dict):
+        raise LoraError(f"{directory / CONFIG_NAME} belongs to other weights (SHA-256 mismatch) and {source} "
+                        "carries no valid lorakit_config metadata of its own; save the adapter again")
+    return embedded, source
 
 
 def _to_lora_config(config: dict, source: Path) -> LoraConfig:
@@ -170,17 +200,33 @@ def _exact_targets(cfg: LoraConfig, paths: set[str], saved: set[str], model: nn.
                                modules_to_save=exact(saved))
 
 
-def _check(sites: list[Site], saved: list[tuple], tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Every expected key present with the expected shape, and nothing else."""
+def _expected(sites: list[Site], saved: list[tuple]) -> dict[str, tuple]:
+    """Key -> shape that a file must hold for the planned ``sites`` and ``saved`` modules."""
     expected = {f"{PREFIX}{e[0]}.{k}": tuple(v.shape) for e in saved for k, v in e[1].state_dict().items()}
     for s in sites:
         a_shape, b_shape = s.kind.shapes(s.weight, s.r)
-        expected[f"{PREFIX}{s.path}.{s.kind.a_key}"] = a_shape
-        expected[f"{PREFIX}{s.path}.{s.kind.b_key}"] = b_shape
-    problems = [f"missing {k} (expected shape {tuple(v)})" for k, v in expected.items() if k not in tensors]
+        expected[f"{PREFIX}{s.path}.{s.kind.a_key}"] = tuple(a_shape)
+        expected[f"{PREFIX}{s.path}.{s.kind.b_key}"] = tuple(b_shape)
+    return expected
+
+
+def _expected_existing(model: nn.Module, adapter: str) -> dict[str, tuple]:
+    """Key -> shape of the adapter ``adapter`` the model already has."""
+    expected = {f"{PREFIX}{p}.{k}": tuple(v.shape) for p, w in saved_modules(model) if adapter in w.adapters()
+                for k, v in w.modules_to_save[adapter].state_dict().items()}
+    for p, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            expected[f"{PREFIX}{p}.{layer.kind.a_key}"] = tuple(layer.lora_A[adapter].shape)
+            expected[f"{PREFIX}{p}.{layer.kind.b_key}"] = tuple(layer.lora_B[adapter].shape)
+    return expected
+
+
+def _check(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Every expected key present with the expected shape, and nothing else."""
+    problems = [f"missing {k} (expected shape {v})" for k, v in expected.items() if k not in tensors]
     problems += [f"unexpected key {k}" for k in tensors if k not in expected]
-    problems += [f"{k}: expected shape {tuple(v)}, found {tuple(tensors[k].shape)}"
-                 for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != tuple(v)]
+    problems += [f"{k}: expected shape {v}, found {tuple(tensors[k].shape)}"
+                 for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
     problems += [f"{k}: dtype {t.dtype} is not floating point" for k, t in tensors.items()
                  if ".lora_" in k and not t.is_floating_point()]
     if problems:
@@ -208,10 +254,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     directory = Path(directory)
     if not directory.is_dir():
         raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    check_name(adapter)
+    reg = _root(model).__dict__.get("lorakit_registry")
+    if reg is not None and reg.merged:
+        raise LoraError(f"cannot load {adapter!r} while adapters {list(reg.merged)} are merged; unmerge first")
     config = _read_config(directory)
-    tensors, metadata = _open_weights(directory)
-    if _META_KEY in metadata and json.loads(metadata[_META_KEY]) != config:
-        config = json.loads(metadata[_META_KEY])  # a save was interrupted: trust the weights' own config
+    tensors, metadata, digest = _open_weights(directory)
+    config, config_source = _consistent_config(config, metadata, digest, directory)
     source = directory / WEIGHTS_NAME
     bad = sorted(k for k in tensors if not k.startswith(PREFIX))
     if bad:
@@ -223,24 +272,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     if unknown := sorted(p for p in paths | saved if p not in modules):
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
                         f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
-    cfg = _exact_targets(_to_lora_config(config, directory / CONFIG_NAME), paths, saved, _root(model))
-    reg = _root(model).__dict__.get("lorakit_registry")
+    cfg = _exact_targets(_to_lora_config(config, config_source), paths, saved, _root(model))
     existing = reg is not None and adapter in reg.configs
-    if existing:
-        if reg.merged:
-            raise LoraError(f"cannot load into {adapter!r} while adapters are merged; unmerge first")
-        layers = {p: layer for p, layer in lora_layers(model) if adapter in layer.lora_A}
-        sites = [dataclasses.replace(s, r=layers[s.path].lora_A[adapter].shape[0]) if s.path in layers else s
-                 for s in plan(_root(model), cfg)]
-        saved_now = {p for p, w in saved_modules(model) if adapter in w.adapters()}
-        if set(layers) != {s.path for s in sites} or saved_now != saved:
-            raise LoraError(f"{source}: adapter {adapter!r} is on other modules than the file's; "
-                            "delete it first or load under another name")
+    sites, saved_plan = plan(_root(model), cfg), plan_saved(_root(model), cfg)
+    _check(_expected(sites, saved_plan), tensors, source)  # the file is complete in itself ...
+    if existing:  # ... and fits the adapter's current modules and shapes
+        _check(_expected_existing(model, adapter), tensors, source)
     else:
-        sites = plan(_root(model), cfg)
-    saved_plan = plan_saved(_root(model), cfg)
-    _check(sites, saved_plan, tensors, source)
-    if not existing:
         _apply(model, adapter, cfg, sites, saved_plan)
     with torch.no_grad():
         for path, layer in lora_layers(model):

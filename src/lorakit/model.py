@@ -77,6 +77,13 @@ def _check_names(reg: Registry, names: Sequence[str]) -> None:
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
 
 
+def check_name(adapter: str) -> None:
+    """Adapter names are used as keys of parameter containers: no dots, no spaces."""
+    if not isinstance(adapter, str) or not _NAME.fullmatch(adapter):
+        raise LoraError(f"adapter name {adapter!r} is invalid: use letters, digits, '_' or '-', "
+                        "not starting with a digit")
+
+
 def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple]) -> None:
     """Wrap (or reuse) a LoraLayer at every site and a SavedModule at every ``saved`` entry,
     add adapter ``name`` to them, then activate it."""
@@ -110,9 +117,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     Calling again with another name adds a second adapter. Returns ``model``.
     All targets are resolved before anything changes, so an error leaves the model untouched.
     """
-    if not isinstance(adapter, str) or not _NAME.fullmatch(adapter):
-        raise LoraError(f"adapter name {adapter!r} is invalid: use letters, digits, '_' or '-', "
-                        "not starting with a digit")
+    check_name(adapter)
     reg = _root(model).__dict__.get("lorakit_registry")
     if reg is not None:
         if adapter in reg.configs:

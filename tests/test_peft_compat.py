@@ -1,0 +1,358 @@
+"""Compatibility with real PEFT (``peft==0.21.*``), in both directions, on real models.
+
+For every model/config below:
+
+* PEFT -> lorakit: ``peft.get_peft_model(base, peft.LoraConfig(..., init_lora_weights=False))``
+  (random non-zero A *and* B), ``save_pretrained``, ``lorakit.load`` into a fresh copy of the base
+  model, compare outputs.
+* lorakit -> PEFT: ``lorakit.inject``, set every A and B to random non-zero values, ``lorakit.save``,
+  ``peft.PeftModel.from_pretrained`` on a fresh copy of the base model, compare outputs.
+* The files: lorakit's keys are set-equal to PEFT's keys for the same config with equal shapes per
+  key; re-saving a PEFT adapter through lorakit reproduces PEFT's tensors bit for bit;
+  adapter_config.json carries r, lora_alpha, an explicit target_modules list, use_rslora,
+  rank_pattern, alpha_pattern and fan_in_fan_out, and PEFT reading it builds LoRA layers on exactly
+  the same modules with the same rank and the same scaling as lorakit.
+
+Tolerance: fp32 throughout, identical base weights, so outputs are compared with
+``torch.testing.assert_close(rtol=1e-6, atol=1e-6)`` (measured: max |diff| = 0.0, i.e. bit-identical,
+for every case here). Merged weights (PEFT's ``merge_adapter`` vs ``lorakit.merge``) use the same
+tolerance; ``lorakit.unmerge`` must restore the base weights bit for bit.
+
+Trainable parameters (``lorakit.summary(m).trainable`` == PEFT's ``get_nb_trainable_parameters()[0]``):
+MiniLM query+value r=8: 73,728; SmolLM2-135M all-linear r=8: 2,442,240.
+
+Models: all-MiniLM-L6-v2 (``AutoModel``), SmolLM2-135M-Instruct (``slow``), a tiny random GPT-2
+(transformers ``Conv1D``, no download) and a toy ``nn.Conv2d`` network (stride 2, padding 1).
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import lorakit  # noqa: E402
+from lorakit import builtin  # noqa: E402
+
+RTOL = ATOL = 1e-6
+MINILM_QV_R8_TRAINABLE = 73_728  # 6 layers x {query, value} x (8*384 + 384*8)
+SMOLLM2_ALL_LINEAR_R8_TRAINABLE = 2_442_240  # 30 layers x (q,k,v,o,gate,up,down) A+B
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about custom models, fan_in_fan_out, ...
+        yield
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def _file_shapes(directory) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _randomize(model, seed=0, std=0.05):
+    """Give every lorakit factor (A *and* B, embeddings included) random non-zero values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            for name in layer.lora_A:
+                for p in (layer.lora_A[name], layer.lora_B[name]):
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def _peft_layers(pm) -> dict[str, tuple[int, float]]:
+    """{module path: (rank, scaling)} of PEFT's LoRA layers, paths in the base model's naming."""
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    prefix = "base_model.model."
+    return {name[len(prefix):]: (m.r["default"], m.scaling["default"])
+            for name, m in pm.named_modules() if isinstance(m, PeftLoraLayer)}
+
+
+def _lorakit_layers(model) -> dict[str, tuple[int, float]]:
+    return {p: (layer.lora_A["default"].shape[0], layer.scale["default"]) for p, layer in lorakit.lora_layers(model)}
+
+
+def _peft_to_lorakit(base, peft_cfg, run, directory):
+    """PEFT with random A, B -> save_pretrained -> lorakit.load; returns (pm, lk, peft_out, lk_out)."""
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft_cfg).eval()
+    with torch.no_grad():
+        expected = run(pm)
+    pm.save_pretrained(str(directory))
+    lk = lorakit.load(copy.deepcopy(base), directory).eval()
+    with torch.no_grad():
+        got = run(lk)
+    return pm, lk, expected, got
+
+
+def _lorakit_to_peft(base, lk_cfg, run, directory):
+    """lorakit with random A, B -> lorakit.save -> PeftModel.from_pretrained; (lk, pm, lk_out, peft_out)."""
+    lk = lorakit.inject(copy.deepcopy(base), lk_cfg).eval()
+    _randomize(lk)
+    with torch.no_grad():
+        expected = run(lk)
+    lorakit.save(lk, directory)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+    with torch.no_grad():
+        got = run(pm)
+    return lk, pm, expected, got
+
+
+def _check_both_directions(base, peft_cfg, lk_cfg, run, tmp_path, *, fan_in_fan_out=False):
+    """Everything this file checks for one config; returns the two saved adapter_config dicts."""
+    with torch.no_grad():
+        base_out = run(base)
+
+    # PEFT -> lorakit
+    pm, lk, expected, got = _peft_to_lorakit(base, peft_cfg, run, tmp_path / "peft")
+    _close(got, expected)
+    assert (expected - base_out).abs().max() > 1e-3, "the adapter must change the output (test is vacuous)"
+    assert _lorakit_layers(lk) == _peft_layers(pm)  # same modules, ranks and scalings
+    peft_trainable, peft_total = pm.get_nb_trainable_parameters()
+    # re-saving PEFT's adapter through lorakit reproduces its tensors bit for bit
+    lorakit.save(lk, tmp_path / "resaved")
+    peft_tensors, resaved = load_file(tmp_path / "peft" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "resaved" / "adapter_model.safetensors")
+    assert set(resaved) == set(peft_tensors)
+    for k, t in peft_tensors.items():
+        assert torch.equal(resaved[k], t.float()), k
+
+    # lorakit -> PEFT
+    lk2, pm2, expected2, got2 = _lorakit_to_peft(base, lk_cfg, run, tmp_path / "lk")
+    _close(got2, expected2)
+    assert (expected2 - base_out).abs().max() > 1e-3
+    assert _peft_layers(pm2) == _lorakit_layers(lk2)  # PEFT reads lorakit's config the same way
+    assert _lorakit_layers(lk2) == _lorakit_layers(lk)  # same config -> same sites/ranks/scales
+    s = lorakit.summary(lk2)
+    assert (s.trainable, s.total) == (peft_trainable, peft_total)
+
+    # the files: same keys, same shapes per key
+    peft_shapes, lk_shapes = _file_shapes(tmp_path / "peft"), _file_shapes(tmp_path / "lk")
+    assert set(lk_shapes) == set(peft_shapes)
+    assert lk_shapes == peft_shapes
+
+    peft_json = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    lk_json = json.loads((tmp_path / "lk" / "adapter_config.json").read_text())
+    assert lk_json["peft_type"] == "LORA"
+    assert lk_json["r"] == lk_cfg.r and lk_json["lora_alpha"] == lk_cfg.alpha
+    assert isinstance(lk_json["target_modules"], list) and lk_json["target_modules"]  # explicit, never "all-linear"
+    assert all(isinstance(t, str) and t != "all-linear" for t in lk_json["target_modules"])
+    assert lk_json["use_rslora"] is lk_cfg.use_rslora
+    assert isinstance(lk_json["rank_pattern"], dict) and isinstance(lk_json["alpha_pattern"], dict)
+    assert lk_json["fan_in_fan_out"] is fan_in_fan_out
+    assert lk_json["use_dora"] is False and lk_json["bias"] == "none"
+    return peft_trainable, peft_json, lk_json
+
+
+# -- MiniLM -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = builtin.minilm_path()
+    base = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    enc = tok(["LoRA adapters are small.", "The quick brown fox jumps over the lazy dog, twice."],
+              padding=True, return_tensors="pt")
+    return base, dict(enc)
+
+
+MINILM_CASES = {
+    "query-value": (dict(r=8, lora_alpha=16, target_modules=["query", "value"]),
+                    dict(r=8, alpha=16, targets=["query", "value"])),
+    "all-linear": (dict(r=8, lora_alpha=16, target_modules="all-linear"),
+                   dict(r=8, alpha=16, targets="all-linear")),
+    "embedding+query": (dict(r=8, lora_alpha=16, target_modules=["word_embeddings", "query"]),
+                        dict(r=8, alpha=16, targets=["word_embeddings", "query"])),
+    "patterns+rslora": (
+        dict(r=8, lora_alpha=16, target_modules=["query", "key", "value"], use_rslora=True,
+             rank_pattern={"query": 4, r"layer\.[12]\..*value": 16}, alpha_pattern={"value": 32, "layer.0.attention.self.key": 5}),
+        dict(r=8, alpha=16, targets=["query", "key", "value"], use_rslora=True,
+             rank_pattern={"query": 4, r"layer\.[12]\..*value": 16}, alpha_pattern={"value": 32, "layer.0.attention.self.key": 5})),
+}
+
+
+@pytest.mark.parametrize("case", list(MINILM_CASES))
+def test_minilm_both_directions(minilm, case, tmp_path):
+    base, enc = minilm
+    peft_kw, lk_kw = MINILM_CASES[case]
+    run = lambda m: m(**enc).last_hidden_state  # noqa: E731
+    trainable, peft_json, lk_json = _check_both_directions(
+        base, peft.LoraConfig(init_lora_weights=False, **peft_kw), lorakit.LoraConfig(**lk_kw), run, tmp_path)
+    if case == "query-value":
+        assert trainable == MINILM_QV_R8_TRAINABLE
+        assert sorted(lk_json["target_modules"]) == ["query", "value"]
+    if case == "all-linear":
+        assert sorted(lk_json["target_modules"]) == sorted(peft_json["target_modules"]) == ["dense", "key", "query", "value"]
+    if case == "embedding+query":
+        assert any(k.endswith("word_embeddings.lora_embedding_A") for k in _file_shapes(tmp_path / "lk"))
+    if case == "patterns+rslora":
+        assert lk_json["use_rslora"] is True and lk_json["rank_pattern"] and lk_json["alpha_pattern"]
+        ranks = {r for r, _ in _lorakit_layers(lorakit.load(copy.deepcopy(base), tmp_path / "lk")).values()}
+        assert ranks == {4, 8, 16}
+
+
+# -- GPT-2 (transformers Conv1D, fan_in_fan_out) ------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    base = GPT2Model(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    return base, ids
+
+
+def test_gpt2_conv1d_both_directions(gpt2, tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    base, ids = gpt2
+    assert isinstance(base.h[0].attn.c_attn, Conv1D)
+    run = lambda m: m(input_ids=ids).last_hidden_state  # noqa: E731
+    _, _, lk_json = _check_both_directions(
+        base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False),
+        lorakit.LoraConfig(r=8, alpha=16, targets=["c_attn"]), run, tmp_path, fan_in_fan_out=True)
+    assert lk_json["target_modules"] == ["c_attn"]
+    shapes = _file_shapes(tmp_path / "lk")
+    assert shapes["base_model.model.h.0.attn.c_attn.lora_A.weight"] == (8, 64)
+    assert shapes["base_model.model.h.0.attn.c_attn.lora_B.weight"] == (192, 8)
+
+
+# -- toy Conv2d ---------------------------------------------------------------------------------
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.act = nn.GELU()
+        self.proj = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.proj(self.act(self.conv(x)))
+
+
+@pytest.fixture(scope="module")
+def convnet():
+    torch.manual_seed(0)
+    return ConvNet().eval(), torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+
+
+def test_conv2d_both_directions(convnet, tmp_path):
+    base, x = convnet
+    _, _, lk_json = _check_both_directions(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv", "proj"], init_lora_weights=False),
+        lorakit.LoraConfig(r=4, alpha=8, targets=["conv", "proj"]), lambda m: m(x), tmp_path)
+    assert sorted(lk_json["target_modules"]) == ["conv", "proj"]
+    shapes = _file_shapes(tmp_path / "lk")
+    assert shapes["base_model.model.conv.lora_A.weight"] == (4, 3, 3, 3)
+    assert shapes["base_model.model.conv.lora_B.weight"] == (8, 4, 1, 1)
+
+
+# -- merge / unmerge cross-check ----------------------------------------------------------------
+def _merge_cases(minilm, gpt2, convnet):
+    (mbase, enc), (gbase, ids), (cbase, x) = minilm, gpt2, convnet
+    return {
+        "minilm-embedding+query": (mbase, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["word_embeddings", "query"]),
+                                   lambda m: m(**enc).last_hidden_state),
+        "minilm-patterns+rslora": (mbase, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["value", "dense"], use_rslora=True,
+                                                          rank_pattern={"dense": 2}, alpha_pattern={"value": 3}),
+                                   lambda m: m(**enc).last_hidden_state),
+        "gpt2-c_attn": (gbase, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True),
+                        lambda m: m(input_ids=ids).last_hidden_state),
+        "conv2d": (cbase, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv", "proj"]), lambda m: m(x)),
+    }
+
+
+@pytest.mark.parametrize("case", ["minilm-embedding+query", "minilm-patterns+rslora", "gpt2-c_attn", "conv2d"])
+def test_merge_matches_peft(minilm, gpt2, convnet, case, tmp_path):
+    base, cfg, run = _merge_cases(minilm, gpt2, convnet)[case]
+    cfg.init_lora_weights = False
+    pm, lk, _, _ = _peft_to_lorakit(base, cfg, run, tmp_path)
+    original = {p: layer.weight.detach().clone() for p, layer in lorakit.lora_layers(lk)}
+    peft_modules = {name[len("base_model.model."):]: m for name, m in pm.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(peft_modules) == set(original)
+
+    pm.merge_adapter()
+    lorakit.merge(lk)
+    delta_max = {}
+    for p, layer in lorakit.lora_layers(lk):
+        peft_w = peft_modules[p].get_base_layer().weight
+        _close(layer.weight, peft_w)
+        assert not torch.equal(layer.weight, original[p])  # the merge did something
+        delta_max[p] = (layer.weight - original[p]).abs().max().item()
+    with torch.no_grad():
+        merged_lk, merged_peft = run(lk), run(pm)
+    torch.testing.assert_close(merged_lk, merged_peft, rtol=1e-5, atol=1e-5)
+
+    pm.unmerge_adapter()
+    lorakit.unmerge(lk)
+    for p, layer in lorakit.lora_layers(lk):
+        assert torch.equal(layer.weight, original[p]), f"{p}: lorakit.unmerge is not bit-exact"
+        # PEFT unmerges by subtraction: exact only up to fp32 rounding of W + ΔW (ΔW is large here)
+        torch.testing.assert_close(peft_modules[p].get_base_layer().weight, original[p],
+                                   rtol=0, atol=1e-6 * (1 + delta_max[p]))
+
+    # merge_and_unload: both give the plain base class with the same state_dict
+    peft_plain = pm.merge_and_unload()
+    lk_plain = lorakit.merge_and_unload(lk)
+    assert type(lk_plain) is type(peft_plain) is type(base)
+    sd_peft, sd_lk = peft_plain.state_dict(), lk_plain.state_dict()
+    assert list(sd_lk) == list(sd_peft) == list(base.state_dict())
+    for k in sd_peft:
+        _close(sd_lk[k], sd_peft[k])
+
+
+# -- SmolLM2-135M -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = builtin.load_smollm2(dtype=torch.float32)
+    ids = tok("The capital of France is Paris. LoRA keeps", return_tensors="pt").input_ids
+    return model.eval(), ids
+
+
+@pytest.mark.slow
+def test_smollm2_all_linear_both_directions(smollm2, tmp_path):
+    base, ids = smollm2
+    run = lambda m: m(input_ids=ids).logits  # noqa: E731
+    with torch.no_grad():
+        base_out = run(base)
+
+    pm, lk, expected, got = _peft_to_lorakit(
+        base, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+        run, tmp_path / "peft")
+    _close(got, expected)
+    assert (expected - base_out).abs().max() > 1e-2
+    assert _lorakit_layers(lk) == _peft_layers(pm)
+    assert "lm_head" not in {p.rsplit(".", 1)[-1] for p, _ in lorakit.lora_layers(lk)}
+    peft_counts = pm.get_nb_trainable_parameters()
+    del pm, lk
+
+    lk, pm, expected, got = _lorakit_to_peft(base, lorakit.LoraConfig(r=8, alpha=16, targets="all-linear"),
+                                             run, tmp_path / "lk")
+    _close(got, expected)
+    assert (expected - base_out).abs().max() > 1e-2
+    s = lorakit.summary(lk)
+    assert s.trainable == peft_counts[0] == SMOLLM2_ALL_LINEAR_R8_TRAINABLE
+    assert s.total == peft_counts[1]
+    assert _file_shapes(tmp_path / "lk") == _file_shapes(tmp_path / "peft")
+    cfg = json.loads((tmp_path / "lk" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

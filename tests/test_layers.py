@@ -203,3 +203,33 @@ def test_gradients_flow_to_factors_only():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None and not p.requires_grad, name
+
+
+@SETTINGS
+@given(d_in=st.integers(1, 24), d_out=st.integers(1, 24), r=st.integers(1, 6), hf=st.booleans(),
+       dropout=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 999))
+def test_linear_gradients_match_float64_autograd(d_in, d_out, r, hf, dropout, seed):
+    """The in-place (addmm_) training path gives the textbook gradients for x, A and B."""
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(seed)
+    model = nn.Sequential(Conv1D(d_out, d_in) if hf else nn.Linear(d_in, d_out))
+    w0, b0 = (p.detach().double().clone() for p in (model[0].weight, model[0].bias))
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2.0, targets=["0"], dropout=dropout))
+    _randomise(model, seed)
+    layer = model[0]
+    a, b, s = layer.lora_A["default"], layer.lora_B["default"], layer.scale["default"]
+    x = torch.randn(3, 4, d_in, requires_grad=True)
+    g = torch.randn(3, 4, d_out)
+    state = torch.get_rng_state()
+    (model(x) * g).sum().backward()
+    # oracle in float64, with the same dropout mask (same RNG state, same draw)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    torch.set_rng_state(state)
+    xd = torch.nn.functional.dropout(x.detach(), dropout, True).double() / x.detach().double() \
+        if dropout else torch.ones_like(x64)
+    xd = torch.nan_to_num(xd, nan=1.0 / (1 - dropout) if dropout else 1.0) * x64
+    base = x64 @ (w0 if hf else w0.t()) + b0
+    ((base + s * (xd @ a64.t()) @ b64.t()) * g.double()).sum().backward()
+    for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert model[0].base_layer.weight.grad is None

@@ -66,10 +66,11 @@ class Kind:
             nn.init.normal_(a)
         nn.init.zeros_(b)
 
-    def forward(self, layer: "LoraLayer", x: Tensor, *args, **kwargs) -> Tensor:
-        """Unmerged forward: by default run the base module with W + ΣΔW swapped in."""
+    def forward(self, layer: "LoraLayer", names: Sequence[str], x: Tensor, *args, **kwargs) -> Tensor:
+        """Unmerged forward with the updates of ``names``; by default the base module runs with
+        W + ΣΔW swapped in."""
         w = layer.weight
-        delta = sum(layer.delta(name, w.dtype) for name in layer.active)
+        delta = sum(layer.delta(name, w.dtype) for name in names)
         return functional_call(layer.base_layer, {layer.param_name: w + delta}, (x, *args), kwargs)
 
 
@@ -77,12 +78,18 @@ class _Linear(Kind):
     name = "linear"
     supports_dropout = True
 
-    def forward(self, layer, x, *args, **kwargs):
+    def forward(self, layer, names, x, *args, **kwargs):
         result = layer.base_layer(x, *args, **kwargs)
-        for name in layer.active:
-            a, b = layer.lora_A[name], layer.lora_B[name]
-            h = F.linear(F.linear(layer.dropped(x, name).to(a.dtype), a), b)
-            result = result + (h * layer.scale[name]).to(result.dtype)
+        # The base output is a fresh tensor that its backward does not need, so the update can be
+        # added in place (one addmm_, no output-sized temporaries) when the dtypes agree.
+        fresh = type(layer.base_layer) is nn.Linear or self is CONV1D_HF
+        for name in names:
+            a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
+            h = F.linear(layer.dropped(x, name).to(a.dtype), a)
+            if fresh and b.dtype == result.dtype and result.is_contiguous():
+                result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=s)
+            else:
+                result = result + (F.linear(h, b) * s).to(result.dtype)
         return result
 
 
@@ -116,10 +123,10 @@ class _Embedding(Kind):
         nn.init.zeros_(a)
         nn.init.normal_(b)
 
-    def forward(self, layer, x, *args, **kwargs):
+    def forward(self, layer, names, x, *args, **kwargs):
         base = layer.base_layer
         result = base(x, *args, **kwargs)
-        for name in layer.active:
+        for name in names:
             a, b = layer.lora_A[name], layer.lora_B[name]
             h = F.embedding(x, a.t(), base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
             result = result + (F.linear(h, b) * layer.scale[name]).to(result.dtype)
@@ -135,11 +142,11 @@ class _Conv(Kind):
     def shapes(self, weight, r):
         return (r, *weight.shape[1:]), (weight.shape[0], r, *([1] * (weight.dim() - 2)))
 
-    def forward(self, layer, x, *args, **kwargs):
+    def forward(self, layer, names, x, *args, **kwargs):
         base = layer.base_layer
         result = base(x, *args, **kwargs)
         conv = (F.conv1d, F.conv2d, F.conv3d)[layer.weight.dim() - 3]
-        for name in layer.active:
+        for name in names:
             a, b = layer.lora_A[name], layer.lora_B[name]
             h = conv(base._conv_forward(layer.dropped(x, name).to(a.dtype), a, None), b)
             result = result + (h * layer.scale[name]).to(result.dtype)
@@ -156,10 +163,10 @@ class _GroupedConv(Kind):
     name = "conv_grouped"
     supports_dropout = True
 
-    def forward(self, layer, x, *args, **kwargs):
+    def forward(self, layer, names, x, *args, **kwargs):
         base = layer.base_layer
         result = base(x, *args, **kwargs)
-        for name in layer.active:
+        for name in names:
             delta = layer.delta(name, layer.lora_A[name].dtype)
             h = base._conv_forward(layer.dropped(x, name).to(delta.dtype), delta, None)
             result = result + h.to(result.dtype)
@@ -257,7 +264,7 @@ class LoraLayer(nn.Module):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.merged or not self.active:
             return self.base_layer(x, *args, **kwargs)
-        return self.kind.forward(self, x, *args, **kwargs)
+        return self.kind.forward(self, self.active, x, *args, **kwargs)
 
     # -- merge ----------------------------------------------------------------------------------
     @torch.no_grad()

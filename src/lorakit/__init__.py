@@ -5,6 +5,7 @@
 >>> lorakit.inject(model, cfg)                       # doctest: +SKIP
 """
 
+from .batching import mixed
 from .config import INITS, LoraConfig, LoraError
 from .io import load, save
 from .layers import LoraLayer
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
            "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "registry",
-           "lora_layers", "__version__"]
+           "lora_layers", "mixed", "__version__"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from contextvars import ContextVar
 from typing import Sequence
 
 import torch
@@ -27,6 +28,10 @@ from .config import LoraError
 __all__ = ["LoraLayer", "SavedModule", "Kind", "kind_of", "SUPPORTED"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: The mixed-adapter routing of the current thread/task (see :mod:`lorakit.batching`); set only
+#: inside a ``lorakit.mixed(...)`` block.
+ROUTING: ContextVar = ContextVar("lorakit_routing", default=None)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -262,6 +267,10 @@ class LoraLayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not torch.compiler.is_compiling():
+            routing = ROUTING.get()
+            if routing is not None and id(self) in routing.layers:
+                return routing.forward(self, x, *args, **kwargs)
         if self.merged or not self.active:
             return self.base_layer(x, *args, **kwargs)
         return self.kind.forward(self, self.active, x, *args, **kwargs)

@@ -1,0 +1,142 @@
+"""Mixed-adapter batches: row i of a batch uses adapter ``adapters[i]`` (or none) in one forward.
+
+>>> with lorakit.mixed(model, ["sql", "chat", None, "sql"]):      # doctest: +SKIP
+...     logits = model(input_ids).logits                              # or model.generate(...)
+
+The routing is scoped with a :class:`contextvars.ContextVar`: it exists only inside the ``with``
+block of the thread or task that opened it (two threads serving different batches never see each
+other's routing), and it is removed on exit even when the forward raises. There are no hooks.
+
+Kernel: inside a routing, each adapted Linear / Conv1D / Embedding gathers the factors of its rows
+once — A as [rows, in, r_max] and B·s as [rows, r_max, out], ranks zero-padded, zeros for rows
+whose adapter does not touch the module — and applies them with two batched matmuls added in
+place to the base output. The gathered factors are cached for the routing, so every decode step
+of a ``generate`` call reuses them. Batches that use one adapter take the plain single-adapter
+path; other layer kinds (convolutions, raw parameters) and training with dropout run per adapter
+group. Beam search and ``num_return_sequences`` repeat rows (``repeat_interleave``): a batch of
+k·n rows maps row j to ``adapters[j // k]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LoraError
+from .layers import CONV1D_HF, EMBEDDING, LINEAR, ROUTING, LoraLayer
+from .model import lora_layers, registry
+
+__all__ = ["mixed", "Routing"]
+
+
+
+class Routing:
+    """Per-row adapter names for one model, plus the factors gathered for them (a cache)."""
+
+    def __init__(self, layers: Sequence[LoraLayer], adapters: Sequence[str | None]) -> None:
+        self.layers = {id(layer) for layer in layers}
+        self.adapters = tuple(adapters)
+        self._gathered: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def rows(self, batch: int) -> tuple[str | None, ...]:
+        """Adapter per row of a batch of ``batch`` rows (k·n rows: each name repeated k times)."""
+        n = len(self.adapters)
+        if batch % n:
+            raise LoraError(f"the batch has {batch} rows but the routing names {n} adapters; the batch size "
+                            "must equal the number of names (or a multiple, for beams/samples)")
+        k = batch // n
+        return self.adapters if k == 1 else tuple(a for a in self.adapters for _ in range(k))
+
+    def forward(self, layer: LoraLayer, x: Tensor, *args, **kwargs) -> Tensor:
+        rows = self.rows(x.shape[0])
+        names = [a if a in layer.lora_A else None for a in rows]
+        distinct = set(names)
+        if len(distinct) == 1:  # the whole batch uses one adapter (or none): the plain path
+            (name,) = distinct
+            return layer.kind.forward(layer, (name,) if name else (), x, *args, **kwargs)
+        fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not args and not kwargs
+        if not fast or (layer.training and any(layer.dropout.get(n, 0) > 0 for n in distinct if n)):
+            return _per_group(layer, names, x, *args, **kwargs)
+        a_rows, b_rows = self._factors(layer, names)
+        result = layer.base_layer(x)
+        if layer.kind is EMBEDDING:
+            h = _embedding_rows(x, a_rows)
+        else:
+            h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype), a_rows)
+        update = torch.bmm(h, b_rows).view(result.shape)
+        fresh = type(layer.base_layer) in (nn.Linear, nn.Embedding) or layer.kind is CONV1D_HF
+        if fresh and update.dtype == result.dtype and not torch.is_grad_enabled():
+            return result.add_(update)  # no grad: add into the base output, no temporary
+        return result + update.to(result.dtype)
+
+    def _factors(self, layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
+        key = (id(layer), len(names))
+        if key not in self._gathered:
+            self._gathered[key] = _gather(layer, names)
+        return self._gathered[key]
+
+
+def _gather(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
+    """Per-row A as [rows, in, r_max] and B·s as [rows, r_max, out] (zeros where no adapter).
+
+    For embeddings A is laid out [distinct, num, r_max] (looked up per token) and indexed later."""
+    used = sorted({n for n in names if n}, key=names.index)
+    r_max = max(layer.lora_A[n].shape[0] for n in used)
+    a0, b0 = layer.lora_A[used[0]], layer.lora_B[used[0]]
+    fan_in, out = a0.shape[1], b0.shape[0]
+    bank_a = a0.new_zeros(len(used) + 1, fan_in, r_max)   # slot 0: no adapter
+    bank_b = b0.new_zeros(len(used) + 1, r_max, out)
+    with torch.no_grad():
+        for i, n in enumerate(used, 1):
+            r = layer.lora_A[n].shape[0]
+            bank_a[i, :, :r] = layer.lora_A[n].t()
+            bank_b[i, :r, :] = layer.lora_B[n].t() * layer.scale[n]
+    slots = torch.tensor([used.index(n) + 1 if n else 0 for n in names], device=bank_a.device)
+    if layer.kind is EMBEDDING:
+        return (bank_a, slots), bank_b.index_select(0, slots)
+    return bank_a.index_select(0, slots), bank_b.index_select(0, slots)
+
+
+def _embedding_rows(x: Tensor, bank: tuple[Tensor, Tensor]) -> Tensor:
+    table, slots = bank  # table: [slots, num, r_max]; row b looks up its own slot's A columns
+    return table[slots[:, None], x].reshape(x.shape[0], -1, table.shape[-1])
+
+
+def _per_group(layer: LoraLayer, names: list[str | None], x: Tensor, *args, **kwargs) -> Tensor:
+    """Exact fallback for any layer kind: run each adapter group's rows through the plain path."""
+    result = None
+    for name in dict.fromkeys(names):
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        out = layer.kind.forward(layer, (name,) if name else (), x.index_select(0, idx), *args, **kwargs)
+        if result is None:
+            result = out.new_empty((x.shape[0], *out.shape[1:]))
+        result = result.index_copy(0, idx, out)
+    return result
+
+
+@contextlib.contextmanager
+def mixed(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, row i of every batch uses adapter ``adapters[i]`` (None: the base model).
+
+    Works for forward and Hugging Face ``generate`` (KV cache, sampling, beam search). Adapters may
+    differ in rank and in the modules they target. Raises :class:`LoraError` for unknown names,
+    or if adapters are merged.
+    """
+    reg = registry(model)
+    adapters = list(adapters)
+    if not adapters:
+        raise LoraError("mixed() needs one adapter name (or None) per batch row")
+    unknown = sorted({a for a in adapters if a is not None and a not in reg.configs})
+    if unknown:
+        raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
+    if reg.merged:
+        raise LoraError(f"adapters {list(reg.merged)} are merged; unmerge before running mixed batches")
+    token = ROUTING.set(Routing([layer for _, layer in lora_layers(model)], adapters))
+    try:
+        yield model
+    finally:
+        ROUTING.reset(token)

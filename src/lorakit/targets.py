@@ -146,12 +146,12 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
 
     sites = []
     saved = {p for p, *_ in plan_saved(model, cfg, entries)}
+    saved |= {p for p, _, _, _, w in entries if isinstance(w, SavedModule)}  # from other adapters
     for path, module, parent, attr, layer in entries:
         if path not in chosen:
             continue
         kind, param = chosen[path]
-        inside = [s for s in saved if path == s or path.startswith(s + ".")]
-        if inside or isinstance(layer, SavedModule) or _inside_saved(entries, path):
+        if any(path == s or path.startswith(s + ".") for s in saved):
             raise LoraError(f"{path} is (inside) a module in modules_to_save; it cannot also get a LoRA "
                             "update: exclude it from targets")
         if layer is not None and layer.param_name != param:
@@ -169,7 +169,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
 
 
 def _inside_saved(entries: list, path: str) -> bool:
-    return any(isinstance(w, SavedModule) and path.startswith(p + ".") for p, _, _, _, w in entries)
+    return any(path.startswith(p + ".") for p, _, _, _, w in entries if isinstance(w, SavedModule))
 
 
 def plan_saved(model: nn.Module, cfg: LoraConfig, entries: list | None = None) -> list[tuple]:

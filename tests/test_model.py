@@ -321,6 +321,35 @@ def test_works_under_torch_compile_and_deepcopy(net):
     ref = net(IDS)
     twin = copy.deepcopy(net)
     torch.testing.assert_close(twin(IDS), ref, rtol=0, atol=0)
+    assert twin.layers[0].query.kind is net.layers[0].query.kind  # kinds stay singletons
     compiled = torch.compile(net)
     torch.testing.assert_close(compiled(IDS), ref, atol=1e-5, rtol=1e-5)
     assert math.isclose(lorakit.summary(compiled).trainable, lorakit.summary(net).trainable)
+
+
+def test_no_graph_breaks_in_lora_layers(net):
+    lorakit.inject(net, LoraConfig(targets=ALL, dropout=0.1))
+    lorakit.inject(net, LoraConfig(targets=["query"]), adapter="b")
+    lorakit.set_active(net, ["default", "b"])
+    for grad in (True, False):
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            explanation = torch._dynamo.explain(net)(IDS)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.slow
+def test_no_graph_breaks_on_minilm():
+    from transformers import AutoModel
+
+    from lorakit.builtin import minilm_path
+    model = AutoModel.from_pretrained(minilm_path())
+    lorakit.inject(model, LoraConfig(r=8, targets="all-linear"))
+    ids = torch.randint(1000, 2000, (2, 16))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=ids)
+    lora_breaks = [r for r in explanation.break_reasons if "lorakit" in str(r)]
+    assert not lora_breaks, lora_breaks
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
+                               atol=1e-4, rtol=1e-4)

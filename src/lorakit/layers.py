@@ -52,6 +52,12 @@ class Kind:
     transposed = False
     supports_dropout = False
 
+    def __copy__(self):
+        return self  # kinds are stateless singletons, compared with `is`
+
+    def __deepcopy__(self, memo):
+        return self
+
     def check(self, base: nn.Module, path: str) -> None:
         """Raise :class:`LoraError` if ``base`` cannot host this kind of adapter."""
 
@@ -79,15 +85,61 @@ class Kind:
         return functional_call(layer.base_layer, {layer.param_name: w + delta}, (x, *args), kwargs)
 
 
+class _LoraLinearFn(torch.autograd.Function):
+    """y = x·Wt + bias + s·(x·Aᵀ)·Bᵀ with a hand-written backward (training, dropout 0).
+
+    Compared with autograd over the same ops: the input is saved once and shared with the frozen
+    base, dx is accumulated in place (dx = g·Wtᵀ, then += (s·g·B)·A) instead of summing two
+    temporaries, and W gets no gradient unless it requires one. ``wt`` is W in (in, out) layout:
+    ``weight.t()`` for nn.Linear (autograd maps its gradient back through the view), the weight
+    itself for transformers' Conv1D.
+    """
+
+    @staticmethod
+    def forward(ctx, x, wt, bias, a, b, s):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(bias, x2, wt) if bias is not None else x2 @ wt
+        h = x2 @ a.t()
+        out.addmm_(h, b.t(), alpha=s)
+        ctx.save_for_backward(x2, wt, a, b, h)
+        ctx.s, ctx.x_shape = s, x.shape
+        return out.view(*x.shape[:-1], wt.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, wt, a, b, h = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gh = (g2 @ b).mul_(ctx.s)
+        dx = dwt = dbias = da = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (g2 @ wt.t()).addmm_(gh, a).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dwt = x2.t() @ g2
+        if ctx.needs_input_grad[2]:
+            dbias = g2.sum(0)
+        if ctx.needs_input_grad[3]:
+            da = gh.t() @ x2
+        if ctx.needs_input_grad[4]:
+            db = (g2.t() @ h).mul_(ctx.s)
+        return dx, dwt, dbias, da, db, None
+
+
 class _Linear(Kind):
     name = "linear"
     supports_dropout = True
 
     def forward(self, layer, names, x, *args, **kwargs):
-        result = layer.base_layer(x, *args, **kwargs)
+        base = layer.base_layer
+        fresh = type(base) is nn.Linear or self is CONV1D_HF  # we know what their forward returns
+        if (fresh and len(names) == 1 and torch.is_grad_enabled() and not args and not kwargs
+                and not (layer.training and layer.dropout[names[0]] > 0)):
+            a, b = layer.lora_A[names[0]], layer.lora_B[names[0]]
+            if x.dtype == a.dtype == base.weight.dtype:
+                wt = base.weight.t() if self is LINEAR else base.weight
+                return _LoraLinearFn.apply(x, wt, base.bias, a, b, layer.scale[names[0]])
+        result = base(x, *args, **kwargs)
         # The base output is a fresh tensor that its backward does not need, so the update can be
         # added in place (one addmm_, no output-sized temporaries) when the dtypes agree.
-        fresh = type(layer.base_layer) is nn.Linear or self is CONV1D_HF
         for name in names:
             a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
             h = F.linear(layer.dropped(x, name).to(a.dtype), a)
@@ -114,6 +166,7 @@ class _Embedding(Kind):
     name = "embedding"
     a_key, b_key = "lora_embedding_A", "lora_embedding_B"
     transposed = True
+    supports_dropout = True  # accepted for PEFT-compatible configs, but integer inputs get no dropout (as in PEFT)
 
     def check(self, base, path):
         if base.max_norm is not None:

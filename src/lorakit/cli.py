@@ -1,4 +1,4 @@
-"""``lorakit`` command line: ``train``, ``generate``, ``inspect``. Errors go to stderr with exit 2
+"""``lorakit`` command line: ``train``, ``generate``, ``inspect``, ``serve``. Errors go to stderr with exit 2
 (bad input) or 1 (failure); ``--help`` on every command."""
 
 from __future__ import annotations
@@ -122,6 +122,38 @@ def _inspect(args) -> int:
     return 0
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a base model and many adapters over HTTP (OpenAI-compatible)",
+                       description="Serve one causal LM and every PEFT-format adapter folder under --adapters, "
+                                   "with OpenAI's /v1/completions, /v1/chat/completions and /v1/models; "
+                                   "requests for different adapters share each batched decode step.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="builtin:smollm2", help="builtin:smollm2 or a local HF model folder")
+    p.add_argument("--adapters", default=None, help="folder whose sub-folders are adapters (also the root for "
+                                                    "POST /v1/adapters)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--admin-token", default=None,
+                   help="bearer token for POST/DELETE /v1/adapters (default: env LORAKIT_ADMIN_TOKEN; none: off)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows per decode step")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    p.add_argument("--max-adapters", type=int, default=0,
+                   help="adapters resident in memory, least recently used evicted (0: no limit)")
+    p.add_argument("--max-context", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--prefill-tokens", type=int, default=4096,
+                   help="padded prompt tokens prefilled together per step (bounds the stall of running rows)")
+    p.add_argument("--served-model-name", default=None, help="the base model's name in the API "
+                                                              "(default: smollm2 / the folder's name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _serve(args) -> int:
+    from .serve.server import run
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, adapters and inference.")
     parser.add_argument("--version", action="version", version=_version())
@@ -136,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     i = sub.add_parser("inspect", help="show an adapter folder's config and size")
     i.add_argument("adapter")
+    _serve_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         import torch
@@ -144,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import LoraError
     from .train.data import DataError
     try:
-        return {"train": _train, "generate": _generate, "inspect": _inspect}[args.command](args)
+        return {"train": _train, "generate": _generate, "inspect": _inspect, "serve": _serve}[args.command](args)
     except (LoraError, DataError, FileNotFoundError, ValueError) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2

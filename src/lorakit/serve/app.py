@@ -1,0 +1,384 @@
+"""The HTTP side of ``lorakit serve``: a FastAPI app speaking OpenAI's API over an :class:`Engine`.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``model`` = the base model's
+name or an adapter's; ``stream: true`` sends server-sent events), ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus text), and the admin endpoints ``POST /v1/adapters``,
+``GET /v1/adapters``, ``DELETE /v1/adapters/{name}`` (bearer token). Every error is OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` with a precise status; a client that goes away
+(mid-stream or while waiting) cancels its requests, which frees their batch slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import random
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as P
+from .adapters import AdapterError, check_name, resolve_under
+from .engine import Engine, EngineStopped, Event, QueueFull
+from .engine import Request as GenRequest
+
+__all__ = ["create_app", "ApiError"]
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
+_GONE = object()  # queued by the disconnect watcher
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's error JSON with ``status``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None, headers=None):
+    body = P.error_body(message, _TYPES.get(status, "server_error"), param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Server:
+    """State shared by the routes: engine, tokenizer, names, admin token, limits."""
+
+    def __init__(self, engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ...],
+                 admin_token: str | None, adapter_root: Path | None, max_context: int) -> None:
+        self.engine, self.tok, self.base_name = engine, tokenizer, base_name
+        self.base_names = {base_name, *aliases}
+        self.admin_token, self.root, self.max_context = admin_token, adapter_root, max_context
+
+    # -- requests ------------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        if name not in self.base_names and name not in self.engine.adapters.names():
+            available = [self.base_name, *self.engine.adapters.names()]
+            raise ApiError(404, f"The model '{name}' does not exist. Available models: {available}",
+                           param="model", code="model_not_found")
+
+    def encode(self, ids: list[int], max_tokens: int | None, default: int | None, param: str) -> tuple[list, int]:
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param=param)
+        vocab = self.engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param=param)
+        room = self.max_context - len(ids)
+        wanted = max_tokens if max_tokens is not None else min(default or room, room)
+        if room < 1 or wanted > room:
+            raise ApiError(400, f"This model's maximum context length is {self.max_context} tokens. However, you "
+                           f"requested {len(ids) + max(wanted, 1)} tokens ({len(ids)} in the prompt, {max(wanted, 1)} "
+                           "for the completion). Please reduce the prompt or max_tokens.", param=param,
+                           code="context_length_exceeded")
+        return ids, wanted
+
+    def submit(self, name: str, prompts: list[list[int]], max_tokens: int, body: P._Sampling
+               ) -> tuple[list[GenRequest], asyncio.Queue]:
+        """One engine request per (prompt, n); their events arrive on one queue as (index, event)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        n, stop, seed = body.n or 1, body.stops(), body.seed
+        temperature = 1.0 if body.temperature is None else body.temperature
+        requests: list[GenRequest] = []
+        try:
+            for index, (ids, k) in enumerate((ids, k) for ids in prompts for k in range(n)):
+                entry = None if name in self.base_names else self.engine.adapters.acquire(name)
+                emit = _emitter(loop, queue, index)
+                r = GenRequest(ids, emit, adapter=entry, max_tokens=max_tokens, temperature=temperature,
+                               top_p=1.0 if body.top_p is None else body.top_p, stop=stop,
+                               seed=None if seed is None else seed + k)
+                try:
+                    self.engine.submit(r)
+                except Exception:
+                    if entry is not None:
+                        self.engine.adapters.release(entry)
+                    raise
+                requests.append(r)
+        except KeyError:
+            self._cancel(requests)
+            self.check_model(name)  # deleted meanwhile: 404
+            raise
+        except QueueFull as e:
+            self._cancel(requests)
+            raise ApiError(429, str(e), code="queue_full") from None
+        except EngineStopped as e:
+            self._cancel(requests)
+            raise ApiError(503, str(e), code="engine_stopped") from None
+        return requests, queue
+
+    @staticmethod
+    def _cancel(requests: list[GenRequest]) -> None:
+        for r in requests:
+            r.cancelled = True
+
+    async def collect(self, http: Request, requests: list[GenRequest], queue: asyncio.Queue
+                      ) -> tuple[list[tuple[str, str]], int, int]:
+        """Wait for every request; ``(text, finish_reason)`` per choice, prompt and completion tokens."""
+        texts = [""] * len(requests)
+        reasons: list[str | None] = [None] * len(requests)
+        completion = 0
+        async for index, ev in self.events(http, requests, queue):
+            if ev.kind == "text":
+                texts[index] += ev.text
+            elif ev.kind == "error":
+                raise ApiError(ev.status, ev.text, code="timeout" if ev.status == 504 else "generation_failed")
+            else:
+                reasons[index] = ev.finish_reason
+                completion += ev.completion_tokens
+        if None in reasons:  # the client went away
+            raise ApiError(499, "client closed the request", code="client_closed")
+        return list(zip(texts, reasons)), _prompt_tokens(requests), completion
+
+    async def events(self, http: Request, requests: list[GenRequest], queue: asyncio.Queue
+                     ) -> AsyncIterator[tuple[int, Event]]:
+        """Events until every request is done; cancels them all if the client goes away or on exit."""
+        watcher = asyncio.ensure_future(_watch_disconnect(http, queue))
+        pending = len(requests)
+        try:
+            while pending:
+                item = await queue.get()
+                if item is _GONE:
+                    return
+                index, ev = item
+                if ev.kind != "text":
+                    pending -= 1
+                yield index, ev
+        finally:
+            watcher.cancel()
+            self._cancel(requests)  # no-op for finished requests; frees the slots of the others
+
+    # -- admin ---------------------------------------------------------------------------------
+    def check_admin(self, authorization: str | None) -> None:
+        if not self.admin_token:
+            raise ApiError(403, "admin endpoints are disabled: start the server with --admin-token "
+                           "(or LORAKIT_ADMIN_TOKEN)", code="admin_disabled")
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing admin token: send 'Authorization: Bearer <token>'", code="missing_token")
+        if not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+            raise ApiError(403, "invalid admin token", code="invalid_token")
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
+    """The engine's callback for choice ``index``: hands events to the request's event loop."""
+    def emit(ev: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, ev))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+    return emit
+
+
+async def _watch_disconnect(http: Request, queue: asyncio.Queue) -> None:
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            queue.put_nowait(_GONE)
+            return
+
+
+class _CountStatus:
+    """ASGI middleware counting responses by status (pure ASGI: streaming and disconnects untouched)."""
+
+    def __init__(self, app, metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.inc("lorakit_http_responses_total", status=str(message["status"]))
+            await send(message)
+        await self.app(scope, receive, counted)
+
+
+def _param(loc: tuple) -> str:
+    """``messages.0.content`` from pydantic's location (without ``body`` and union-member tags)."""
+    tags = {"str", "int", "float", "bool", "list", "dict", "none"}
+    return ".".join(str(x) for x in loc[1:] if not (isinstance(x, str) and (x in tags or "[" in x or
+                                                                             x.startswith("function-"))))
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ...] = (),
+               admin_token: str | None = None, adapter_root: Path | None = None,
+               max_context: int | None = None) -> FastAPI:
+    """The FastAPI app; starts the engine on start-up and stops it on shutdown."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if not engine.alive:
+            engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan)
+    ctx = max_context or getattr(engine.model.config, "max_position_embeddings", 2048)
+    srv = _Server(engine, tokenizer, base_name, aliases, admin_token, adapter_root, ctx)
+    app.state.server = srv
+    metrics = engine.metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, e: ApiError):
+        return _error(e.status, e.message, e.param, e.code, {"Retry-After": "1"} if e.status == 429 else None)
+
+    @app.exception_handler(AdapterError)
+    async def adapter_error(_, e: AdapterError):
+        return _error(e.status, e.message, e.param, e.code)
+
+    @app.exception_handler(P.Unsupported)
+    async def unsupported(_, e: P.Unsupported):
+        return _error(400, str(e), e.param, "unsupported_parameter")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return _error(400, "the request body is not valid JSON", code="invalid_json")
+        where = [_param(err.get("loc", ())) for err in errors]
+        detail = "; ".join(f"{w or 'body'}: {err.get('msg')}" for w, err in zip(where[:5], errors))
+        return _error(422, f"invalid request: {detail}", where[0] or None, "invalid_type")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):  # unknown routes, wrong methods
+        return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(_, e: Exception):
+        return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+    app.add_middleware(_CountStatus, metrics=metrics)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return _error(503, "the engine is not running", code="engine_stopped")
+        return {"status": "ok", "model": base_name, "adapters": len(engine.adapters.names())}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        cards = [P.model_card(base_name)] + [P.model_card(a["name"], parent=base_name, resident=a["resident"])
+                                             for a in engine.adapters.listing()]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, http: Request):
+        body.check_unsupported()
+        srv.check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        encoded = [srv.encode(tokenizer(p)["input_ids"] if isinstance(p, str) else list(p), body.max_tokens, 16,
+                              "prompt") for p in prompt or [[]]]
+        return await _respond(srv, http, body, [ids for ids, _ in encoded], min(n for _, n in encoded), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.ChatRequest, http: Request):
+        body.check_unsupported()
+        srv.check_model(body.model)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - templates raise on unsupported role orders
+            raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        ids, wanted = srv.encode(tokenizer(text, add_special_tokens=False)["input_ids"],
+                                 body.max_completion_tokens or body.max_tokens, None, "messages")
+        return await _respond(srv, http, body, [ids], wanted, chat=True)
+
+    @app.get("/v1/adapters")
+    async def list_adapters(authorization: str | None = Header(default=None)):
+        srv.check_admin(authorization)
+        return {"object": "list", "data": engine.adapters.listing(),
+                "max_resident": engine.adapters.max_resident or None}
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load_adapter(body: P.AdapterLoadRequest, authorization: str | None = Header(default=None)):
+        srv.check_admin(authorization)
+        if srv.root is None:
+            raise ApiError(400, "the server was started without --adapters; no adapter root to load from",
+                           param="path", code="no_adapter_root")
+        path = resolve_under(srv.root, body.path)
+        name = check_name(body.name if body.name is not None else path.name)
+        if name in srv.base_names:
+            raise ApiError(409, f"{name!r} is the base model's name", param="name", code="adapter_exists")
+        await asyncio.wrap_future(engine.call(lambda: engine.adapters.add(name, path)))
+        return P.model_card(name, parent=base_name, resident=True)
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(name: str, authorization: str | None = Header(default=None)):
+        srv.check_admin(authorization)
+        check_name(name)
+        try:
+            engine.adapters.remove(name)
+        except KeyError:
+            raise ApiError(404, f"no adapter named {name!r}; adapters: {engine.adapters.names()}",
+                           code="model_not_found") from None
+        engine.call(lambda: None)  # wake the worker: it unloads the adapter once no request uses it
+        return {"id": name, "object": "model", "deleted": True}
+
+    return app
+
+
+async def _respond(srv: _Server, http: Request, body: P._Sampling, prompts: list[list[int]], max_tokens: int,
+                   chat: bool):
+    try:
+        body.stops()
+    except ValueError as e:
+        raise ApiError(400, str(e), param="stop") from None
+    if body.seed is None and (body.n or 1) > 1:
+        body.seed = random.getrandbits(62)
+    requests, queue = srv.submit(body.model, prompts, max_tokens, body)
+    rid = P.new_id("chatcmpl" if chat else "cmpl")
+    if not body.stream:
+        choices, prompt_tokens, completion_tokens = await srv.collect(http, requests, queue)
+        build = P.chat_body if chat else P.completion_body
+        return build(rid, body.model, choices, prompt_tokens, completion_tokens)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(_stream(srv, http, requests, queue, rid, body.model, chat, include_usage),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _stream(srv: _Server, http: Request, requests: list[GenRequest], queue: asyncio.Queue, rid: str,
+                  model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    chunk = P.chat_chunk if chat else P.completion_chunk
+    if chat:
+        for i in range(len(requests)):
+            yield _sse(chunk(rid, model, i, {"role": "assistant", "content": ""}, None))
+    completion = 0
+    async for index, ev in srv.events(http, requests, queue):
+        if ev.kind == "text":
+            yield _sse(chunk(rid, model, index, {"content": ev.text} if chat else ev.text, None))
+        elif ev.kind == "done":
+            completion += ev.completion_tokens
+            yield _sse(chunk(rid, model, index, {} if chat else "", ev.finish_reason))
+        else:
+            yield _sse(P.error_body(ev.text, _TYPES.get(ev.status, "server_error"), None,
+                                    "timeout" if ev.status == 504 else "generation_failed"))
+            break
+    if include_usage:
+        yield _sse(chunk(rid, model, 0, {}, None, usage=(_prompt_tokens(requests), completion)))
+    yield "data: [DONE]\n\n"
+
+
+def _prompt_tokens(requests: list[GenRequest]) -> int:
+    """Prompt tokens counted once per distinct prompt (n choices share one prompt)."""
+    return sum(len(p) for p in {id(r.prompt): r.prompt for r in requests}.values())

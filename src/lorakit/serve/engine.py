@@ -1,0 +1,363 @@
+"""The serving engine: continuous batching of generation requests across adapters.
+
+One worker thread owns the model; all torch work happens there. Requests enter a bounded queue
+(``submit`` raises :class:`QueueFull` when it is full). Each loop iteration of the worker:
+
+1. runs pending commands (adapter loads/deletes) between steps, and unloads deleted adapters
+   nobody uses any more;
+2. drops queued or running requests that were cancelled (client gone) or timed out;
+3. admits waiting requests in arrival order while the batch has room (and up to a budget of
+   prefill tokens): they are prefilled together, left-padded, under ``lorakit.mixed(model, their
+   adapters)``, and sample their first tokens. With a resident
+   limit, a request whose adapter cannot be loaded yet (all resident ones are in use) waits, and
+   only base-model requests may overtake it, so it cannot starve;
+4. runs ONE decode step for every running row together, under ``lorakit.mixed(model, names)``
+   (one adapter per row, None = base), samples each row with its own parameters and generator,
+   and retires the rows that finished.
+
+So a new request joins at the next step and a finished one leaves at once. The KV cache scheme
+is in :mod:`lorakit.serve.batch`. Results go back through each request's ``emit`` callback
+(called on the worker thread; the HTTP layer forwards them into its event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import random
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+import lorakit
+
+from .adapters import Adapters, Entry
+from .batch import Batch, cache_tensors, sample
+from .metrics import Metrics
+from .text import TextStream
+
+__all__ = ["Engine", "Request", "Event", "QueueFull", "EngineStopped"]
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the client should retry later."""
+
+
+class EngineStopped(Exception):
+    """The engine is not running."""
+
+
+@dataclass
+class Event:
+    """What a request hears from the engine: ``text`` deltas, then one ``done`` or ``error``."""
+
+    kind: str                       # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: int = 500               # for errors: the HTTP status
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt token ids, adapter (None = base model) and sampling parameters."""
+
+    prompt: list[int]
+    emit: Callable[[Event], None]
+    adapter: Entry | None = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    cancelled: bool = False         # set from any thread (client disconnected)
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float = float("inf")
+    # worker state
+    tokens: list[int] = field(default_factory=list)
+    text: TextStream | None = None
+    generator: torch.Generator | None = None
+    first_token_at: float | None = None
+
+
+class Engine:
+    """Continuous-batching generation over one base model and many adapters (see module doc)."""
+
+    def __init__(self, model: nn.Module, tokenizer, adapters: Adapters, max_batch: int = 32,
+                 max_queue: int = 256, timeout: float = 120.0, metrics: Metrics | None = None,
+                 prefill_tokens: int = 4096) -> None:
+        self.model, self.tok, self.adapters = model.eval(), tokenizer, adapters
+        self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
+        self.prefill_tokens = prefill_tokens  # padded tokens per prefill forward (one long prompt may exceed it)
+        self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+        self.metrics = metrics or Metrics()
+        self.metrics.gauges.update(lorakit_queue_depth=lambda: len(self._waiting),
+                                   lorakit_active_requests=lambda: len(self._rows),
+                                   lorakit_adapters_resident=lambda: len(self.adapters.resident))
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._commands: collections.deque[tuple[Callable, concurrent.futures.Future]] = collections.deque()
+        self._wake = threading.Condition()
+        self._rows: list[Request] = []
+        self._batch = Batch(model.config)
+        self._routing = contextlib.ExitStack()
+        self._routing_key: tuple | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+
+    # -- any thread ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._running and self._thread is not None and self._thread.is_alive()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (its adapter entry already acquired). Raises QueueFull / EngineStopped."""
+        if not self.alive:
+            raise EngineStopped("the engine is not running")
+        request.deadline = request.arrival + self.timeout
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the worker thread between two steps; its result or exception in a Future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self._commands.append((fn, future))
+            self._wake.notify()
+        return future
+
+    # -- worker thread ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while self._running:
+            try:
+                self._iteration()
+            except Exception as e:  # noqa: BLE001 - a bug must fail the running requests, not the server
+                traceback.print_exc()
+                self._fail_running(f"internal error: {type(e).__name__}: {e}")
+        with self._wake:  # shutting down: nobody is left waiting forever
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        self._fail_running("the server is shutting down", status=503)
+        for r in waiting:
+            self._finish(r, "error", "the server is shutting down", status=503)
+
+    def _iteration(self) -> None:
+        with self._wake:
+            if not (self._rows or self._waiting or self._commands):
+                self._wake.wait(timeout=0.5)
+            commands = list(self._commands)
+            self._commands.clear()
+        for fn, future in commands:
+            self._close_routing()
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                future.set_exception(e)
+        self.adapters.collect()
+        self._expire()
+        self._admit()
+        if self._rows:
+            self._decode()
+
+    def _fail_running(self, message: str, status: int = 500) -> None:
+        self._close_routing()
+        rows, self._rows, self._batch = self._rows, [], Batch(self.model.config)
+        for r in rows:
+            if r.adapter is not None:
+                r.adapter.rows -= 1
+            self._finish(r, "error", message, status)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._wake:
+            gone = [r for r in self._waiting if r.cancelled or now > r.deadline]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled" if r.cancelled else "timeout")
+        done = [i for i, r in enumerate(self._rows) if r.cancelled or now > r.deadline]
+        if done:
+            self._retire({i: "cancelled" if self._rows[i].cancelled else "timeout" for i in done})
+
+    def _admit(self) -> None:
+        """Take waiting requests in arrival order (within the batch size and the prefill token
+        budget) and prefill them together."""
+        with self._wake:
+            waiting = list(self._waiting)
+        group: list[Request] = []
+        blocked, longest = False, 0
+        for r in waiting:
+            if len(self._rows) + len(group) >= self.max_batch:
+                break
+            if blocked and r.adapter is not None:
+                continue  # first come, first served: nobody overtakes a request waiting for a slot
+            if group and max(longest, len(r.prompt)) * (len(group) + 1) > self.prefill_tokens:
+                break
+            try:  # outside the lock: loading an adapter from disk must not block submit()
+                if r.adapter is not None and not self.adapters.ensure(r.adapter):
+                    blocked = True  # every resident adapter is in use by running rows; only base rows pass
+                    continue
+            except Exception as e:  # noqa: BLE001 - e.g. the adapter's files vanished
+                if self._take(r):
+                    self._finish(r, "error", str(getattr(e, "message", e)))
+                continue
+            if self._take(r):
+                if r.adapter is not None:
+                    r.adapter.rows += 1  # pinned: the next ensure() cannot evict it
+                group.append(r)
+                longest = max(longest, len(r.prompt))
+        if not group:
+            return
+        try:
+            self._prefill(group)
+        except Exception as e:  # noqa: BLE001 - bad requests must not stop the server
+            for r in group:
+                if r.adapter is not None:
+                    r.adapter.rows -= 1
+                self._finish(r, "error", f"prefill failed: {e}")
+
+    def _take(self, r: Request) -> bool:
+        with self._wake:
+            if r not in self._waiting:
+                return False
+            self._waiting.remove(r)
+            return True
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Prefill new requests in one forward (left-padded, explicit positions), sample their first
+        tokens and add them to the decode batch."""
+        from transformers import DynamicCache
+        length = max(len(r.prompt) for r in group)
+        ids = torch.full((len(group), length), self.pad_id)
+        mask = torch.zeros((len(group), length), dtype=torch.long)
+        for i, r in enumerate(group):
+            ids[i, length - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, length - len(r.prompt):] = 1
+            r.text = TextStream(self.tok, r.stop)
+            r.generator = torch.Generator().manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
+        with self._route([r.adapter.internal if r.adapter else None for r in group], persistent=False):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                             cache=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+        self._batch.add(cache_tensors(out.cache), mask)
+        first = len(self._rows)
+        self._rows.extend(group)
+        self.metrics.inc("lorakit_prompt_tokens_total", sum(len(r.prompt) for r in group))
+        finished = {}
+        for i, r in enumerate(group):
+            reason = self._accept(r, sample(out.logits[i, -1], r.temperature, r.top_p, r.generator))
+            if reason:
+                finished[first + i] = reason
+        if finished:
+            self._retire(finished)
+
+    def _decode(self) -> None:
+        rows = self._rows
+        tokens = torch.tensor([r.tokens[-1] for r in rows])
+        try:
+            self._route([r.adapter.internal if r.adapter else None for r in rows])
+            logits = self._batch.step(self.model, tokens)
+        except Exception as e:  # noqa: BLE001
+            self._fail_running(f"decode failed: {e}")
+            return
+        self.metrics.inc("lorakit_decode_steps_total")
+        self.metrics.observe("lorakit_batch_size", len(rows))
+        greedy = logits.argmax(-1).tolist()
+        finished = {}
+        for i, r in enumerate(rows):
+            token = greedy[i] if r.temperature <= 0 else sample(logits[i], r.temperature, r.top_p, r.generator)
+            reason = self._accept(r, token)
+            if reason:
+                finished[i] = reason
+        if finished:
+            self._retire(finished)
+
+    def _accept(self, r: Request, token: int) -> str | None:
+        """Record a sampled token and send its text; returns a finish reason or None."""
+        if r.first_token_at is None:
+            r.first_token_at = time.monotonic()
+            self.metrics.observe("lorakit_time_to_first_token_seconds", r.first_token_at - r.arrival)
+        r.tokens.append(token)
+        self.metrics.inc("lorakit_generation_tokens_total")
+        if token in self.eos:
+            return "stop"
+        delta = r.text.add(token)
+        if delta:
+            r.emit(Event("text", delta))
+        if r.text.stopped:
+            return "stop"
+        return "length" if len(r.tokens) >= r.max_tokens else None
+
+    def _retire(self, reasons: dict[int, str]) -> None:
+        """Remove rows (index -> finish reason) from the batch and tell their clients."""
+        keep = [i for i in range(len(self._rows)) if i not in reasons]
+        for i, reason in reasons.items():
+            r = self._rows[i]
+            if r.adapter is not None:
+                r.adapter.rows -= 1
+            self._finish(r, reason)
+        self._rows = [self._rows[i] for i in keep]
+        self._batch.keep(keep)
+
+    def _finish(self, r: Request, reason: str, message: str = "", status: int = 500) -> None:
+        if r.adapter is not None:
+            self.adapters.release(r.adapter)
+        outcome = {"stop": "ok", "length": "ok"}.get(reason, reason)
+        self.metrics.inc("lorakit_requests_total", outcome=outcome)
+        self.metrics.observe("lorakit_request_latency_seconds", time.monotonic() - r.arrival)
+        if reason in ("stop", "length"):
+            tail = r.text.flush() if r.text else ""
+            if tail:
+                r.emit(Event("text", tail))
+            r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt),
+                         completion_tokens=len(r.tokens)))
+        elif reason == "timeout":
+            r.emit(Event("error", f"the request timed out after {self.timeout:g} s", status=504))
+        elif reason == "error":
+            r.emit(Event("error", message, status=status))
+        # cancelled: nobody is listening
+
+    def _route(self, names: list[str | None], persistent: bool = True):
+        """Enter ``lorakit.mixed`` for these rows. Persistent routings stay open (their gathered
+        factors cached) while the batch's adapters and the model's adapter set are unchanged."""
+        if "lorakit_registry" not in self.model.__dict__:  # no adapters at all: the plain model
+            self._close_routing()
+            return contextlib.nullcontext()
+        if not persistent:  # nested inside the open routing, which it overrides
+            return lorakit.mixed(self.model, names)
+        if all(n is None for n in names):  # only base rows: no adapter is active, no routing needed
+            self._close_routing()
+            return None
+        key = (tuple(names), self.adapters.version)
+        if key != self._routing_key:
+            self._close_routing()
+            self._routing.enter_context(lorakit.mixed(self.model, names))
+            self._routing_key = key
+        return None
+
+    def _close_routing(self) -> None:
+        self._routing.close()
+        self._routing, self._routing_key = contextlib.ExitStack(), None

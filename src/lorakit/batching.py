@@ -7,13 +7,16 @@ The routing is scoped with a :class:`contextvars.ContextVar`: it exists only ins
 block of the thread or task that opened it (two threads serving different batches never see each
 other's routing), and it is removed on exit even when the forward raises. There are no hooks.
 
-Kernel: inside a routing, each adapted Linear / Conv1D / Embedding gathers the factors of its rows
-once — A as [rows, in, r_max] and B·s as [rows, r_max, out], ranks zero-padded, zeros for rows
-whose adapter does not touch the module — and applies them with two batched matmuls added in
-place to the base output. The gathered factors are cached for the routing, so every decode step
-of a ``generate`` call reuses them. Batches that use one adapter take the plain single-adapter
-path; other layer kinds (convolutions, raw parameters) and training with dropout run per adapter
-group. Beam search and ``num_return_sequences`` repeat rows (``repeat_interleave``): a batch of
+Kernel: each adapted Linear / Conv1D / Embedding keeps a bank of its adapters' factors (A as
+[slot, in, r_max], B·s as [slot, r_max, out], ranks zero-padded, slot 0 all zeros), rebuilt only
+when an adapter is added, removed or changed (tracked by tensor versions). Inside a routing the
+rows' factors are gathered from the bank (two ``index_select``) once and applied with two batched
+matmuls added in place to the base output; the gathered factors are cached for the routing, so
+every decode step of a ``generate`` call reuses them. Batches that use one adapter take the plain
+single-adapter path. Other layer kinds (convolutions, raw parameters), ``modules_to_save``
+copies, training with dropout, and any forward that needs gradients for the factors run per
+adapter group through the plain (differentiable) path. The bank costs one extra copy of the
+adapters' factors per layer, made on first mixed use. Beam search and ``num_return_sequences`` repeat rows (``repeat_interleave``): a batch of
 k·n rows maps row j to ``adapters[j // k]``.
 """
 
@@ -27,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoraError
-from .layers import CONV1D_HF, EMBEDDING, LINEAR, ROUTING, LoraLayer
-from .model import lora_layers, registry
+from .layers import CONV1D_HF, EMBEDDING, LINEAR, ROUTING, LoraLayer, SavedModule
+from .model import registry, wrappers
 
 __all__ = ["mixed", "Routing"]
 
@@ -37,7 +40,7 @@ __all__ = ["mixed", "Routing"]
 class Routing:
     """Per-row adapter names for one model, plus the factors gathered for them (a cache)."""
 
-    def __init__(self, layers: Sequence[LoraLayer], adapters: Sequence[str | None]) -> None:
+    def __init__(self, layers: Sequence[nn.Module], adapters: Sequence[str | None]) -> None:
         self.layers = {id(layer) for layer in layers}
         self.adapters = tuple(adapters)
         self._gathered: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
@@ -59,7 +62,8 @@ class Routing:
             (name,) = distinct
             return layer.kind.forward(layer, (name,) if name else (), x, *args, **kwargs)
         fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not args and not kwargs
-        if not fast or (layer.training and any(layer.dropout.get(n, 0) > 0 for n in distinct if n)):
+        needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct if n)
+        if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct if n)):
             return _per_group(layer, names, x, *args, **kwargs)
         a_rows, b_rows = self._factors(layer, names)
         result = layer.base_layer(x)
@@ -73,6 +77,13 @@ class Routing:
             return result.add_(update)  # no grad: add into the base output, no temporary
         return result + update.to(result.dtype)
 
+    def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
+        """modules_to_save: each row through its adapter's copy (or the original)."""
+        names = [a if a in wrapper.modules_to_save else None for a in self.rows(x.shape[0])]
+        module = lambda n: wrapper.modules_to_save[n] if n else wrapper.base_layer  # noqa: E731
+        if len(set(names)) == 1:
+            return module(names[0])(x, *args, **kwargs)
+        return _groups(names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
     def _factors(self, layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
         key = (id(layer), len(names))
         if key not in self._gathered:
@@ -80,22 +91,34 @@ class Routing:
         return self._gathered[key]
 
 
-def _gather(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
-    """Per-row A as [rows, in, r_max] and B·s as [rows, r_max, out] (zeros where no adapter).
-
-    For embeddings A is laid out [distinct, num, r_max] (looked up per token) and indexed later."""
-    used = sorted({n for n in names if n}, key=names.index)
-    r_max = max(layer.lora_A[n].shape[0] for n in used)
-    a0, b0 = layer.lora_A[used[0]], layer.lora_B[used[0]]
-    fan_in, out = a0.shape[1], b0.shape[0]
-    bank_a = a0.new_zeros(len(used) + 1, fan_in, r_max)   # slot 0: no adapter
-    bank_b = b0.new_zeros(len(used) + 1, r_max, out)
+def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
+    """The layer's adapters stacked (slot 0: zeros), cached until any factor or scale changes."""
+    key = tuple((n, id(layer.lora_A[n]), layer.lora_A[n]._version, id(layer.lora_B[n]), layer.lora_B[n]._version,
+                 layer.scale[n]) for n in layer.lora_A)
+    cached = layer.__dict__.get("_bank")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    names = list(layer.lora_A)
+    r_max = max(layer.lora_A[n].shape[0] for n in names)
+    a0, b0 = layer.lora_A[names[0]], layer.lora_B[names[0]]
+    bank_a = a0.new_zeros(len(names) + 1, a0.shape[1], r_max)
+    bank_b = b0.new_zeros(len(names) + 1, r_max, b0.shape[0])
     with torch.no_grad():
-        for i, n in enumerate(used, 1):
+        for i, n in enumerate(names, 1):
             r = layer.lora_A[n].shape[0]
             bank_a[i, :, :r] = layer.lora_A[n].t()
             bank_b[i, :r, :] = layer.lora_B[n].t() * layer.scale[n]
-    slots = torch.tensor([used.index(n) + 1 if n else 0 for n in names], device=bank_a.device)
+    value = ({n: i for i, n in enumerate(names, 1)}, bank_a, bank_b)
+    layer.__dict__["_bank"] = (key, value)  # a plain cache: not a parameter, not in state_dict
+    return value
+
+
+def _gather(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
+    """Per-row A as [rows, in, r_max] and B·s as [rows, r_max, out] (zeros where no adapter).
+
+    For embeddings A stays the bank [slots, num, r_max] (looked up per token) with the row slots."""
+    index, bank_a, bank_b = _bank(layer)
+    slots = torch.tensor([index[n] if n else 0 for n in names], device=bank_a.device)
     if layer.kind is EMBEDDING:
         return (bank_a, slots), bank_b.index_select(0, slots)
     return bank_a.index_select(0, slots), bank_b.index_select(0, slots)
@@ -106,16 +129,21 @@ def _embedding_rows(x: Tensor, bank: tuple[Tensor, Tensor]) -> Tensor:
     return table[slots[:, None], x].reshape(x.shape[0], -1, table.shape[-1])
 
 
-def _per_group(layer: LoraLayer, names: list[str | None], x: Tensor, *args, **kwargs) -> Tensor:
-    """Exact fallback for any layer kind: run each adapter group's rows through the plain path."""
+def _groups(names: list[str | None], x: Tensor, run) -> Tensor:
+    """Run ``run(name, rows_of_x)`` per distinct name and put the outputs back in row order."""
     result = None
     for name in dict.fromkeys(names):
         idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-        out = layer.kind.forward(layer, (name,) if name else (), x.index_select(0, idx), *args, **kwargs)
+        out = run(name, x.index_select(0, idx))
         if result is None:
             result = out.new_empty((x.shape[0], *out.shape[1:]))
         result = result.index_copy(0, idx, out)
     return result
+
+
+def _per_group(layer: LoraLayer, names: list[str | None], x: Tensor, *args, **kwargs) -> Tensor:
+    """Exact, differentiable fallback for any layer kind: each adapter group through the plain path."""
+    return _groups(names, x, lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
 
 
 @contextlib.contextmanager
@@ -135,7 +163,7 @@ def mixed(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Modul
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are merged; unmerge before running mixed batches")
-    token = ROUTING.set(Routing([layer for _, layer in lora_layers(model)], adapters))
+    token = ROUTING.set(Routing([w for _, w in wrappers(model)], adapters))
     try:
         yield model
     finally:

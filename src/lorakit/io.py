@@ -244,8 +244,10 @@ def _owner(key: str, modules: dict[str, nn.Module]) -> str:
     return key.rsplit(".", 1)[0]
 
 
-def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> nn.Module:
-    """Load a PEFT-format adapter from ``directory`` as adapter ``adapter`` and make it active.
+def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+         activate: bool = True) -> nn.Module:
+    """Load a PEFT-format adapter from ``directory`` as adapter ``adapter`` and make it active
+    (``activate=False``: keep the active set; the loaded adapter stays inactive and frozen).
 
     If the model has no adapter of that name, one is injected per the saved config (on exactly
     the modules the file holds). Any mismatch raises :class:`LoraError` and leaves the model as it
@@ -279,7 +281,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     if existing:  # ... and fits the adapter's current modules and shapes
         _check(_expected_existing(model, adapter), tensors, source)
     else:
-        _apply(model, adapter, cfg, sites, saved_plan)
+        _apply(model, adapter, cfg, sites, saved_plan, activate)
     with torch.no_grad():
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
@@ -296,5 +298,5 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                 layer.scale[adapter] = cfg.scale_for(path)
                 layer.dropout[adapter] = cfg.dropout
         reg.configs[adapter] = cfg
-        set_active(model, adapter)
+        set_active(model, adapter if activate else reg.active)
     return model

@@ -394,5 +394,9 @@ class SavedModule(nn.Module):
     def current(self) -> nn.Module:
         return self.modules_to_save[self.active[0]] if self.active else self.base_layer
 
-    def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            routing = ROUTING.get()
+            if routing is not None and id(self) in routing.layers:
+                return routing.forward_saved(self, x, *args, **kwargs)
+        return self.current()(x, *args, **kwargs)

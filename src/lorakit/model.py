@@ -84,9 +84,10 @@ def check_name(adapter: str) -> None:
                         "not starting with a digit")
 
 
-def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple]) -> None:
+def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple],
+           activate: bool = True) -> None:
     """Wrap (or reuse) a LoraLayer at every site and a SavedModule at every ``saved`` entry,
-    add adapter ``name`` to them, then activate it."""
+    add adapter ``name`` to them, then make it the active adapter (or leave it inactive, frozen)."""
     root = _root(model)
     reg = root.__dict__.get("lorakit_registry")
     if reg is None:
@@ -107,11 +108,12 @@ def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], save
         wrapper.add(name)
     reg.configs[name] = cfg
     reg.paths[name] = tuple(s.path for s in sites) + tuple(e[0] for e in saved)
-    set_active(root, name)
+    set_active(root, name if activate else reg.active)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
-    """Add adapter ``adapter`` to ``model`` in place and make it the active one.
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activate: bool = True) -> nn.Module:
+    """Add adapter ``adapter`` to ``model`` in place and make it the active one (``activate=False``:
+    add it inactive and frozen, keeping the active set).
 
     The base model is frozen (requires_grad=False); the new adapter's factors are trainable.
     Calling again with another name adds a second adapter. Returns ``model``.
@@ -124,7 +126,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
             raise LoraError(f"adapter {adapter!r} already exists; delete it first or pick another name "
                             f"(existing: {sorted(reg.configs)})")
         _require_unmerged(reg, "add an adapter")
-    _apply(model, adapter, config, plan(_root(model), config), plan_saved(_root(model), config))
+    _apply(model, adapter, config, plan(_root(model), config), plan_saved(_root(model), config), activate)
     return model
 
 

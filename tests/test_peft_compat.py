@@ -14,8 +14,9 @@ For every model/config below:
   the same modules with the same rank and the same scaling as lorakit.
 
 Tolerance: fp32 throughout, identical base weights, so outputs are compared with
-``torch.testing.assert_close(rtol=1e-6, atol=1e-6)`` (measured: max |diff| = 0.0, i.e. bit-identical,
-for every case here). Merged weights (PEFT's ``merge_adapter`` vs ``lorakit.merge``) use the same
+``torch.testing.assert_close(rtol=1e-5, atol=1e-5)``: bit-identical without gradients; with autograd on,
+lorakit's fused training path (bias, base and update accumulated in one addmm chain) rounds in a
+different order than PEFT's separate ops (measured max |diff| 1.5e-6 on MiniLM outputs of ~5). Merged weights (PEFT's ``merge_adapter`` vs ``lorakit.merge``) use the same
 tolerance; ``lorakit.unmerge`` must restore the base weights bit for bit.
 
 Trainable parameters (``lorakit.summary(m).trainable`` == PEFT's ``get_nb_trainable_parameters()[0]``):
@@ -46,7 +47,7 @@ from safetensors.torch import load_file  # noqa: E402
 import lorakit  # noqa: E402
 from lorakit import builtin  # noqa: E402
 
-RTOL = ATOL = 1e-6
+RTOL = ATOL = 1e-5
 MINILM_QV_R8_TRAINABLE = 73_728  # 6 layers x {query, value} x (8*384 + 384*8)
 SMOLLM2_ALL_LINEAR_R8_TRAINABLE = 2_442_240  # 30 layers x (q,k,v,o,gate,up,down) A+B
 

@@ -102,6 +102,15 @@ def table(rows: dict, args) -> str:
               "(`adapter_model.safetensors`, LoRA factors + classifier head) or, for full fine-tuning, the "
               "model's `model.safetensors`. s/step: training wall time (incl. one validation pass per epoch) "
               "/ optimizer steps. Peak RSS: the worker process's maximum resident memory."]
+    if "full" in rows and "lora-r8-qv" in rows:
+        full, lora = ([100 * r["test_accuracy"] for r in rows[k]] for k in ("full", "lora-r8-qv"))
+        gap = statistics.mean(lora) - statistics.mean(full)
+        lines += ["", f"**LoRA r=8 (query,value) vs full fine-tuning: {gap:+.2f} accuracy points** "
+                  f"({'within' if abs(gap) <= 1 else 'NOT within'} 1 point; one test article = "
+                  f"{100 / rows['full'][0].get('test_examples', 221):.2f} points), with "
+                  f"{rows['lora-r8-qv'][0]['trainable_params'] / rows['full'][0]['trainable_params']:.2%} of the "
+                  f"trainable parameters and a {rows['full'][0]['file_bytes'] / rows['lora-r8-qv'][0]['file_bytes']:.0f}"
+                  "x smaller file."]
     return "\n".join(lines) + "\n"
 
 

@@ -137,7 +137,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, B=N=16 decode only + prefill")
     args = p.parse_args()
     common.setup(args.threads)
-    if args.quick:
+    if args.quick and args.rounds == p.get_default("rounds"):
         args.rounds, args.warmup = 3, 1
     log = lambda s: print(s, flush=True)  # noqa: E731
     results = {"machine": common.machine(), "decode": [], "prefill": None}

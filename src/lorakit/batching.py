@@ -43,6 +43,7 @@ class Routing:
     def __init__(self, layers: Sequence[nn.Module], adapters: Sequence[str | None]) -> None:
         self.layers = {id(layer) for layer in layers}
         self.adapters = tuple(adapters)
+        self.uniform = len(set(self.adapters)) == 1  # one adapter (or none) for every row
         self._gathered: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     def rows(self, batch: int) -> tuple[str | None, ...]:
@@ -55,6 +56,9 @@ class Routing:
         return self.adapters if k == 1 else tuple(a for a in self.adapters for _ in range(k))
 
     def forward(self, layer: LoraLayer, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.uniform:  # the plain single-adapter path, without per-row bookkeeping
+            name = self.adapters[0]
+            return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)
         rows = self.rows(x.shape[0])
         names = [a if a in layer.lora_A else None for a in rows]
         distinct = set(names)

@@ -197,7 +197,10 @@ def test_engine_lru_eviction_reload_and_delete_in_flight(tiny):
         assert "a" not in adapters.names()
         gate.set()
         assert done.wait(30) and r.tokens == _alone(ref, [7, 8, 9], "a", 5)
-        engine.call(lambda: None).result(10)
+        deadline = time.monotonic() + 10  # the unload happens in the worker's housekeeping after the row retires
+        while entry.internal is not None and time.monotonic() < deadline:
+            engine.call(lambda: None).result(10)
+            time.sleep(0.02)
         assert entry.internal is None and "a" not in [e.name for e in adapters.resident]
     finally:
         engine.stop()

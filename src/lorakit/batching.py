@@ -75,11 +75,12 @@ class Routing:
             h = _embedding_rows(x, a_rows)
         else:
             h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype), a_rows)
-        update = torch.bmm(h, b_rows).view(result.shape)
         fresh = type(layer.base_layer) in (nn.Linear, nn.Embedding) or layer.kind is CONV1D_HF
-        if fresh and update.dtype == result.dtype and not torch.is_grad_enabled():
-            return result.add_(update)  # no grad: add into the base output, no temporary
-        return result + update.to(result.dtype)
+        if fresh and b_rows.dtype == result.dtype and result.is_contiguous():
+            # the base output is ours and not needed by any backward: accumulate into it, no temporary
+            result.view(x.shape[0], -1, result.shape[-1]).baddbmm_(h, b_rows)
+            return result
+        return result + torch.bmm(h, b_rows).view(result.shape).to(result.dtype)
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""

@@ -96,21 +96,22 @@ def table(rows: dict, args) -> str:
         pct = 100 * r0["trainable_params"] / r0["total_params"]
         lines.append(f"| {CONFIGS[name][0]} | {r0['train']['lr']:g} | {statistics.mean(acc):.2f} ± {sd:.2f} | "
                      f"{' / '.join(f'{a:.1f}' for a in acc)} | {r0['trainable_params']:,} ({pct:.2f}%) | {size_s} | "
-                     f"{statistics.mean(r['seconds_per_step'] for r in runs):.2f} | "
+                     f"{statistics.median(r['seconds_per_step'] for r in runs):.2f} | "
                      f"{max(r['peak_memory_mb'] for r in runs):.0f} |")
     lines += ["", "Accuracy: mean ± sample std over seeds (best-validation checkpoint). File size: the adapter "
               "(`adapter_model.safetensors`, LoRA factors + classifier head) or, for full fine-tuning, the "
-              "model's `model.safetensors`. s/step: training wall time (incl. one validation pass per epoch) "
-              "/ optimizer steps. Peak RSS: the worker process's maximum resident memory."]
+              "model's `model.safetensors`. s/step: median over seeds of training wall time (incl. one validation "
+              "pass per epoch) / optimizer steps (median: the CPUs may be shared). Peak RSS: the largest over "
+              "seeds of the worker process's maximum resident memory."]
     if "full" in rows and "lora-r8-qv" in rows:
         full, lora = ([100 * r["test_accuracy"] for r in rows[k]] for k in ("full", "lora-r8-qv"))
         gap = statistics.mean(lora) - statistics.mean(full)
+        f0, l0 = rows["full"][0], rows["lora-r8-qv"][0]
         lines += ["", f"**LoRA r=8 (query,value) vs full fine-tuning: {gap:+.2f} accuracy points** "
                   f"({'within' if abs(gap) <= 1 else 'NOT within'} 1 point; one test article = "
-                  f"{100 / rows['full'][0].get('test_examples', 221):.2f} points), with "
-                  f"{rows['lora-r8-qv'][0]['trainable_params'] / rows['full'][0]['trainable_params']:.2%} of the "
-                  f"trainable parameters and a {rows['full'][0]['file_bytes'] / rows['lora-r8-qv'][0]['file_bytes']:.0f}"
-                  "x smaller file."]
+                  f"{100 / 221:.2f} points), with "
+                  f"{l0['trainable_params'] / f0['trainable_params']:.2%} of the trainable parameters and a "
+                  f"{f0['file_bytes'] / l0['file_bytes']:.0f}x smaller file."]
     return "\n".join(lines) + "\n"
 
 

@@ -142,7 +142,7 @@ def _groups(names: list[str | None], x: Tensor, run) -> Tensor:
         out = run(name, x.index_select(0, idx))
         if result is None:
             result = out.new_empty((x.shape[0], *out.shape[1:]))
-        result = result.index_copy(0, idx, out)
+        result.index_copy_(0, idx, out)  # in place (autograd records it): no copy of the whole output per group
     return result
 
 

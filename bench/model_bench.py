@@ -8,7 +8,9 @@ fp32, AdamW lr 1e-4, LoRA r=8 alpha=16 dropout 0 (kaiming A, zero B in both libr
 minilm = all-MiniLM-L6-v2 + 5-label head (AutoModelForSequenceClassification), batch 16 x 128 random ids/labels,
 head trained in every variant (modules_to_save=["classifier"]), BERT's own dropout 0.1 left on; smollm2 =
 SmolLM2-135M-Instruct (AutoModelForCausalLM), batch 4 x 256, labels = input_ids. Variants: lorakit and PEFT on
-(q,v) [query,value | q_proj,v_proj] and on "all-linear", and full fine-tuning.
+(q,v) [query,value | q_proj,v_proj] and on "all-linear", full fine-tuning, and a floor: the frozen model with
+gradients only for the input embeddings, i.e. the activations every backward through all layers keeps, which
+bounds what any LoRA implementation can save (its memory ratio is given against PEFT q,v).
 
 1. Step = forward + backward + AdamW.step + zero_grad. Each (model, variant) runs in a FRESH process (forked by an
    intermediate /bin/sh, so ru_maxrss is not inherited): seed, load, page the weights in (transformers keeps fp32
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 VARIANTS = {"lk_qv": "lorakit q,v", "lk_all": "lorakit all-linear", "peft_qv": "PEFT q,v",
-            "peft_all": "PEFT all-linear", "full": "full FT"}
+            "peft_all": "PEFT all-linear", "full": "full FT", "floor": "floor: frozen, grads to inputs"}
 REF = {"lk_qv": "peft_qv", "lk_all": "peft_all"}
 QV = {"minilm": ["query", "value"], "smollm2": ["q_proj", "v_proj"]}
 LABEL = {"minilm": "MiniLM seq-cls 16x128", "smollm2": "SmolLM2-135M causal LM 4x256"}
@@ -87,6 +89,10 @@ def adapt(model, key: str, variant: str):
     """Apply a variant in place (full FT: nothing) and return the model to train."""
     if variant == "full":
         return model
+    if variant == "floor":  # nothing trainable; backward still runs through every layer, as LoRA's must
+        model.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_())
+        return model
     targets = QV[key] if variant.endswith("qv") else "all-linear"
     save = ["classifier"] if key == "minilm" else []
     if variant.startswith("lk"):
@@ -127,7 +133,7 @@ def worker(args) -> None:
     with torch.no_grad():
         out["eval_loss"] = model(**b).loss.item()
     model.train()
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     times, losses, faults = [], [], []
     torch.manual_seed(args.seed + 1)  # the same dropout masks at step 0
     for i in range(args.warmup + args.steps):
@@ -137,8 +143,9 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         res = model(**b)
         res.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         t = time.perf_counter() - t0
         f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         gc.enable()
@@ -198,6 +205,8 @@ def report(args, runs: dict, inj: dict | None) -> str:
         mem = {v: [r["over_load_mb"] for r in runs[(key, v)]] for v in VARIANTS}
         for v, name in VARIANTS.items():
             st, mt = ("1 (ref)" if v.startswith("peft") else "—",) * 2
+            if v == "floor":  # what any adapter library must keep for the backward (LoRA adds A, B, h, x)
+                mt = f"{common.fmt(common.ratio(mem, v, 'peft_qv'))} of PEFT q,v"
             if v in REF:
                 st, mt = (f"{common.fmt(r)} {'✓' if r['median'] <= TARGETS[k] else '✗'}"
                           for r, k in ((common.ratio(step, v, REF[v]), "step"), (common.ratio(mem, v, REF[v]), "mem")))

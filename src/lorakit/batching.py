@@ -35,6 +35,8 @@ from .model import registry, wrappers
 
 __all__ = ["mixed", "Routing"]
 
+GROUPED_MIN_TOKENS = 1 << 62  # rows this long go through the per-group path (see bench/mixed_bench.py)
+
 
 
 class Routing:
@@ -67,7 +69,9 @@ class Routing:
             return layer.kind.forward(layer, (name,) if name else (), x, *args, **kwargs)
         fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not args and not kwargs
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct if n)
-        if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct if n)):
+        per_row = x[0].numel() // (1 if layer.kind is EMBEDDING else x.shape[-1])  # tokens per row
+        if (not fast or needs_grad or per_row >= GROUPED_MIN_TOKENS
+                or (layer.training and any(layer.dropout[n] > 0 for n in distinct if n))):
             return _per_group(layer, names, x, *args, **kwargs)
         a_rows, b_rows = self._factors(layer, names)
         result = layer.base_layer(x)

@@ -2,6 +2,7 @@
 
     python bench/layer_bench.py --threads 1      # the main table (~3 min)
     python bench/layer_bench.py --threads 2
+    python bench/layer_bench.py --profile --ranks 8    # fwd+bwd per aten op: where the gap to the limit goes
 
 d_in = d_out = 1024, 2048 tokens (8 x 256), r in {8, 64}, alpha 16, dropout 0, fp32.
 fwd: inference only (torch.inference_mode). fwd+bwd: gradients for x, A and B (base frozen);
@@ -107,6 +108,35 @@ def run_mode(layers, x, mode, rounds, warmup, log):
                 "faults": sorted(times[f"{n}:faults"])[len(times[n]) // 2]} for n in layers}
 
 
+def profile(layers, x, names=("nn.Linear", "lorakit", "PEFT"), iters: int = 20) -> str:
+    """fwd+bwd per aten op (torch.profiler, self CPU time per call, grouped by input shapes), in % of
+    the frozen nn.Linear's fwd+bwd: which op the gap to the limit is made of."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    g = torch.randn(x.shape[0], x.shape[1], layers["nn.Linear"].out_features)
+    tables, base_us = [], None
+    for name in names:
+        layer = layers[name]
+        xg = x.detach().clone().requires_grad_()
+        for _ in range(3):
+            layer(xg).backward(g)
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(iters):
+                layer(xg).backward(g)
+                for q in layer.parameters():
+                    q.grad = None
+                xg.grad = None
+        events = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events) / iters
+        base_us = base_us or total
+        rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+        tables.append(f"{name}: {total / 1e3:.2f} ms per fwd+bwd ({total / base_us:.3f} x nn.Linear)\n" + "\n".join(
+            f"    {e.self_cpu_time_total / iters / 1e3:7.2f} ms {100 * e.self_cpu_time_total / iters / base_us:5.1f}%  "
+            f"{e.key:22s} {str(e.input_shapes)[:70]}" for e in rows))
+    return "\n".join(tables)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
@@ -116,6 +146,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--quick", action="store_true", help="5 rounds, a smoke run")
+    p.add_argument("--profile", action="store_true", help="instead of timing: per-op profile of fwd+bwd (torch.profiler)")
     args = p.parse_args()
     common.setup(args.threads)
     if args.quick:
@@ -127,6 +158,10 @@ def main() -> None:
     for r in args.ranks:
         layers, base, a, b = variants(r, args.d, 16.0)
         check(layers, base, a, b, r, 16.0, x)
+        if args.profile:
+            log(f"r={r}, {args.threads} thread(s): self CPU time per op, % of the frozen nn.Linear's fwd+bwd\n"
+                + profile(layers, x))
+            continue
         fwd_limit = 1 + r * 2 * args.d / args.d ** 2
         bwd_limit = 1 + 1.5 * r * 2 * args.d / args.d ** 2  # 6 small GEMMs over 2 big ones (fwd, dx)
         for mode, limit in (("fwd", fwd_limit), ("fwd+bwd", bwd_limit)):
@@ -136,6 +171,8 @@ def main() -> None:
             plain_ms = res["nn.Linear"]["ms"]
             cells = " | ".join(f"{common.fmt(res[n])} (MF {res[n]['faults']})" for n in ("lorakit", "PEFT", "loralib"))
             lines.append(f"| r={r} {mode} | {plain_ms:.1f} | {cells} | {limit:.3f} |")
+    if args.profile:
+        return
     md = (f"Layer d_in=d_out={args.d}, {args.tokens} tokens, fp32, {args.threads} thread(s), {args.rounds} rounds. "
           "Ratio to plain nn.Linear: median [p25-p75] / ratio of minima (MF: minor page faults per call).\n\n"
           "| case | nn.Linear ms | lorakit | PEFT | loralib | FLOP limit |\n|---|---|---|---|---|---|\n"

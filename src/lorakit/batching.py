@@ -35,7 +35,9 @@ from .model import registry, wrappers
 
 __all__ = ["mixed", "Routing"]
 
-GROUPED_MIN_TOKENS = 1 << 62  # rows this long go through the per-group path (see bench/mixed_bench.py)
+# Strategy thresholds (measured with bench/mixed_bench.py; 2 CPU threads, fp32):
+GROUP_MIN_TOKENS = 1 << 62  # tokens per distinct adapter from which one GEMM per adapter group wins
+CONCAT_MAX_RANK = 0  # distinct adapters x rank up to which the concatenated-factor GEMMs win
 
 
 
@@ -46,7 +48,7 @@ class Routing:
         self.layers = {id(layer) for layer in layers}
         self.adapters = tuple(adapters)
         self.uniform = len(set(self.adapters)) == 1  # one adapter (or none) for every row
-        self._gathered: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._plans: dict[tuple, tuple[str, object]] = {}
 
     def rows(self, batch: int) -> tuple[str | None, ...]:
         """Adapter per row of a batch of ``batch`` rows (k·n rows: each name repeated k times)."""
@@ -61,30 +63,52 @@ class Routing:
         if self.uniform:  # the plain single-adapter path, without per-row bookkeeping
             name = self.adapters[0]
             return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)
-        rows = self.rows(x.shape[0])
-        names = [a if a in layer.lora_A else None for a in rows]
-        distinct = set(names)
-        if len(distinct) == 1:  # the whole batch uses one adapter (or none): the plain path
-            (name,) = distinct
-            return layer.kind.forward(layer, (name,) if name else (), x, *args, **kwargs)
-        fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not args and not kwargs
-        needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct if n)
-        per_row = x[0].numel() // (1 if layer.kind is EMBEDDING else x.shape[-1])  # tokens per row
-        if (not fast or needs_grad or per_row >= GROUPED_MIN_TOKENS
-                or (layer.training and any(layer.dropout[n] > 0 for n in distinct if n))):
-            return _per_group(layer, names, x, *args, **kwargs)
-        a_rows, b_rows = self._factors(layer, names)
+        key = (id(layer), x.shape, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
+        plan = self._plans.get(key)
+        if plan is None:  # decided once per layer and shape: every decode step of generate reuses it
+            plan = self._plans[key] = self._plan(layer, x, bool(args or kwargs))
+        how, data = plan
+        if how == "plain":
+            return layer.kind.forward(layer, data, x, *args, **kwargs)
+        if how == "group":
+            return _per_group(layer, data, x, *args, **kwargs)
         result = layer.base_layer(x)
+        fresh = type(layer.base_layer) in (nn.Linear, nn.Embedding) or layer.kind is CONV1D_HF
+        in_place = fresh and result.dtype == data[1].dtype and result.is_contiguous()
+        if how == "concat":  # few distinct adapters: two dense GEMMs over their concatenated factors
+            a_cat, b_cat, mask = data
+            h = (x.reshape(x.shape[0], -1, x.shape[-1]).to(a_cat.dtype) @ a_cat).mul_(mask)
+            h = h.view(-1, h.shape[-1])
+            if in_place:
+                result.view(-1, result.shape[-1]).addmm_(h, b_cat)
+                return result
+            return result + (h @ b_cat).view(result.shape).to(result.dtype)
+        a_rows, b_rows = data  # "bmm": each row's own factors, gathered from the bank
         if layer.kind is EMBEDDING:
             h = _embedding_rows(x, a_rows)
         else:
             h = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype), a_rows)
-        fresh = type(layer.base_layer) in (nn.Linear, nn.Embedding) or layer.kind is CONV1D_HF
-        if fresh and b_rows.dtype == result.dtype and result.is_contiguous():
-            # the base output is ours and not needed by any backward: accumulate into it, no temporary
+        if in_place:  # the base output is ours and no backward needs it: accumulate into it
             result.view(x.shape[0], -1, result.shape[-1]).baddbmm_(h, b_rows)
             return result
         return result + torch.bmm(h, b_rows).view(result.shape).to(result.dtype)
+
+    def _plan(self, layer: LoraLayer, x: Tensor, extra_args: bool) -> tuple[str, object]:
+        """How this layer runs this batch: ("plain", names) | ("group", names) | ("concat"|"bmm", factors)."""
+        names = [a if a in layer.lora_A else None for a in self.rows(x.shape[0])]
+        distinct = {n for n in names if n}
+        if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
+            return "plain", tuple(distinct)
+        fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not extra_args
+        needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
+        tokens = x.numel() // (1 if layer.kind is EMBEDDING else x.shape[-1])
+        if (not fast or needs_grad or tokens >= GROUP_MIN_TOKENS * len(distinct)
+                or (layer.training and any(layer.dropout[n] > 0 for n in distinct))):
+            return "group", names
+        r_max = max(layer.lora_A[n].shape[0] for n in distinct)
+        if layer.kind is not EMBEDDING and len(distinct) * r_max <= CONCAT_MAX_RANK:
+            return "concat", _concat(layer, names, sorted(distinct))
+        return "bmm", _gather(layer, names)
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""
@@ -93,12 +117,6 @@ class Routing:
         if len(set(names)) == 1:
             return module(names[0])(x, *args, **kwargs)
         return _groups(names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
-    def _factors(self, layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
-        key = (id(layer), len(names))
-        if key not in self._gathered:
-            self._gathered[key] = _gather(layer, names)
-        return self._gathered[key]
-
 
 def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
     """The layer's adapters stacked (slot 0: zeros), cached until any factor or scale changes."""
@@ -131,6 +149,22 @@ def _gather(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
     if layer.kind is EMBEDDING:
         return (bank_a, slots), bank_b.index_select(0, slots)
     return bank_a.index_select(0, slots), bank_b.index_select(0, slots)
+
+
+def _concat(layer: LoraLayer, names: list[str | None], used: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """The used adapters' factors side by side: A as [in, n·r_max], B·s as [n·r_max, out], and a
+    [rows, 1, n·r_max] mask that keeps each row's own block (zeros for rows without an adapter)."""
+    index, bank_a, bank_b = _bank(layer)
+    slots = torch.tensor([index[n] for n in used], device=bank_a.device)
+    r = bank_a.shape[-1]
+    a_cat = bank_a.index_select(0, slots).permute(1, 0, 2).reshape(bank_a.shape[1], -1)
+    b_cat = bank_b.index_select(0, slots).reshape(-1, bank_b.shape[-1])
+    mask = bank_a.new_zeros(len(names), 1, len(used) * r)
+    block = {n: i for i, n in enumerate(used)}
+    for row, n in enumerate(names):
+        if n:
+            mask[row, 0, block[n] * r:(block[n] + 1) * r] = 1
+    return a_cat, b_cat, mask
 
 
 def _embedding_rows(x: Tensor, bank: tuple[Tensor, Tensor]) -> Tensor:

@@ -85,6 +85,12 @@ class Kind:
         return functional_call(layer.base_layer, {layer.param_name: w + delta}, (x, *args), kwargs)
 
 
+def _skinny(m: Tensor, x2: Tensor) -> Tensor:
+    """x2·mᵀ for a thin m (r rows) as (m·x2ᵀ)ᵀ: BLAS runs the product with the thin side as the
+    output's rows 1.5-3x faster than x2·mᵀ with r columns (2048x1024, r=8, CPU)."""
+    return (m @ x2.t()).t()
+
+
 class _LoraLinearFn(torch.autograd.Function):
     """y = x·Wt + bias + s·(x·Aᵀ)·Bᵀ with a hand-written backward (training, dropout 0).
 
@@ -100,7 +106,7 @@ class _LoraLinearFn(torch.autograd.Function):
     def forward(ctx, x, wt, bias, a, b, s):
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.addmm(bias, x2, wt) if bias is not None else x2 @ wt
-        h = x2 @ a.t()
+        h = _skinny(a, x2)
         out.addmm_(h, b.t(), alpha=s)
         ctx.save_for_backward(x2, wt, a, b, h)
         ctx.s, ctx.x_shape = s, x.shape
@@ -110,7 +116,7 @@ class _LoraLinearFn(torch.autograd.Function):
     def backward(ctx, g):
         x2, wt, a, b, h = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        gh = (g2 @ b).mul_(ctx.s)
+        gh = _skinny(b.t(), g2).mul_(ctx.s)
         dx = dwt = dbias = da = db = None
         if ctx.needs_input_grad[0]:
             dx = (g2 @ wt.t()).addmm_(gh, a).view(ctx.x_shape)
@@ -143,11 +149,12 @@ class _Linear(Kind):
         # added in place (one addmm_, no output-sized temporaries) when the dtypes agree.
         for name in names:
             a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
-            h = F.linear(layer.dropped(x, name).to(a.dtype), a)
+            x2 = layer.dropped(x, name).to(a.dtype).reshape(-1, x.shape[-1])
+            h = _skinny(a, x2)  # (tokens, r)
             if fresh and b.dtype == result.dtype and result.is_contiguous():
-                result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=s)
+                result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=s)
             else:
-                result = result + (F.linear(h, b) * s).to(result.dtype)
+                result = result + (F.linear(h, b) * s).to(result.dtype).view(result.shape)
         return result
 
 

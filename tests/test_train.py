@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import lorakit
@@ -212,6 +213,24 @@ def test_classify_minilm_on_bbc_learns_and_saves_a_loadable_adapter(tmp_path):
     lorakit.load(model, tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] == ["classifier"]
+
+
+@pytest.mark.slow
+def test_classify_is_reproducible_from_its_seed(tmp_path):
+    """Same seed, same run: the new head's init, the data order and the result, whatever the
+    global RNG did before."""
+    from lorakit.train.tasks import LoraSpec, classify
+    runs = []
+    for i, noise in enumerate((0, 1000)):
+        torch.rand(noise)  # unrelated use of the global RNG in between
+        out = tmp_path / str(i)
+        runs.append(classify(out, lora=LoraSpec(r=4), train=TrainConfig(epochs=1, batch_size=8, lr=2e-3,
+                             max_steps=3, seed=5), max_length=32, progress=False, log=lambda *_: None))
+        runs[-1]["weights"] = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert runs[0]["test_accuracy_before"] == runs[1]["test_accuracy_before"]
+    assert runs[0]["test_loss"] == runs[1]["test_loss"]
+    a, b = runs[0]["weights"], runs[1]["weights"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

@@ -140,6 +140,7 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
     out = Path(out)
     splits = _classification_data(data, val_data, test_data, text_column, label_column, train.seed)
     labels = sorted({r.label for r in splits["train"]})
+    torch.manual_seed(train.seed)  # the new head's init comes from the global RNG: seed it first
     model, tok = load_model(model_spec, "classify", num_labels=len(labels))
     enc = {k: encode_classification(tok, v, labels, max_length) for k, v in splits.items()}
     pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
@@ -269,6 +270,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
     if train_limit:
         splits["train"] = splits["train"][:train_limit]
     splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
+    torch.manual_seed(train.seed)
     model, tok = load_model(model_spec, "causal-lm")
     model.eval()
     before = exact_match(model, tok, splits["test"])

@@ -8,16 +8,18 @@ block of the thread or task that opened it (two threads serving different batche
 other's routing), and it is removed on exit even when the forward raises. There are no hooks.
 
 Kernel: each adapted Linear / Conv1D / Embedding keeps a bank of its adapters' factors (A as
-[slot, r_max, in], B·s as [slot, r_max, out], ranks zero-padded, slot 0 all zeros), rebuilt only
-when an adapter is added, removed or changed (tracked by tensor versions). Inside a routing the
-rows' factors are gathered from the bank (two ``index_select``) once and applied with two batched
-matmuls added in place to the base output; the gathered factors are cached for the routing, so
-every decode step of a ``generate`` call reuses them. Batches that use one adapter take the plain
-single-adapter path. Other layer kinds (convolutions, raw parameters), ``modules_to_save``
-copies, training with dropout, and any forward that needs gradients for the factors run per
-adapter group through the plain (differentiable) path. The bank costs one extra copy of the
-adapters' factors per layer, made on first mixed use. Beam search and ``num_return_sequences`` repeat rows (``repeat_interleave``): a batch of
-k·n rows maps row j to ``adapters[j // k]``.
+[slot, r_max, in] — for embeddings [slot, num, r_max] — and B·s as [slot, r_max, out], ranks
+zero-padded, slot 0 all zeros), rebuilt only when an adapter is added, removed or changed (tracked
+by tensor versions). Inside a routing each layer decides once per input shape how to run (a plan,
+cached for the routing, so every decode step of ``generate`` reuses it): the rows' factors are
+gathered from the bank (two ``index_select``) and applied with two batched matmuls, the first as
+(A·xᵀ)ᵀ (the layout BLAS runs fast for thin r), the second added in place to the base output.
+Batches that use one adapter take the plain single-adapter path. Other layer kinds
+(convolutions, raw parameters), ``modules_to_save`` copies, training with dropout, and any forward
+that needs gradients for the factors run per adapter group through the plain (differentiable)
+path. The bank costs one extra copy of the adapters' factors per layer, made on first mixed use.
+Beam search and ``num_return_sequences`` repeat rows (``repeat_interleave``): a batch of k·n rows
+maps row j to ``adapters[j // k]``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import contextlib
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoraError

@@ -40,14 +40,19 @@ CONFIGS = {  # name -> (label, LoraSpec kwargs, lr)
 }
 
 
+def _lora_spec(config: str):
+    from lorakit.train.tasks import LoraSpec
+    kw = dict(CONFIGS[config][1])
+    return LoraSpec(**{**kw, "targets": tuple(kw.get("targets", ("query", "value")))})
+
+
 def worker(spec: dict) -> None:
     """One training (run in its own process); writes ``summary.json`` (+ ``file_bytes``) to spec['out']."""
     import torch
     torch.set_num_threads(spec["threads"])
     from lorakit.train.loop import TrainConfig
-    from lorakit.train.tasks import LoraSpec, classify, load_model
-    kw = dict(CONFIGS[spec["config"]][1])
-    lora = LoraSpec(**{**kw, "targets": tuple(kw.get("targets", ("query", "value")))})
+    from lorakit.train.tasks import classify, load_model
+    lora = _lora_spec(spec["config"])
     train = TrainConfig(epochs=spec["epochs"], batch_size=16, lr=spec["lr"], seed=spec["seed"])
     out = Path(spec["out"])
     result = classify(out, lora=lora, train=train, max_length=128, progress=False)
@@ -71,35 +76,24 @@ def eval_last(spec: dict) -> None:
     validation set that choice is coarse (one article = 0.44 points), so the final model is reported too.
     """
     import torch
-    from safetensors.torch import load_file
     torch.set_num_threads(spec["threads"])
-    from lorakit import builtin
-    from lorakit.train.data import LabelledText, collate, encode_classification
-    from lorakit.train.tasks import LoraSpec, _batches, _prepare, load_model
+    from lorakit.train.data import encode_classification
+    from lorakit.train.loop import load_checkpoint_weights
+    from lorakit.train.tasks import _classification_data, _prepare, evaluate_classifier, load_model
     out = Path(spec["out"])
     summary = json.loads((out / "summary.json").read_text())
-    kw = dict(CONFIGS[spec["config"]][1])
-    lora = LoraSpec(**{**kw, "targets": tuple(kw.get("targets", ("query", "value")))})
     labels = summary["labels"]
     model, tok = load_model("builtin:minilm", "classify", num_labels=len(labels))
-    _prepare(model, lora, ["classifier"])
-    params = dict(model.named_parameters())
-    state = load_file(str(out / "checkpoint" / "state.safetensors"))
-    weights = {k[len("model."):]: t for k, t in state.items() if k.startswith("model.")}
-    missing = {n for n, p in params.items() if p.requires_grad} - set(weights)
+    _prepare(model, _lora_spec(spec["config"]), ["classifier"])
+    _, tensors = load_checkpoint_weights(out / "checkpoint", model)
+    missing = {n for n, p in model.named_parameters() if p.requires_grad} - {k[len("model."):] for k in tensors}
     if missing:
         sys.exit(f"{out}: checkpoint lacks {sorted(missing)[:3]}")
-    with torch.no_grad():
-        for name, t in weights.items():
-            params[name].copy_(t)
-    test = [LabelledText(t, lab) for t, lab in builtin.bbc_split(seed=0)[2]]
-    items, correct = encode_classification(tok, test, labels, 128), 0
+    test = _classification_data("builtin:bbc", None, None, "text", "label", spec["seed"])["test"]
     model.eval()
     with torch.no_grad():
-        for chunk in _batches(items, 64):
-            batch = collate(chunk, tok.pad_token_id)
-            correct += (model(**batch).logits.argmax(-1) == batch["labels"]).sum().item()
-    summary["test_accuracy_last"] = correct / len(items)
+        result = evaluate_classifier(model, encode_classification(tok, test, labels, 128), tok.pad_token_id)
+    summary["test_accuracy_last"] = result["accuracy"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

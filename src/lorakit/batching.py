@@ -31,12 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoraError
-from .layers import CONV1D_HF, EMBEDDING, LINEAR, ROUTING, LoraLayer, SavedModule
+from .layers import CONV1D_HF, EMBEDDING, LINEAR, ROUTING, LoraLayer, SavedModule, owns_output
 from .model import registry, wrappers
 
 __all__ = ["mixed", "Routing"]
-
-
 
 
 class Routing:
@@ -70,17 +68,15 @@ class Routing:
             return layer.kind.forward(layer, data, x, *args, **kwargs)
         if how == "group":
             return _per_group(layer, data, x, *args, **kwargs)
+        a_rows, b_rows, fresh = data  # "bmm": each row's own factors, gathered from the bank
         result = layer.base_layer(x)
-        fresh = type(layer.base_layer) in (nn.Linear, nn.Embedding) or layer.kind is CONV1D_HF
-        in_place = fresh and result.dtype == data[1].dtype and result.is_contiguous()
-        a_rows, b_rows = data  # "bmm": each row's own factors, gathered from the bank
         if layer.kind is EMBEDDING:
             h = _embedding_rows(x, a_rows)
         else:
             # as (A·xᵀ)ᵀ: BLAS is 2.5-3.7x faster with the thin r side as the output's rows
             h = torch.bmm(a_rows, x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype).transpose(1, 2))
             h = h.transpose(1, 2)
-        if in_place:  # the base output is ours and no backward needs it: accumulate into it
+        if fresh and result.dtype == b_rows.dtype and result.is_contiguous():  # no backward needs it: add into it
             result.view(x.shape[0], -1, result.shape[-1]).baddbmm_(h, b_rows)
             return result
         return result + torch.bmm(h, b_rows).view(result.shape).to(result.dtype)
@@ -100,7 +96,7 @@ class Routing:
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
         if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct)):
             return "group", names
-        return "bmm", _gather(layer, names)
+        return "bmm", (*_gather(layer, names), owns_output(layer))
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""
@@ -109,6 +105,7 @@ class Routing:
         if len(set(names)) == 1:
             return module(names[0])(x, *args, **kwargs)
         return _groups(names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
+
 
 def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
     """The layer's adapters stacked (slot 0: zeros), cached until any factor or scale changes."""

@@ -85,6 +85,12 @@ class Kind:
         return functional_call(layer.base_layer, {layer.param_name: w + delta}, (x, *args), kwargs)
 
 
+def owns_output(layer: "LoraLayer") -> bool:
+    """Whether the base layer's forward returns a fresh tensor that its own backward does not need
+    (nn.Linear, nn.Embedding, transformers' Conv1D), so the LoRA update may be added into it in place."""
+    return type(layer.base_layer) in (nn.Linear, nn.Embedding) or layer.kind is CONV1D_HF
+
+
 def _skinny(m: Tensor, x2: Tensor) -> Tensor:
     """x2·mᵀ for a thin m (r rows) as (m·x2ᵀ)ᵀ: BLAS runs the product with the thin side as the
     output's rows 1.5-3x faster than x2·mᵀ with r columns (2048x1024, r=8, CPU)."""
@@ -137,7 +143,7 @@ class _Linear(Kind):
 
     def forward(self, layer, names, x, *args, **kwargs):
         base = layer.base_layer
-        fresh = type(base) is nn.Linear or self is CONV1D_HF  # we know what their forward returns
+        fresh = owns_output(layer)
         if (fresh and len(names) == 1 and torch.is_grad_enabled() and not args and not kwargs
                 and not (layer.training and layer.dropout[names[0]] > 0)):
             a, b = layer.lora_A[names[0]], layer.lora_B[names[0]]

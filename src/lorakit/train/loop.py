@@ -121,7 +121,9 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+def load_checkpoint_weights(path: str | Path, model: nn.Module) -> tuple[dict, dict]:
+    """Copy a checkpoint's trained parameters into ``model``; returns (its JSON state, all its tensors)."""
+    path = Path(path)
     if not path.exists() and path.with_name(path.name + ".old").exists():
         path = path.with_name(path.name + ".old")  # killed between the two renames
     meta = json.loads((path / "state.json").read_text())
@@ -131,6 +133,11 @@ def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -
         for key, t in tensors.items():
             if key.startswith("model."):
                 params[key[len("model."):]].copy_(t)
+    return meta, tensors
+
+
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    meta, tensors = load_checkpoint_weights(path, model)
     state: dict = {}
     for key, t in tensors.items():
         if key.startswith("opt."):

@@ -149,14 +149,7 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
     _prepare(model, lora, head)
 
     def evaluate(m, items=enc["val"]):
-        correct, loss, n = 0, 0.0, 0
-        for chunk in _batches(items, 64):
-            batch = pad(chunk)
-            result = m(**batch)
-            loss += result.loss.item() * len(chunk)
-            correct += (result.logits.argmax(-1) == batch["labels"]).sum().item()
-            n += len(chunk)
-        return {"loss": loss / n, "accuracy": correct / n}
+        return evaluate_classifier(m, items, tok.pad_token_id)
 
     model.eval()
     with torch.no_grad():
@@ -188,6 +181,18 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
     log(f"time {seconds:.0f} s ({result['seconds_per_step']:.2f} s/step), peak memory {result['peak_memory_mb']:.0f} MB")
     log(f"wrote {out}/adapter, metrics.jsonl, curve.png, summary.json")
     return _finish(out, model, lora, records, result, f"{model_spec} on {data}: {result['method']}")
+
+
+def evaluate_classifier(model: nn.Module, items: Sequence, pad_id: int, batch_size: int = 64) -> dict:
+    """Mean loss and accuracy of a sequence classifier over encoded ``items`` (call under no_grad)."""
+    correct, loss, n = 0, 0.0, 0
+    for chunk in _batches(items, batch_size):
+        batch = collate(chunk, pad_id)
+        result = model(**batch)
+        loss += result.loss.item() * len(chunk)
+        correct += (result.logits.argmax(-1) == batch["labels"]).sum().item()
+        n += len(chunk)
+    return {"loss": loss / n, "accuracy": correct / n}
 
 
 def _classification_data(data, val_data, test_data, text_col, label_col, seed) -> dict[str, list[LabelledText]]:

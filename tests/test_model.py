@@ -284,7 +284,7 @@ def test_raw_parameter_merge_roundtrip():
     class Experts(nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = nn.Parameter(torch.randn(4, 6, 5))  # >2-D: reshaped to (4, 30)
+            self.w = nn.Parameter(torch.randn(4, 6, 5))  # 4 experts, each (out 6, in 5)
 
         def forward(self, x):
             return torch.einsum("bi,eoi->beo", x, self.w)
@@ -297,8 +297,10 @@ def test_raw_parameter_merge_roundtrip():
     _randomise(model)
     layer = model[0]
     a, b = layer.lora_A["default"].double(), layer.lora_B["default"].double()
-    assert a.shape == (2, 30) and b.shape == (4, 2)
-    ref = torch.einsum("bi,eoi->beo", x.double(), w0 + (b @ a).reshape(4, 6, 5))
+    assert a.shape == (8, 5) and b.shape == (6, 8)  # PEFT's layout: A (E·r, in), B (out, E·r)
+    # expert e: A's rows 2e, 2e+1 and B's columns e, 4+e (PEFT's ParamWrapper)
+    delta = torch.stack([b[:, [e, 4 + e]] @ a[2 * e:2 * e + 2] for e in range(4)])
+    ref = torch.einsum("bi,eoi->beo", x.double(), w0 + delta)
     torch.testing.assert_close(model(x).double(), ref, atol=1e-5, rtol=1e-5)
     lorakit.merge(model)
     torch.testing.assert_close(model(x).double(), ref, atol=1e-5, rtol=1e-5)

@@ -92,7 +92,7 @@ def _peft_layers(pm) -> dict[str, tuple[int, float]]:
 
 
 def _lorakit_layers(model) -> dict[str, tuple[int, float]]:
-    return {p: (layer.lora_A["default"].shape[0], layer.scale["default"]) for p, layer in lorakit.lora_layers(model)}
+    return {p: (layer.rank("default"), layer.scale["default"]) for p, layer in lorakit.lora_layers(model)}
 
 
 def _peft_to_lorakit(base, peft_cfg, run, directory):
@@ -268,6 +268,85 @@ def test_conv2d_both_directions(convnet, tmp_path):
     shapes = _file_shapes(tmp_path / "lk")
     assert shapes["base_model.model.conv.lora_A.weight"] == (4, 3, 3, 3)
     assert shapes["base_model.model.conv.lora_B.weight"] == (8, 4, 1, 1)
+
+
+# -- raw parameters (target_parameters): 2-D weights and 3-D stacked experts ---------------------
+class Experts(nn.Module):
+    """MoE-style stacked expert weights used by einsum. ``is_transposed`` is the attribute PEFT reads
+    (transformers' gpt-oss sets it): False -> W[e] is (out, in), True -> W[e] is (in, out)."""
+
+    def __init__(self, shape, is_transposed=False):
+        super().__init__()
+        self.is_transposed = is_transposed
+        self.w = nn.Parameter(torch.randn(*shape) * 0.3)
+
+    def forward(self, x):
+        if self.w.dim() == 2:
+            return x @ self.w.t()
+        return torch.einsum("bei,eio->beo" if self.is_transposed else "bei,eoi->beo", x, self.w)
+
+
+class MoE(nn.Module):
+    def __init__(self, shape, is_transposed=False):
+        super().__init__()
+        self.experts = Experts(shape, is_transposed)
+        self.tail = nn.Linear(shape[-2] if not is_transposed else shape[-1], 3)
+
+    def forward(self, x):
+        return self.tail(self.experts(x))
+
+
+PARAM_CASES = {  # name -> (parameter shape, is_transposed, input shape, expected (A, B) shapes at r=2)
+    "2d": ((10, 6), False, (5, 6), ((2, 6), (10, 2))),
+    "3d": ((4, 10, 6), False, (5, 4, 6), ((8, 6), (10, 8))),
+    "3d-is_transposed": ((4, 6, 10), True, (5, 4, 6), ((8, 6), (10, 8))),
+}
+
+
+@pytest.mark.parametrize("case", list(PARAM_CASES))
+def test_target_parameters_both_directions(case, tmp_path):
+    """PEFT 0.21's ParamWrapper layout: for W (E, d_out, d_in) A is (E·r, d_in), B (d_out, E·r)."""
+    shape, transposed, x_shape, (a_shape, b_shape) = PARAM_CASES[case]
+    torch.manual_seed(0)
+    base = MoE(shape, transposed).eval()
+    x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_out = base(x)
+    key = "base_model.model.experts.lora_{}.weight"
+
+    # PEFT -> lorakit, and the re-saved file is PEFT's bit for bit
+    pm, lk, expected, got = _peft_to_lorakit(
+        base, peft.LoraConfig(r=2, lora_alpha=3, target_parameters=["experts.w"], init_lora_weights=False),
+        lambda m: m(x), tmp_path / "peft")
+    assert (expected - base_out).abs().max() > 1e-2
+    _close(got, expected)
+    assert _file_shapes(tmp_path / "peft") == {key.format("A"): a_shape, key.format("B"): b_shape}
+    assert _lorakit_layers(lk) == {"experts": (2, 1.5)} == _peft_layers(pm)
+    lorakit.save(lk, tmp_path / "resaved")
+    peft_tensors, resaved = load_file(tmp_path / "peft" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "resaved" / "adapter_model.safetensors")
+    assert set(resaved) == set(peft_tensors) and all(torch.equal(resaved[k], t) for k, t in peft_tensors.items())
+    assert lorakit.summary(lk).trainable == pm.get_nb_trainable_parameters()[0]
+
+    # merge: same weight as PEFT's merge, and the merged forward equals the unmerged one
+    w0 = lk.experts.base_layer.w.detach().clone()
+    lorakit.merge(lk)
+    pm.merge_adapter()
+    _close(lk.experts.base_layer.w.detach(), pm.base_model.model.experts.get_base_layer().w.detach())
+    with torch.no_grad():
+        _close(lk(x), expected)
+    lorakit.unmerge(lk)
+    assert torch.equal(lk.experts.base_layer.w, w0)
+
+    # lorakit -> PEFT
+    lk2, pm2, expected2, got2 = _lorakit_to_peft(
+        base, lorakit.LoraConfig(r=2, alpha=3, target_parameters=["experts.w"]), lambda m: m(x), tmp_path / "lk")
+    assert (expected2 - base_out).abs().max() > 1e-3
+    _close(got2, expected2)
+    assert _file_shapes(tmp_path / "lk") == _file_shapes(tmp_path / "peft")
+    assert _peft_layers(pm2) == {"experts": (2, 1.5)}
+    cfg = json.loads((tmp_path / "lk" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["experts.w"] and cfg["target_modules"] is None
 
 
 # -- merge / unmerge cross-check ----------------------------------------------------------------

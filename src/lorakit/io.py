@@ -59,7 +59,7 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
     modules = [p for p, layer in layers if layer.kind is not PARAM]
     params = [f"{p}.{layer.param_name}" for p, layer in layers if layer.kind is PARAM]
-    ranks = {p: layer.lora_A[adapter].shape[0] for p, layer in layers}
+    ranks = {p: layer.rank(adapter) for p, layer in layers}
     alphas = {p: cfg.alpha_for(p) for p, _ in layers}
     num = lambda x: int(x) if float(x).is_integer() else x  # noqa: E731
     saved = [p for p, w in saved_modules(model) if adapter in w.adapters()]
@@ -204,7 +204,7 @@ def _expected(sites: list[Site], saved: list[tuple]) -> dict[str, tuple]:
     """Key -> shape that a file must hold for the planned ``sites`` and ``saved`` modules."""
     expected = {f"{PREFIX}{e[0]}.{k}": tuple(v.shape) for e in saved for k, v in e[1].state_dict().items()}
     for s in sites:
-        a_shape, b_shape = s.kind.shapes(s.weight, s.r)
+        a_shape, b_shape = s.kind.shapes(s.module, s.weight, s.r)
         expected[f"{PREFIX}{s.path}.{s.kind.a_key}"] = tuple(a_shape)
         expected[f"{PREFIX}{s.path}.{s.kind.b_key}"] = tuple(b_shape)
     return expected

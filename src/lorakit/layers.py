@@ -6,7 +6,8 @@ update the same way::
 
     ΔW = s · (B.flatten(1) @ A.flatten(1))      reshaped (and transposed for Conv1D/Embedding) like W
 
-so merge, unmerge and delta code exist exactly once (:meth:`LoraLayer.delta`). What differs per kind
+(for a 3-D raw parameter of stacked experts, one such product per expert: :class:`_Param`), so
+merge, unmerge and delta code exist exactly once (:meth:`LoraLayer.delta`). What differs per kind
 is only how the *unmerged* forward applies B·A to an input without materialising ΔW.
 """
 
@@ -61,14 +62,22 @@ class Kind:
     def check(self, base: nn.Module, path: str) -> None:
         """Raise :class:`LoraError` if ``base`` cannot host this kind of adapter."""
 
-    def shapes(self, weight: Tensor, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of A and B for a weight of this kind (PEFT's layout)."""
+    def shapes(self, base: nn.Module, weight: Tensor, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for the weight ``weight`` of ``base`` (PEFT's layout)."""
         out, rest = weight.shape[0], math.prod(weight.shape[1:])
         return (r, rest), (out, r)
 
-    def init_a(self, a: Tensor, b: Tensor, init: str) -> None:
-        """Initialise the factors in place so that ΔW = 0."""
-        r = a.shape[0]
+    def rank(self, weight: Tensor, a: Tensor) -> int:
+        """The rank r of an adapter whose factor A is ``a``."""
+        return a.shape[0]
+
+    def matrices(self, base: nn.Module, weight: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` with ΔW = s·(left @ right), before the kind's transpose and the
+        reshape to W's shape (batched matrices for stacked experts)."""
+        return b.flatten(1), a.flatten(1)
+
+    def init_a(self, a: Tensor, b: Tensor, init: str, r: int) -> None:
+        """Initialise the factors of a rank-``r`` adapter in place so that ΔW = 0."""
         if init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         elif init == "gaussian":
@@ -170,7 +179,7 @@ class _Conv1D(_Linear):
     name = "conv1d_hf"
     transposed = True
 
-    def shapes(self, weight, r):
+    def shapes(self, base, weight, r):
         return (r, weight.shape[0]), (weight.shape[1], r)
 
 
@@ -187,10 +196,10 @@ class _Embedding(Kind):
             raise LoraError(f"{path}: nn.Embedding with max_norm rewrites its weight during forward; "
                             "LoRA cannot be merged exactly into it (set max_norm=None)")
 
-    def shapes(self, weight, r):
+    def shapes(self, base, weight, r):
         return (r, weight.shape[0]), (weight.shape[1], r)
 
-    def init_a(self, a, b, init):
+    def init_a(self, a, b, init, r):
         # PEFT's convention for embeddings: A = 0, B random (the lookup of a zero A keeps ΔW = 0).
         nn.init.zeros_(a)
         nn.init.normal_(b)
@@ -211,7 +220,7 @@ class _Conv(Kind):
     name = "conv"
     supports_dropout = True
 
-    def shapes(self, weight, r):
+    def shapes(self, base, weight, r):
         return (r, *weight.shape[1:]), (weight.shape[0], r, *([1] * (weight.dim() - 2)))
 
     def forward(self, layer, names, x, *args, **kwargs):
@@ -245,8 +254,48 @@ class _GroupedConv(Kind):
         return result
 
 
+class _Param(Kind):
+    """A raw parameter (``target_parameters``); forward runs the base module with W + ΔW.
+
+    2-D W (out, in): A (r, in), B (out, r), ΔW = s·B·A, as for a Linear. 3-D W (stacked experts,
+    E × d1 × d2) follows PEFT's ``ParamWrapper``: A (E·r, d_in), B (d_out, E·r), expert e's
+    factors are A's rows e·r … e·r+r-1 and B's columns e, E+e, …, (r-1)·E+e, and
+    ΔW[e] = s·B_e·A_e. W[e] is (d_out=d1, d_in=d2) unless the module says ``is_transposed = True``
+    (then W[e] is (d_in=d1, d_out=d2) and ΔW[e] = s·(B_e·A_e)ᵀ). W with more than 3 dims: A (r, Π rest),
+    B (out, r) on W viewed as (out, rest), a lorakit-only layout (PEFT refuses such weights).
+    """
+
+    @staticmethod
+    def _experts(base: nn.Module, weight: Tensor) -> tuple[int, int, int] | None:
+        """(E, d_in, d_out) of a 3-D weight in PEFT's reading, else None."""
+        if weight.dim() != 3:
+            return None
+        e, d1, d2 = weight.shape
+        return (e, d1, d2) if getattr(base, "is_transposed", False) else (e, d2, d1)
+
+    def shapes(self, base, weight, r):
+        experts = self._experts(base, weight)
+        if experts is None:
+            return super().shapes(base, weight, r)
+        e, d_in, d_out = experts
+        return (e * r, d_in), (d_out, e * r)
+
+    def rank(self, weight, a):
+        return a.shape[0] // weight.shape[0] if weight.dim() == 3 else a.shape[0]
+
+    def matrices(self, base, weight, a, b):
+        if weight.dim() != 3:
+            return super().matrices(base, weight, a, b)
+        e = weight.shape[0]
+        a_e = a.reshape(e, -1, a.shape[-1])  # (E, r, d_in)
+        b_e = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, d_out, r)
+        if getattr(base, "is_transposed", False):
+            return a_e.transpose(1, 2), b_e.transpose(1, 2)  # (B_e·A_e)ᵀ = A_eᵀ·B_eᵀ
+        return b_e, a_e
+
+
 LINEAR, CONV1D_HF, EMBEDDING, CONV, GROUPED_CONV, PARAM = (
-    _Linear(), _Conv1D(), _Embedding(), _Conv(), _GroupedConv(), Kind())
+    _Linear(), _Conv1D(), _Embedding(), _Conv(), _GroupedConv(), _Param())
 
 #: Module types adapted by ``targets`` (anything else: use ``target_parameters``).
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d"
@@ -298,10 +347,10 @@ class LoraLayer(nn.Module):
         """Create adapter ``name`` with ΔW = 0. Factors are fp32 on a half-precision base."""
         w = self.weight
         dtype = torch.float32 if w.dtype in _LOW_PRECISION else w.dtype
-        a_shape, b_shape = self.kind.shapes(w, r)
+        a_shape, b_shape = self.kind.shapes(self.base_layer, w, r)
         a = torch.empty(a_shape, dtype=dtype, device=w.device)
         b = torch.empty(b_shape, dtype=dtype, device=w.device)
-        self.kind.init_a(a, b, init)
+        self.kind.init_a(a, b, init, r)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.scale[name] = float(scale)
@@ -313,6 +362,10 @@ class LoraLayer(nn.Module):
 
     def adapters(self) -> list[str]:
         return list(self.lora_A)
+
+    def rank(self, name: str) -> int:
+        """The rank r of adapter ``name``."""
+        return self.kind.rank(self.weight, self.lora_A[name])
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active = tuple(n for n in names if n in self.lora_A)
@@ -326,9 +379,9 @@ class LoraLayer(nn.Module):
 
     def delta(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         """ΔW of adapter ``name`` in W's layout, scale included (the single definition of ΔW)."""
-        a, b = self.lora_A[name], self.lora_B[name]
-        d = (b.flatten(1) @ a.flatten(1)) * self.scale[name]
         w = self.weight
+        left, right = self.kind.matrices(self.base_layer, w, self.lora_A[name], self.lora_B[name])
+        d = (left @ right) * self.scale[name]
         d = (d.t() if self.kind.transposed else d).reshape(w.shape)
         return d if dtype is None else d.to(dtype)
 
@@ -374,7 +427,7 @@ class LoraLayer(nn.Module):
         self.merged = ()
 
     def extra_repr(self) -> str:
-        ranks = {n: self.lora_A[n].shape[0] for n in self.lora_A}
+        ranks = {n: self.rank(n) for n in self.lora_A}
         return f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}, active={list(self.active)}"
 
 

@@ -281,7 +281,7 @@ def summary(model: nn.Module) -> Summary:
     """Trainable/total parameters, adapters and per-module ranks (print it for a table)."""
     reg = registry(model)
     params = list(_root(model).parameters())
-    modules = {path: {n: layer.lora_A[n].shape[0] for n in layer.lora_A} for path, layer in lora_layers(model)}
+    modules = {path: {n: layer.rank(n) for n in layer.lora_A} for path, layer in lora_layers(model)}
     saved = {path: w.adapters() for path, w in saved_modules(model)}
     return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params),
                    reg.active, reg.merged, modules, saved)

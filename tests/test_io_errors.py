@@ -46,6 +46,8 @@ Malformed-file cases tried (a valid lorakit-saved folder, then one change):
 33. no-tensors             a valid safetensors file with no tensors
 34. metadata-not-json      the weights' embedded ``lorakit_config`` metadata is not JSON
 35. metadata-not-object    the embedded ``lorakit_config`` is a JSON list
+36. nan-factor             one factor all NaN
+37. inf-factor             one row of a factor -inf
 plus, for a model that already has the adapter: a file covering fewer modules than the adapter,
 and loading while the adapter is merged; and load() with adapter names inject() rejects, and load()
 of a new adapter while another one is merged.
@@ -311,6 +313,10 @@ CASES = {
     "no-tensors": (lambda d, m: save_file({}, d / WEIGHTS), [WEIGHTS]),
     "metadata-not-json": (lambda d, m: _set_metadata(d, "{not json"), [WEIGHTS, "lorakit_config"]),
     "metadata-not-object": (lambda d, m: _set_metadata(d, "[1, 2]"), [WEIGHTS, "lorakit_config"]),
+    "nan-factor": (lambda d, m: _rewrite(d, lambda t: {**t, Q0A: torch.full_like(t[Q0A], float("nan"))}),
+                   [Q0A, "32 NaN", "finite"]),
+    "inf-factor": (lambda d, m: _rewrite(d, lambda t: {**t, V1B: t[V1B].index_fill(0, torch.tensor([2]), float("-inf"))}),
+                   [V1B, "4 inf", "finite"]),
 }
 XFAIL: dict = {}  # known bugs as strict xfails: none left
 STATES = ["fresh", "existing", "other"]
@@ -356,10 +362,25 @@ def test_malformed_folder_raises_and_changes_nothing(case, state, v1, tmp_path):
     message = str(info.value)
     for fragment in fragments:
         assert fragment.replace("{dir}", str(bad)) in message, f"{fragment!r} not in: {message}"
+    with pytest.raises(LoraError) as info:  # the dry run finds the same problem
+        lorakit.io.check(model, bad)
+    assert str(info.value) == message
     _assert_unchanged(before, _snapshot(model))
     if state == "fresh":
         assert "lorakit_registry" not in model.__dict__
     assert not marker.exists(), "lorakit unpickled the file"
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_check_accepts_a_good_folder_and_changes_nothing(state, v1):
+    good, expected = v1
+    model = _model_in_state(state, good)
+    before = _snapshot(model)
+    cfg = lorakit.io.check(model, good)
+    assert (cfg.r, cfg.alpha) == (CFG_V1.r, CFG_V1.alpha)
+    _assert_unchanged(before, _snapshot(model))
+    lorakit.load(model, good)  # and load agrees
+    torch.testing.assert_close(_out(model), expected, rtol=0, atol=0)
 
 
 def test_the_pickle_payload_is_live(tmp_path):

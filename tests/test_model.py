@@ -355,3 +355,10 @@ def test_no_graph_breaks_on_minilm():
     compiled = torch.compile(model)
     torch.testing.assert_close(compiled(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_registry_repr_names_adapters_without_dumping_tensors():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"]), adapter="task")
+    text = repr(lorakit.registry(model))
+    assert "task" in text and "tensor(" not in text and "Parameter" not in text and len(text) < 1500

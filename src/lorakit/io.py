@@ -33,7 +33,7 @@ from .layers import PARAM
 from .model import _apply, _root, check_name, lora_layers, registry, saved_modules, set_active
 from .targets import Site, _matcher, plan, plan_saved, walk
 
-__all__ = ["save", "load", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
+__all__ = ["save", "load", "check", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -229,9 +229,19 @@ def _check(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], source:
                  for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
     problems += [f"{k}: dtype {t.dtype} is not floating point" for k, t in tensors.items()
                  if ".lora_" in k and not t.is_floating_point()]
+    problems += [f"{k}: {bad}" for k, t in tensors.items() if t.is_floating_point() and (bad := _nonfinite(t))]
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise LoraError(f"{source} does not fit this model: " + "; ".join(problems[:10]) + more)
+
+
+def _nonfinite(t: torch.Tensor) -> str:
+    """'' if every value is finite, else what is wrong ('3 NaN, 1 inf of 64 values')."""
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if not nan and not inf:
+        return ""
+    return ", ".join(f"{n} {w}" for n, w in ((nan, "NaN"), (inf, "inf")) if n) + f" of {t.numel()} values " \
+        "(an adapter must hold finite numbers)"
 
 
 def _owner(key: str, modules: dict[str, nn.Module]) -> str:
@@ -244,16 +254,19 @@ def _owner(key: str, modules: dict[str, nn.Module]) -> str:
     return key.rsplit(".", 1)[0]
 
 
-def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
-         activate: bool = True) -> nn.Module:
-    """Load a PEFT-format adapter from ``directory`` as adapter ``adapter`` and make it active
-    (``activate=False``: keep the active set; the loaded adapter stays inactive and frozen).
+@dataclasses.dataclass
+class _Prepared:
+    """Everything :func:`load` needs, computed before the model is touched."""
 
-    If the model has no adapter of that name, one is injected per the saved config (on exactly
-    the modules the file holds). Any mismatch raises :class:`LoraError` and leaves the model as it
-    was. Returns ``model``.
-    """
-    directory = Path(directory)
+    cfg: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    sites: list[Site]
+    saved: list[tuple]
+    existing: bool
+
+
+def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
+    """Read ``directory`` and check it completely against ``model`` (raises :class:`LoraError`); pure."""
     if not directory.is_dir():
         raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     check_name(adapter)
@@ -280,8 +293,31 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     _check(_expected(sites, saved_plan), tensors, source)  # the file is complete in itself ...
     if existing:  # ... and fits the adapter's current modules and shapes
         _check(_expected_existing(model, adapter), tensors, source)
+    return _Prepared(cfg, tensors, sites, saved_plan, existing)
+
+
+def check(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> LoraConfig:
+    """Run every check of :func:`load` (config, keys, shapes, dtypes, finite values) without
+    changing ``model``; raise :class:`LoraError` on the first problem, else return the config that
+    :func:`load` would use. The tensors are read and dropped (nothing is kept in memory)."""
+    return _prepare(model, Path(directory), adapter).cfg
+
+
+def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+         activate: bool = True) -> nn.Module:
+    """Load a PEFT-format adapter from ``directory`` as adapter ``adapter`` and make it active
+    (``activate=False``: keep the active set; the loaded adapter stays inactive and frozen).
+
+    If the model has no adapter of that name, one is injected per the saved config (on exactly
+    the modules the file holds). Any mismatch, and any NaN or infinite value, raises
+    :class:`LoraError` and leaves the model as it was. Returns ``model``.
+    """
+    prepared = _prepare(model, Path(directory), adapter)
+    cfg, tensors = prepared.cfg, prepared.tensors
+    if prepared.existing:
+        reg = registry(model)
     else:
-        _apply(model, adapter, cfg, sites, saved_plan, activate)
+        _apply(model, adapter, cfg, prepared.sites, prepared.saved, activate)
     with torch.no_grad():
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
@@ -292,7 +328,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                 prefix = f"{PREFIX}{path}."
                 wrapper.modules_to_save[adapter].load_state_dict(
                     {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
-    if existing:
+    if prepared.existing:
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
                 layer.scale[adapter] = cfg.scale_for(path)

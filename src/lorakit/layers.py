@@ -407,6 +407,10 @@ class LoraLayer(nn.Module):
         w = self.weight
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         total = w.to(acc) + sum(self.delta(n, acc) for n in names)
+        total = total.to(w.dtype)
+        if not torch.isfinite(total).all():
+            raise LoraError(f"merging {', '.join(names)} would put non-finite values into the weight "
+                            f"({w.dtype} overflows); keep the adapter unmerged")
         if exact:
             self._original = w.detach().clone()
         w.copy_(total)  # in place: the Parameter (and anything tied to it) stays the same object

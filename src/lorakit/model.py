@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from .config import LoraConfig, LoraError
@@ -33,7 +34,7 @@ class Registry:
     paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
     active: tuple[str, ...] = ()
     merged: tuple[str, ...] = ()
-    frozen: list = field(default_factory=list)  # (param, requires_grad before inject), restored on unload
+    frozen: list = field(default_factory=list, repr=False)  # (param, requires_grad before inject), restored on unload
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -219,8 +220,21 @@ def merge(model: nn.Module, exact: bool = True) -> None:
             names = [n.replace(".base_layer", "") for n in names]
             raise LoraError(f"cannot merge into {path}.{layer.param_name}: the weight is shared by {names} "
                             "(merging would change all of them); keep this adapter unmerged")
-    for _, layer in layers:
-        layer.merge(layer.active, exact=exact)
+    for path, layer in layers:
+        for name in layer.active:
+            for key, t in (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name])):
+                if not torch.isfinite(t).all():
+                    raise LoraError(f"cannot merge adapter {name!r}: {path}.{key}.{name} holds NaN or inf "
+                                    "values; nothing was merged")
+    done = []
+    try:
+        for _, layer in layers:
+            layer.merge(layer.active, exact=exact)
+            done.append(layer)
+    except LoraError:
+        for layer in done:  # all or nothing (bit-exact after an exact merge)
+            layer.unmerge()
+        raise
     reg.merged = reg.active
 
 

@@ -60,7 +60,11 @@ Atomic save: v1 is saved, then saving a different v2 (other modules, rank and al
 folder crashes: st_save raising, fsync of the weights raising, the weights write failing half-way,
 os.replace of the weights raising, fsync of the config raising, and a real process kill
 (``os._exit``) just before the weights' rename. Each time the folder must still load v1 with v1's
-outputs bit for bit (in the first five, no temp file is left behind).
+outputs bit for bit (in the first five, no temp file is left behind); where the crash left v2's
+config next to v1's weights, load warns that it uses the config embedded in the weights, and
+otherwise it warns about nothing. adapter_config.json holds only fields of PEFT's LoraConfig, and
+a hand edit of a lorakit-saved config is reported (warning naming the fields), not mixed silently
+with weights saved under another config.
 
 Round trips: Linear, Embedding (padding_idx), Conv1d, Conv1d (stride+dilation), Conv2d (stride,
 dilation), Conv2d reflect padding, Conv3d (dilation), grouped and depthwise Conv2d, transformers
@@ -82,6 +86,7 @@ import random  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -513,8 +518,17 @@ CRASHES = {
 }
 
 
-def _assert_loads_v1(folder: Path, expected: torch.Tensor, v1_model) -> None:
-    model = lorakit.load(_toy(), folder)
+def _assert_loads_v1(folder: Path, expected: torch.Tensor, v1_model, torn: bool) -> None:
+    """The folder loads v1; ``torn``: its config is v2's, and load says it uses the weights' own."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = lorakit.load(_toy(), folder)
+    messages = [str(w.message) for w in caught]
+    if torn:
+        assert len(messages) == 1 and "differs from the config" in messages[0] and "interrupted" in messages[0]
+        assert "'r'" in messages[0] and "'target_modules'" in messages[0]
+    else:
+        assert messages == []
     assert torch.equal(_out(model), expected), "the folder no longer gives v1's outputs"
     want = {p: (layer.lora_A["default"].shape[0], layer.scale["default"]) for p, layer in lorakit.lora_layers(v1_model)}
     got = {p: (layer.lora_A["default"].shape[0], layer.scale["default"]) for p, layer in lorakit.lora_layers(model)}
@@ -543,7 +557,7 @@ def test_crashed_save_keeps_previous_adapter(crash, tmp_path, monkeypatch):
     assert config["r"] == (CFG_V2.r if config_now == "v2" else CFG_V1.r)
     if config_now == "v1":
         assert (folder / CONFIG).read_bytes() == v1_config
-    _assert_loads_v1(folder, expected, v1_model)
+    _assert_loads_v1(folder, expected, v1_model, torn=config_now == "v2")
 
 
 _KILL_SCRIPT = r"""
@@ -573,11 +587,35 @@ def test_killed_between_config_and_weights_rename_keeps_previous_adapter(tmp_pat
     names = sorted(p.name for p in folder.iterdir())
     assert len(names) == 3 and names[1:] == [CONFIG, WEIGHTS] and names[0].startswith(f".{WEIGHTS}.")
     assert json.loads((folder / CONFIG).read_text())["r"] == CFG_V2.r  # the new config is already in place
-    _assert_loads_v1(folder, expected, v1_model)
+    _assert_loads_v1(folder, expected, v1_model, torn=True)
     # and a later, successful save still works in the same folder
     v2_model = _adapted(CFG_V2, seed=2)
     lorakit.save(v2_model, folder)
     assert torch.equal(_out(lorakit.load(_toy(), folder)), _out(v2_model))
+
+
+def test_config_files_hold_only_peft_fields_and_hand_edits_are_reported(tmp_path):
+    """adapter_config.json holds PEFT's fields only (the weights carry lorakit's copy of it, in their
+    metadata); a hand-edited lorakit config is not silently mixed with weights saved under another
+    one: load warns, naming the changed fields, and uses the config the weights were saved with."""
+    model = _adapted(CFG_V1, seed=1)
+    lorakit.save(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / CONFIG).read_text())
+    peft_fields = {f.name for f in dataclasses.fields(pytest.importorskip("peft").LoraConfig)}
+    assert set(config) <= peft_fields, sorted(set(config) - peft_fields)
+    _, meta = _tensors(tmp_path / "a")
+    assert json.loads(meta["lorakit_config"]) == config
+
+    config["lora_alpha"] = 99  # a hand edit
+    (tmp_path / "a" / CONFIG).write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"differs from the config .* \['lora_alpha'\]"):
+        fresh = lorakit.load(_toy(), tmp_path / "a")
+    assert torch.equal(_out(fresh), _out(model))  # v1 as saved, not alpha=99 on v1's factors
+    # a reformatted but equal config is the same config: no warning
+    (tmp_path / "a" / CONFIG).write_text(json.dumps(json.loads(meta["lorakit_config"])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.load(_toy(), tmp_path / "a")
 
 
 # -- round trips of every layer kind ------------------------------------------------------------

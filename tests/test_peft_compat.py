@@ -33,6 +33,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import copy  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
@@ -213,6 +214,31 @@ def test_minilm_both_directions(minilm, case, tmp_path):
         assert lk_json["use_rslora"] is True and lk_json["rank_pattern"] and lk_json["alpha_pattern"]
         ranks = {r for r, _ in _lorakit_layers(lorakit.load(copy.deepcopy(base), tmp_path / "lk")).values()}
         assert ranks == {4, 8, 16}
+
+
+def _peft_load_messages(base, directory, caplog) -> set[str]:
+    """Every warning and log record PEFT emits while loading the adapter in ``directory``."""
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory))
+    return {f"{w.category.__name__}: {w.message}" for w in caught} | {r.getMessage() for r in caplog.records}
+
+
+def test_peft_loads_lorakit_files_without_warnings(minilm, tmp_path, caplog):
+    """PEFT reading a lorakit file says nothing it does not also say for its own file of the same
+    adapter (before: "Unexpected keyword arguments ['lorakit_weights_sha256'] ... upgrade PEFT")."""
+    base, _ = minilm
+    lk = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=4, alpha=8, targets=["query", "value"],
+                                                                modules_to_save=["pooler.dense"]))
+    lorakit.save(lk, tmp_path / "lk")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                                  modules_to_save=["pooler.dense"]))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours, theirs = _peft_load_messages(base, tmp_path / "lk", caplog), _peft_load_messages(base, tmp_path / "peft", caplog)
+    assert ours <= theirs, f"PEFT says about lorakit's file only: {sorted(ours - theirs)}"
+    assert not any("lorakit" in m for m in ours)
+    assert not any(k.startswith("lorakit") for k in json.loads((tmp_path / "lk" / "adapter_config.json").read_text()))
 
 
 # -- GPT-2 (transformers Conv1D, fan_in_fan_out) ------------------------------------------------

@@ -7,20 +7,23 @@ Loading is strict and all-or-nothing: the whole file is checked against the mode
 prefix) before the model is touched. Nothing is ever unpickled.
 
 Saving is crash-safe: each file is replaced atomically (temp file, fsync, rename), the config
-first, the weights last. The config records the SHA-256 of the weights it belongs to, and the
-weights carry a copy of their config in the safetensors metadata; a crash between the two renames
-leaves a config whose hash does not match, and :func:`load` then uses the weights' own copy, so
-the previous adapter loads intact. (Hand edits of the config are honoured: they keep the hash.)
+first, the weights last, and the weights carry the text of their config in the safetensors
+metadata (``lorakit_config``; adapter_config.json itself holds only PEFT's fields, so PEFT reads
+it without warnings). A crash between the two renames leaves a new config next to the previous
+weights; :func:`load` sees that the config differs from the one the weights were saved with and
+loads the weights' own copy, with a warning, so the previous adapter loads intact. The same
+happens, with the same warning, when a lorakit-saved config was edited by hand: the weights'
+config wins. (Files without that metadata, e.g. PEFT's, use adapter_config.json as it is.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +42,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _META_KEY = "lorakit_config"
-_HASH_KEY = "lorakit_weights_sha256"
+_LEGACY_HASH_KEY = "lorakit_weights_sha256"  # in adapter_config.json of files saved before 0.1.1
 # PEFT options lorakit cannot honour: loading them silently would give different outputs.
 _UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
                 "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
@@ -110,12 +113,11 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
             for key, t in wrapper.modules_to_save[adapter].state_dict().items():
                 t = t.detach().to("cpu").contiguous()
                 tensors[f"{PREFIX}{path}.{key}"] = t.to(dtype) if t.is_floating_point() else t
-    config = _peft_config(model, adapter)
-    weights = st_save(tensors, metadata={"format": "pt", _META_KEY: json.dumps(config, sort_keys=True)})
-    config[_HASH_KEY] = hashlib.sha256(weights).hexdigest()
+    config = json.dumps(_peft_config(model, adapter), indent=2, sort_keys=True)
+    weights = st_save(tensors, metadata={"format": "pt", _META_KEY: config})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True).encode())
+    _write_atomic(directory / CONFIG_NAME, config.encode())
     _write_atomic(directory / WEIGHTS_NAME, weights)
     return directory
 
@@ -134,7 +136,7 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _open_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+def _open_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         pickled = [p.name for p in directory.glob("adapter_model.*")]
@@ -148,23 +150,29 @@ def _open_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
         raise LoraError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     if not tensors:
         raise LoraError(f"{path}: the file holds no tensors")
-    return tensors, metadata, hashlib.sha256(path.read_bytes()).hexdigest()
+    return tensors, metadata
 
 
-def _consistent_config(config: dict, metadata: dict, digest: str, directory: Path) -> tuple[dict, Path]:
-    """The config that belongs to the weights: the JSON file, unless it records another weights
-    hash (a save was interrupted between its two renames): then the weights' embedded copy."""
-    recorded = config.get(_HASH_KEY)
-    if recorded is None or recorded == digest or _META_KEY not in metadata:
-        return config, directory / CONFIG_NAME  # consistent, or weights rewritten by another tool
+def _consistent_config(config: dict, metadata: dict, directory: Path) -> tuple[dict, Path]:
+    """The config that belongs to the weights: the JSON file, unless the weights were saved by
+    lorakit with another config (a save interrupted between its two renames, or a hand edit):
+    then the weights' embedded copy, with a warning."""
+    if _META_KEY not in metadata:
+        return config, directory / CONFIG_NAME  # PEFT's file, or weights rewritten by another tool
     source = directory / WEIGHTS_NAME
     try:
         embedded = json.loads(metadata[_META_KEY])
     except json.JSONDecodeError:
         embedded = None
     if not isinstance(embedded, dict):
-        raise LoraError(f"{directory / CONFIG_NAME} belongs to other weights (SHA-256 mismatch) and {source} "
-                        "carries no valid lorakit_config metadata of its own; save the adapter again")
+        raise LoraError(f"{source}: its lorakit_config metadata is not a JSON object; save the adapter again")
+    config = {k: v for k, v in config.items() if k != _LEGACY_HASH_KEY}
+    if config == embedded:
+        return config, directory / CONFIG_NAME
+    changed = sorted(k for k in config.keys() | embedded.keys() if config.get(k) != embedded.get(k))
+    warnings.warn(f"{directory / CONFIG_NAME} differs from the config {source} was saved with (in {changed}): "
+                  "a save was interrupted, or the file was edited; loading the weights' own config",
+                  stacklevel=4)
     return embedded, source
 
 
@@ -274,8 +282,8 @@ def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
     if reg is not None and reg.merged:
         raise LoraError(f"cannot load {adapter!r} while adapters {list(reg.merged)} are merged; unmerge first")
     config = _read_config(directory)
-    tensors, metadata, digest = _open_weights(directory)
-    config, config_source = _consistent_config(config, metadata, digest, directory)
+    tensors, metadata = _open_weights(directory)
+    config, config_source = _consistent_config(config, metadata, directory)
     source = directory / WEIGHTS_NAME
     bad = sorted(k for k in tensors if not k.startswith(PREFIX))
     if bad:

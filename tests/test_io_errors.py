@@ -318,6 +318,18 @@ CASES = {
     "no-tensors": (lambda d, m: save_file({}, d / WEIGHTS), [WEIGHTS]),
     "metadata-not-json": (lambda d, m: _set_metadata(d, "{not json"), [WEIGHTS, "lorakit_config"]),
     "metadata-not-object": (lambda d, m: _set_metadata(d, "[1, 2]"), [WEIGHTS, "lorakit_config"]),
+    "config-selects-other-modules": (lambda d, m: _edit_config(d, target_modules=["out"]),
+                                     [CONFIG, "target_modules=['out']", "disagree", "'blocks.0.q'", "'emb'",
+                                      "does not select", "selects ['out']", "holds no LoRA factors"]),
+    "config-selects-more": (lambda d, m: _edit_config(d, target_modules=["q", "v", "emb", "out"]),
+                            [CONFIG, "selects ['out']", "holds no LoRA factors"]),
+    "config-selects-fewer": (lambda d, m: _edit_config(d, target_modules=r".*\.q|emb"),
+                             [CONFIG, "'blocks.0.v', 'blocks.1.v'", "does not select"]),
+    "config-excludes-a-module": (lambda d, m: _edit_config(d, exclude_modules=["blocks.1.v"]),
+                                 [CONFIG, "exclude_modules=['blocks.1.v']", "'blocks.1.v'", "does not select"]),
+    "unlisted-saved-module": (lambda d, m: _rewrite(d, lambda t: {**t, f"{PREFIX}out.weight": torch.zeros(4, 8),
+                                                                  f"{PREFIX}out.bias": torch.zeros(4)}),
+                              ["saved-whole modules for ['out']", "does not select", "modules_to_save=None"]),
     "nan-factor": (lambda d, m: _rewrite(d, lambda t: {**t, Q0A: torch.full_like(t[Q0A], float("nan"))}),
                    [Q0A, "32 NaN", "finite"]),
     "inf-factor": (lambda d, m: _rewrite(d, lambda t: {**t, V1B: t[V1B].index_fill(0, torch.tensor([2]), float("-inf"))}),
@@ -405,6 +417,7 @@ def test_file_with_fewer_modules_than_the_existing_adapter(v1, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(good, partial)
     _rewrite(partial, lambda t: {k: v for k, v in t.items() if ".v." not in k}, keep_metadata=False)
+    _edit_config(partial, target_modules=["q", "emb"])  # a consistent file, with fewer modules
     model = _model_in_state("existing", good)
     before = _snapshot(model)
     with pytest.raises(LoraError, match=r"missing base_model\.model\.blocks\.\d\.v\.lora_A\.weight"):
@@ -616,6 +629,23 @@ def test_config_files_hold_only_peft_fields_and_hand_edits_are_reported(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lorakit.load(_toy(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("fields", [
+    {"target_modules": ["q", "v", "emb"]},  # leaf names, PEFT's usual form
+    {"target_modules": ["blocks.0.q", "blocks.1.q", "v", "emb"]},  # paths and suffixes
+    {"target_modules": r".*\.(q|v)|emb"},  # one regex string, full match
+    {"target_modules": ["q", "v", "emb", "out"], "exclude_modules": ["out"]},
+    {"target_modules": r"(.*\.)?(q|v|emb|out)", "exclude_modules": r"out"},
+    {"target_modules": ["q", "v", "emb"], "rank_pattern": {"blocks.0.q": 4}, "alpha_pattern": {"emb": 8}},
+], ids=["leaves", "paths", "regex", "exclude-list", "exclude-regex", "patterns"])
+def test_peft_style_targets_that_select_the_file_modules_load(fields, v1, tmp_path):
+    """Configs written the ways PEFT writes them select exactly the file's modules, so they load."""
+    good, expected = v1
+    d = tmp_path / "edited"
+    shutil.copytree(good, d)
+    _edit_config(d, **fields)
+    assert torch.equal(_out(lorakit.load(_toy(), d)), expected)
 
 
 # -- round trips of every layer kind ------------------------------------------------------------

@@ -34,7 +34,7 @@ from torch import nn
 from .config import LoraConfig, LoraError
 from .layers import PARAM
 from .model import _apply, _root, check_name, lora_layers, registry, saved_modules, set_active
-from .targets import Site, _matcher, plan, plan_saved, walk
+from .targets import Site, plan, plan_saved, walk
 
 __all__ = ["save", "load", "check", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 
@@ -50,10 +50,21 @@ _UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, 
 
 
 # -- save ---------------------------------------------------------------------------------------
-def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
-    """Shortest explicit list: leaf names if they select exactly ``paths`` (PEFT's suffix rule)."""
+# -- PEFT's selection rules (tuners_utils.check_target_module_exists, other._set_trainable) ------
+def _in_list(names: list[str], path: str) -> bool:
+    """PEFT's rule for a list of target_modules / target_parameters: the path or a dotted suffix."""
+    return path in names or any(path.endswith(f".{n}") for n in names)
+
+
+def _saved_by(names: list[str], path: str) -> bool:
+    """PEFT's rule for modules_to_save: a plain string suffix (no dot needed)."""
+    return any(path.endswith(n) for n in names)
+
+
+def _target_modules(model: nn.Module, paths: list[str], rule=_in_list) -> list[str]:
+    """Shortest explicit list: leaf names if, read by PEFT's ``rule``, they select exactly ``paths``."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    selected = {p for p, *_ in walk(model) if p.rsplit(".", 1)[-1] in leaves}
+    selected = {p for p, *_ in walk(model) if rule(leaves, p)}
     return leaves if selected == set(paths) else sorted(paths)
 
 
@@ -77,7 +88,7 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         "use_rslora": cfg.use_rslora,
         "fan_in_fan_out": any(layer.kind.name == "conv1d_hf" for _, layer in layers),
         "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
-        "modules_to_save": _target_modules(_root(model), saved) if saved else None,
+        "modules_to_save": _target_modules(_root(model), saved, _saved_by) if saved else None,
     }
 
 
@@ -195,13 +206,71 @@ def _to_lora_config(config: dict, source: Path) -> LoraConfig:
         raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
 
 
-def _exact_targets(cfg: LoraConfig, paths: set[str], saved: set[str], model: nn.Module) -> LoraConfig:
-    """The file's config, re-targeted at exactly the modules present in the file."""
-    params = set()
-    if cfg.target_parameters:
-        rules = [_matcher(t) for t in cfg.target_parameters]
-        params = {f"{p}.{n}" for p, m, *_ in walk(model) if p in paths
-                  for n, _ in m.named_parameters(recurse=False) if any(rule(f"{p}.{n}") for rule in rules)}
+def _names(config: dict, key: str, source: Path) -> list[str] | str | None:
+    value = config.get(key)
+    if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise LoraError(f"{source}: {key} must be a string or a list of strings, got {value!r}")
+
+
+def _selection(config: dict, model: nn.Module, source: Path) -> tuple[set[str], set[str], set[str]]:
+    """``(modules, parameters, saved modules)`` that the PEFT ``config`` selects on ``model``, by
+    PEFT's rules: target_modules as a list (path or dotted suffix), a regex string (full match) or
+    "all-linear"; exclude_modules likewise; nothing inside a modules_to_save module; target_parameters
+    by path or dotted suffix; modules_to_save by string suffix (outermost module only)."""
+    entries = list(walk(model))
+    modules = {p: m for p, m, *_ in entries}
+    to_save = _names(config, "modules_to_save", source) or []
+    to_save = [to_save] if isinstance(to_save, str) else to_save
+    saved = {p for p in modules if _saved_by(to_save, p)}
+    saved = {p for p in saved if not any(p.startswith(f"{s}.") for s in saved)}
+    targets, excluded = _names(config, "target_modules", source), _names(config, "exclude_modules", source) or []
+    try:
+        if targets is None:
+            chosen = set()
+        elif isinstance(targets, str) and targets.lower() == "all-linear":
+            chosen = {s.path for s in plan(model, LoraConfig(targets="all-linear"))}
+        elif isinstance(targets, str):
+            chosen = {p for p in modules if re.fullmatch(targets, p)}
+        else:
+            chosen = {p for p in modules if _in_list(targets, p)}
+        if isinstance(excluded, str):
+            chosen = {p for p in chosen if not re.fullmatch(excluded, p)}
+    except re.error as e:
+        raise LoraError(f"{source}: target_modules/exclude_modules is not a valid regex: {e}") from None
+    chosen = {p for p in chosen if not (isinstance(excluded, list) and _in_list(excluded, p))
+              and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", p) for m in to_save)}
+    wanted = _names(config, "target_parameters", source) or []
+    wanted = [wanted] if isinstance(wanted, str) else wanted
+    params = {f"{p}.{n}" for p, m in modules.items() for n, _ in m.named_parameters(recurse=False)
+              if _in_list(wanted, f"{p}.{n}")}
+    return chosen, params, saved
+
+
+def _agree(selection: tuple[set[str], set[str], set[str]], paths: set[str], saved: set[str], config: dict,
+           config_source: Path, source: Path) -> None:
+    """The modules the tensors hold are exactly the ones the config selects (both sides named)."""
+    chosen, params, chosen_saved = selection
+    lora = chosen | {p.rsplit(".", 1)[0] for p in params}
+    problems = []
+    for what, held, selected in (("LoRA factors", paths, lora), ("saved-whole modules", saved, chosen_saved)):
+        if extra := sorted(held - selected):
+            problems.append(f"{source} holds {what} for {extra[:6]}{' …' if len(extra) > 6 else ''}, "
+                            "which the config does not select")
+        if missing := sorted(selected - held):
+            problems.append(f"the config selects {missing[:6]}{' …' if len(missing) > 6 else ''}, "
+                            f"for which {source.name} holds no {what}")
+    if problems:
+        fields = {k: config.get(k) for k in ("target_modules", "target_parameters", "exclude_modules",
+                                             "modules_to_save")}
+        raise LoraError(f"{config_source} ({', '.join(f'{k}={v!r}' for k, v in fields.items())}) and the "
+                        f"tensors disagree: " + "; ".join(problems))
+
+
+def _exact_targets(cfg: LoraConfig, paths: set[str], saved: set[str], params: set[str]) -> LoraConfig:
+    """The file's config, re-targeted at exactly the modules present in the file (``params``: the
+    parameters its target_parameters select)."""
+    params = {p for p in params if p.rsplit(".", 1)[0] in paths}
     modules = paths - {p.rsplit(".", 1)[0] for p in params}
     exact = lambda names: ("|".join(re.escape(n) for n in sorted(names)),) if names else ()  # noqa: E731
     return dataclasses.replace(cfg, targets=exact(modules), target_parameters=exact(params), exclude=(),
@@ -295,10 +364,12 @@ def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
     if unknown := sorted(p for p in paths | saved if p not in modules):
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
                         f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
-    cfg = _exact_targets(_to_lora_config(config, config_source), paths, saved, _root(model))
+    selection = _selection(config, _root(model), config_source)
+    cfg = _exact_targets(_to_lora_config(config, config_source), paths, saved, selection[1])
     existing = reg is not None and adapter in reg.configs
     sites, saved_plan = plan(_root(model), cfg), plan_saved(_root(model), cfg)
     _check(_expected(sites, saved_plan), tensors, source)  # the file is complete in itself ...
+    _agree(selection, paths, saved, config, config_source, source)  # ... and is what its config says
     if existing:  # ... and fits the adapter's current modules and shapes
         _check(_expected_existing(model, adapter), tensors, source)
     return _Prepared(cfg, tensors, sites, saved_plan, existing)

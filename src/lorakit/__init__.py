@@ -7,6 +7,7 @@
 
 from .batching import mixed
 from .config import INITS, LoraConfig, LoraError
+from .hf import save_pretrained
 from .io import load, save
 from .layers import LoraLayer
 from .model import (Summary, delete, disabled, inject, lora_layers, merge, merge_and_unload, registry,
@@ -15,5 +16,5 @@ from .model import (Summary, delete, disabled, inject, lora_layers, merge, merge
 __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
-           "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "registry",
+           "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "save_pretrained", "registry",
            "lora_layers", "mixed", "__version__"]

@@ -3,7 +3,8 @@
 The registry (:class:`Registry`, at ``model.lorakit_registry``) is the single record of which
 adapters exist, their configs, which are active and whether they are merged. The
 :class:`~lorakit.layers.LoraLayer` modules hold the weights and a copy of the active set for
-their forward. There are no hooks and no global state.
+their forward. There are no hooks and no global state; the one other attribute lorakit sets is a
+transformers model's ``save_pretrained`` (:mod:`lorakit.hf`), removed with the registry.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import hf
 from .config import LoraConfig, LoraError
 from .layers import LoraLayer, SavedModule
 from .targets import Site, Wrapper, plan, plan_saved, walk
@@ -94,6 +96,7 @@ def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], save
     if reg is None:
         reg = Registry(frozen=[(p, p.requires_grad) for p in root.parameters()])
         root.lorakit_registry = reg
+        hf.attach(root)  # transformers models: save_pretrained writes the base model + adapters
         for p in root.parameters():
             p.requires_grad_(False)
     for site in sites:
@@ -253,6 +256,7 @@ def _unload(model: nn.Module) -> None:
     for path, wrapper in list(wrappers(root)):
         _replace(root, path, wrapper.current() if isinstance(wrapper, SavedModule) else wrapper.base_layer)
     reg = root.__dict__.pop("lorakit_registry")
+    hf.detach(root)
     for p, flag in reg.frozen:
         p.requires_grad_(flag)
 

@@ -91,6 +91,15 @@ def owns_output(layer: "LoraLayer") -> bool:
     return type(layer.base_layer) in (nn.Linear, nn.Embedding) or layer.kind is CONV1D_HF
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``x``'s device (CPU bf16/fp16, CUDA fp16/bf16), or None
+    outside autocast and for fp64 ``x`` (which autocast leaves alone)."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def _skinny(m: Tensor, x2: Tensor) -> Tensor:
     """x2·mᵀ for a thin m (r rows) as (m·x2ᵀ)ᵀ: BLAS runs the product with the thin side as the
     output's rows 1.5-3x faster than x2·mᵀ with r columns (2048x1024, r=8, CPU)."""
@@ -146,10 +155,14 @@ class _Linear(Kind):
         fresh = owns_output(layer)
         if (fresh and len(names) == 1 and torch.is_grad_enabled() and not args and not kwargs
                 and not (layer.training and layer.dropout[names[0]] > 0)):
-            a, b = layer.lora_A[names[0]], layer.lora_B[names[0]]
-            if x.dtype == a.dtype == base.weight.dtype:
-                wt = base.weight.t() if self is LINEAR else base.weight
-                return _LoraLinearFn.apply(x, wt, base.bias, a, b, layer.scale[names[0]])
+            a, b, bias = layer.lora_A[names[0]], layer.lora_B[names[0]], base.bias
+            wt = base.weight.t() if self is LINEAR else base.weight
+            cast = autocast_dtype(x)
+            if cast is not None:  # what autocast does to F.linear and matmul: every operand in its dtype
+                x, wt, a, b = x.to(cast), wt.to(cast), a.to(cast), b.to(cast)
+                bias = None if bias is None else bias.to(cast)
+            if x.dtype == a.dtype == wt.dtype:
+                return _LoraLinearFn.apply(x, wt, bias, a, b, layer.scale[names[0]])
         result = base(x, *args, **kwargs)
         # The base output is a fresh tensor that its backward does not need, so the update can be
         # added in place (one addmm_, no output-sized temporaries) when the dtypes agree.
@@ -157,7 +170,7 @@ class _Linear(Kind):
             a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
             x2 = layer.dropped(x, name).to(a.dtype).reshape(-1, x.shape[-1])
             h = _skinny(a, x2)  # (tokens, r)
-            if fresh and b.dtype == result.dtype and result.is_contiguous():
+            if fresh and h.dtype == b.dtype == result.dtype and result.is_contiguous():
                 result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=s)
             else:
                 result = result + (F.linear(h, b) * s).to(result.dtype).view(result.shape)

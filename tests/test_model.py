@@ -226,6 +226,43 @@ def test_merge_unmerge_is_bit_exact_over_many_cycles(net, dtype):
     assert not torch.equal(merged, net.lm_head.base_layer(torch.zeros(1, 16, dtype=dtype)))
 
 
+LOW = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _one_rounding(weight, a, b, scale, transposed, sign=1):
+    """The oracle: W ± s·B·A in float64 (textbook), rounded once to W's dtype."""
+    d = scale * (b.double().flatten(1) @ a.double().flatten(1))
+    d = (d.t() if transposed else d).reshape(weight.shape)
+    return (weight.double() + sign * d).to(weight.dtype)
+
+
+@pytest.mark.parametrize("factor_dtype", LOW)
+@pytest.mark.parametrize("weight_dtype", LOW)
+def test_merge_and_subtractive_unmerge_round_once(net, weight_dtype, factor_dtype):
+    """"inject, then model.to(low precision)": merged W equals one rounding of W + s·B·A, bit for bit,
+    for every kind (Embedding, Linear, Conv1d); so does W_merged − s·B·A when unmerging by subtraction."""
+    lorakit.inject(net, LoraConfig(r=4, alpha=6.0, targets=ALL))
+    _randomise(net)
+    net.to(weight_dtype)
+    layers = dict(lorakit.lora_layers(net))
+    for layer in layers.values():
+        for p in (layer.lora_A["default"], layer.lora_B["default"]):
+            p.data = p.data.to(factor_dtype)
+    before = {k: l.weight.detach().clone() for k, l in layers.items()}
+    fac = lambda l: (l.lora_A["default"].detach(), l.lora_B["default"].detach(), 6.0 / 4,  # noqa: E731
+                     isinstance(l.base_layer, nn.Embedding))
+    lorakit.merge(net, exact=False)
+    merged = {k: l.weight.detach().clone() for k, l in layers.items()}
+    for k, layer in layers.items():
+        expected = _one_rounding(before[k], *fac(layer))
+        assert merged[k].dtype == weight_dtype
+        assert torch.equal(merged[k], expected), \
+            f"{k}: {(merged[k] != expected).float().mean().item():.1%} of elements differ from one rounding"
+    lorakit.unmerge(net)
+    for k, layer in layers.items():
+        assert torch.equal(layer.weight, _one_rounding(merged[k], *fac(layer), sign=-1)), k
+
+
 def test_inexact_merge_is_an_explicit_option(net):
     net = net.to(torch.bfloat16)
     lorakit.inject(net, LoraConfig(r=4, targets=["query"]))

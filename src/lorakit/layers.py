@@ -337,13 +337,29 @@ class LoraLayer(nn.Module):
         p = self.dropout[name]
         return F.dropout(x, p, self.training) if p > 0 else x
 
-    def delta(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """ΔW of adapter ``name`` in W's layout, scale included (the single definition of ΔW)."""
+    def delta(self, name: str, dtype: torch.dtype | None = None, compute: torch.dtype | None = None) -> Tensor:
+        """ΔW of adapter ``name`` in W's layout, scale included (the single definition of ΔW).
+
+        The product is computed in ``compute`` (default: the factors' dtype, differentiable, as
+        the unmerged forward uses it) and the result cast to ``dtype``."""
         a, b = self.lora_A[name], self.lora_B[name]
+        if compute is not None:
+            a, b = a.to(compute), b.to(compute)
         d = (b.flatten(1) @ a.flatten(1)) * self.scale[name]
         w = self.weight
         d = (d.t() if self.kind.transposed else d).reshape(w.shape)
         return d if dtype is None else d.to(dtype)
+
+    def _shifted(self, names: Sequence[str], sign: int) -> Tensor:
+        """W ± Σ ΔW of ``names`` in float64, for one rounding to W's dtype by the caller.
+
+        float64 holds every product of two fp32 (or bf16/fp16) factor elements exactly, so W + s·B·A
+        is rounded once, to W's dtype (an fp32 product would round B·A, then the sum, then W's
+        dtype). Costs a transient float64 copy of this one weight."""
+        total = self.weight.to(torch.float64)
+        for n in names:
+            total.add_(self.delta(n, compute=torch.float64), alpha=sign)
+        return total
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -365,8 +381,7 @@ class LoraLayer(nn.Module):
         if not names:
             return
         w = self.weight
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        total = w.to(acc) + sum(self.delta(n, acc) for n in names)
+        total = self._shifted(names, +1)
         if exact:
             self._original = w.detach().clone()
         w.copy_(total)  # in place: the Parameter (and anything tied to it) stays the same object
@@ -374,15 +389,12 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the merged update out of W: bit-exact from the kept copy, else by subtraction."""
+        """Take the merged update out of W: bit-exact from the kept copy, else by subtraction
+        (W − Σ ΔW, rounded once)."""
         if not self.merged:
             return
         w = self.weight
-        if self._original is not None:
-            w.copy_(self._original)
-        else:
-            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-            w.copy_(w.to(acc) - sum(self.delta(n, acc) for n in self.merged))
+        w.copy_(self._original if self._original is not None else self._shifted(self.merged, -1))
         self._original = None
         self.merged = ()
 

@@ -347,6 +347,41 @@ def test_raw_parameter_merge_roundtrip():
         lorakit.inject(nn.Sequential(Experts()), LoraConfig(target_parameters=["ww"]))
 
 
+class _Symmetric(nn.Module):
+    """A parametrization that is not onto: W + ΔW has no exact preimage in general."""
+
+    def forward(self, w):
+        return w.triu() + w.triu(1).t()
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (LoraConfig(targets=["query"]), r"layers.0.query.weight is computed by a parametrization \(_Symmetric\).*"
+                                    r"remove_parametrizations\(model.layers.0.query, 'weight'\)"),
+    (LoraConfig(target_parameters=["layers.0.query.weight"]), r"layers.0.query.weight is computed by a param"),
+    (LoraConfig(target_parameters=["query.parametrizations.weight.original"]),
+     r"belongs to the parametrization layers.0.query.parametrizations.weight"),
+])
+def test_parametrized_weight_is_refused_at_inject(net, cfg, message):
+    """A merge into a parametrized weight cannot be exact (only `original` can be written), so both
+    routes refuse before changing anything; with the parametrization removed as the error says, the
+    merge is exact."""
+    from torch.nn.utils import parametrize
+    parametrize.register_parametrization(net.layers[0].query, "weight", _Symmetric())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(LoraError, match=message):
+        lorakit.inject(net, cfg)
+    assert not any(isinstance(m, lorakit.LoraLayer) for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    w = net.layers[0].query.weight.detach().clone()
+    parametrize.remove_parametrizations(net.layers[0].query, "weight")
+    lorakit.inject(net, LoraConfig(r=2, alpha=2, targets=["layers.0.query"]))
+    _randomise(net)
+    layer = net.layers[0].query
+    lorakit.merge(net)
+    delta = layer.lora_B["default"].double() @ layer.lora_A["default"].double()
+    assert torch.equal(layer.weight, (w.double() + delta).float())
+
+
 def test_embedding_with_max_norm_is_refused():
     with pytest.raises(LoraError, match="max_norm"):
         lorakit.inject(nn.Sequential(nn.Embedding(5, 4, max_norm=1.0)), LoraConfig(targets=["0"]))

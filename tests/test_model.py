@@ -226,6 +226,43 @@ def test_merge_unmerge_is_bit_exact_over_many_cycles(net, dtype):
     assert not torch.equal(merged, net.lm_head.base_layer(torch.zeros(1, 16, dtype=dtype)))
 
 
+LOW = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _one_rounding(weight, a, b, scale, transposed, sign=1):
+    """The oracle: W ± s·B·A in float64 (textbook), rounded once to W's dtype."""
+    d = scale * (b.double().flatten(1) @ a.double().flatten(1))
+    d = (d.t() if transposed else d).reshape(weight.shape)
+    return (weight.double() + sign * d).to(weight.dtype)
+
+
+@pytest.mark.parametrize("factor_dtype", LOW)
+@pytest.mark.parametrize("weight_dtype", LOW)
+def test_merge_and_subtractive_unmerge_round_once(net, weight_dtype, factor_dtype):
+    """"inject, then model.to(low precision)": merged W equals one rounding of W + s·B·A, bit for bit,
+    for every kind (Embedding, Linear, Conv1d); so does W_merged − s·B·A when unmerging by subtraction."""
+    lorakit.inject(net, LoraConfig(r=4, alpha=6.0, targets=ALL))
+    _randomise(net)
+    net.to(weight_dtype)
+    layers = dict(lorakit.lora_layers(net))
+    for layer in layers.values():
+        for p in (layer.lora_A["default"], layer.lora_B["default"]):
+            p.data = p.data.to(factor_dtype)
+    before = {k: l.weight.detach().clone() for k, l in layers.items()}
+    fac = lambda l: (l.lora_A["default"].detach(), l.lora_B["default"].detach(), 6.0 / 4,  # noqa: E731
+                     isinstance(l.base_layer, nn.Embedding))
+    lorakit.merge(net, exact=False)
+    merged = {k: l.weight.detach().clone() for k, l in layers.items()}
+    for k, layer in layers.items():
+        expected = _one_rounding(before[k], *fac(layer))
+        assert merged[k].dtype == weight_dtype
+        assert torch.equal(merged[k], expected), \
+            f"{k}: {(merged[k] != expected).float().mean().item():.1%} of elements differ from one rounding"
+    lorakit.unmerge(net)
+    for k, layer in layers.items():
+        assert torch.equal(layer.weight, _one_rounding(merged[k], *fac(layer), sign=-1)), k
+
+
 def test_inexact_merge_is_an_explicit_option(net):
     net = net.to(torch.bfloat16)
     lorakit.inject(net, LoraConfig(r=4, targets=["query"]))
@@ -310,6 +347,41 @@ def test_raw_parameter_merge_roundtrip():
         lorakit.inject(nn.Sequential(Experts()), LoraConfig(target_parameters=["w"], dropout=0.1))
     with pytest.raises(LoraError, match=r"'ww' matches no parameter.*closest parameter names: .*w"):
         lorakit.inject(nn.Sequential(Experts()), LoraConfig(target_parameters=["ww"]))
+
+
+class _Symmetric(nn.Module):
+    """A parametrization that is not onto: W + ΔW has no exact preimage in general."""
+
+    def forward(self, w):
+        return w.triu() + w.triu(1).t()
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (LoraConfig(targets=["query"]), r"layers.0.query.weight is computed by a parametrization \(_Symmetric\).*"
+                                    r"remove_parametrizations\(model.layers.0.query, 'weight'\)"),
+    (LoraConfig(target_parameters=["layers.0.query.weight"]), r"layers.0.query.weight is computed by a param"),
+    (LoraConfig(target_parameters=["query.parametrizations.weight.original"]),
+     r"belongs to the parametrization layers.0.query.parametrizations.weight"),
+])
+def test_parametrized_weight_is_refused_at_inject(net, cfg, message):
+    """A merge into a parametrized weight cannot be exact (only `original` can be written), so both
+    routes refuse before changing anything; with the parametrization removed as the error says, the
+    merge is exact."""
+    from torch.nn.utils import parametrize
+    parametrize.register_parametrization(net.layers[0].query, "weight", _Symmetric())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(LoraError, match=message):
+        lorakit.inject(net, cfg)
+    assert not any(isinstance(m, lorakit.LoraLayer) for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    w = net.layers[0].query.weight.detach().clone()
+    parametrize.remove_parametrizations(net.layers[0].query, "weight")
+    lorakit.inject(net, LoraConfig(r=2, alpha=2, targets=["layers.0.query"]))
+    _randomise(net)
+    layer = net.layers[0].query
+    lorakit.merge(net)
+    delta = layer.lora_B["default"].double() @ layer.lora_A["default"].double()
+    assert torch.equal(layer.weight, (w.double() + delta).float())
 
 
 def test_embedding_with_max_norm_is_refused():

@@ -47,3 +47,19 @@ def test_merge_refuses_an_update_that_overflows_fp16_and_merges_nothing():
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert lorakit.registry(model).merged == ()
+
+
+def test_merge_refuses_a_weight_parametrized_after_inject_and_merges_nothing():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = _model()
+    parametrize.register_parametrization(model[2].base_layer, "weight", Double())
+    before = _state(model)
+    with pytest.raises(LoraError, match=r"cannot merge into 2\.weight: a parametrization"):
+        lorakit.merge(model)
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    assert lorakit.registry(model).merged == ()

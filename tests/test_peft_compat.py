@@ -410,7 +410,7 @@ def test_merge_matches_peft(minilm, gpt2, convnet, case, tmp_path):
         delta_max[p] = (layer.weight - original[p]).abs().max().item()
     with torch.no_grad():
         merged_lk, merged_peft = run(lk), run(pm)
-    torch.testing.assert_close(merged_lk, merged_peft, rtol=1e-5, atol=1e-5)
+    _close(merged_lk, merged_peft)  # lorakit rounds W + s·B·A once (float64), PEFT twice (fp32 ΔW, then the sum)
 
     pm.unmerge_adapter()
     lorakit.unmerge(lk)

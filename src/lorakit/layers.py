@@ -100,6 +100,15 @@ def owns_output(layer: "LoraLayer") -> bool:
     return type(layer.base_layer) in (nn.Linear, nn.Embedding) or layer.kind is CONV1D_HF
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``x``'s device (CPU bf16/fp16, CUDA fp16/bf16), or None
+    outside autocast and for fp64 ``x`` (which autocast leaves alone)."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def _skinny(m: Tensor, x2: Tensor) -> Tensor:
     """x2·mᵀ for a thin m (r rows) as (m·x2ᵀ)ᵀ: BLAS runs the product with the thin side as the
     output's rows 1.5-3x faster than x2·mᵀ with r columns (2048x1024, r=8, CPU)."""
@@ -155,10 +164,14 @@ class _Linear(Kind):
         fresh = owns_output(layer)
         if (fresh and len(names) == 1 and torch.is_grad_enabled() and not args and not kwargs
                 and not (layer.training and layer.dropout[names[0]] > 0)):
-            a, b = layer.lora_A[names[0]], layer.lora_B[names[0]]
-            if x.dtype == a.dtype == base.weight.dtype:
-                wt = base.weight.t() if self is LINEAR else base.weight
-                return _LoraLinearFn.apply(x, wt, base.bias, a, b, layer.scale[names[0]])
+            a, b, bias = layer.lora_A[names[0]], layer.lora_B[names[0]], base.bias
+            wt = base.weight.t() if self is LINEAR else base.weight
+            cast = autocast_dtype(x)
+            if cast is not None:  # what autocast does to F.linear and matmul: every operand in its dtype
+                x, wt, a, b = x.to(cast), wt.to(cast), a.to(cast), b.to(cast)
+                bias = None if bias is None else bias.to(cast)
+            if x.dtype == a.dtype == wt.dtype:
+                return _LoraLinearFn.apply(x, wt, bias, a, b, layer.scale[names[0]])
         result = base(x, *args, **kwargs)
         # The base output is a fresh tensor that its backward does not need, so the update can be
         # added in place (one addmm_, no output-sized temporaries) when the dtypes agree.
@@ -166,7 +179,7 @@ class _Linear(Kind):
             a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
             x2 = layer.dropped(x, name).to(a.dtype).reshape(-1, x.shape[-1])
             h = _skinny(a, x2)  # (tokens, r)
-            if fresh and b.dtype == result.dtype and result.is_contiguous():
+            if fresh and h.dtype == b.dtype == result.dtype and result.is_contiguous():
                 result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=s)
             else:
                 result = result + (F.linear(h, b) * s).to(result.dtype).view(result.shape)
@@ -377,13 +390,30 @@ class LoraLayer(nn.Module):
         p = self.dropout[name]
         return F.dropout(x, p, self.training) if p > 0 else x
 
-    def delta(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        """ΔW of adapter ``name`` in W's layout, scale included (the single definition of ΔW)."""
+    def delta(self, name: str, dtype: torch.dtype | None = None, compute: torch.dtype | None = None) -> Tensor:
+        """ΔW of adapter ``name`` in W's layout, scale included (the single definition of ΔW).
+
+        The product is computed in ``compute`` (default: the factors' dtype, differentiable, as
+        the unmerged forward uses it) and the result cast to ``dtype``."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        if compute is not None:
+            a, b = a.to(compute), b.to(compute)
         w = self.weight
-        left, right = self.kind.matrices(self.base_layer, w, self.lora_A[name], self.lora_B[name])
+        left, right = self.kind.matrices(self.base_layer, w, a, b)
         d = (left @ right) * self.scale[name]
         d = (d.t() if self.kind.transposed else d).reshape(w.shape)
         return d if dtype is None else d.to(dtype)
+
+    def _shifted(self, names: Sequence[str], sign: int) -> Tensor:
+        """W ± Σ ΔW of ``names`` in float64, for one rounding to W's dtype by the caller.
+
+        float64 holds every product of two fp32 (or bf16/fp16) factor elements exactly, so W + s·B·A
+        is rounded once, to W's dtype (an fp32 product would round B·A, then the sum, then W's
+        dtype). Costs a transient float64 copy of this one weight."""
+        total = self.weight.to(torch.float64)
+        for n in names:
+            total.add_(self.delta(n, compute=torch.float64), alpha=sign)
+        return total
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -405,9 +435,7 @@ class LoraLayer(nn.Module):
         if not names:
             return
         w = self.weight
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        total = w.to(acc) + sum(self.delta(n, acc) for n in names)
-        total = total.to(w.dtype)
+        total = self._shifted(names, +1).to(w.dtype)
         if not torch.isfinite(total).all():
             raise LoraError(f"merging {', '.join(names)} would put non-finite values into the weight "
                             f"({w.dtype} overflows); keep the adapter unmerged")
@@ -418,15 +446,12 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the merged update out of W: bit-exact from the kept copy, else by subtraction."""
+        """Take the merged update out of W: bit-exact from the kept copy, else by subtraction
+        (W − Σ ΔW, rounded once)."""
         if not self.merged:
             return
         w = self.weight
-        if self._original is not None:
-            w.copy_(self._original)
-        else:
-            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-            w.copy_(w.to(acc) - sum(self.delta(n, acc) for n in self.merged))
+        w.copy_(self._original if self._original is not None else self._shifted(self.merged, -1))
         self._original = None
         self.merged = ()
 

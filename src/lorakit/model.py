@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import hf
 from .config import LoraConfig, LoraError
@@ -218,6 +219,10 @@ def merge(model: nn.Module, exact: bool = True) -> None:
     owners = _tied(model)
     layers = [(path, layer) for path, layer in lora_layers(model) if layer.active]
     for path, layer in layers:
+        if parametrize.is_parametrized(layer.base_layer, layer.param_name):
+            raise LoraError(f"cannot merge into {path}.{layer.param_name}: a parametrization was registered on "
+                            "it after inject; W + ΔW cannot be written back exactly through one (remove it "
+                            "with torch.nn.utils.parametrize.remove_parametrizations, or keep the adapter unmerged)")
         names = owners[id(layer.weight)]
         if len(names) > 1:
             names = [n.replace(".base_layer", "") for n in names]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import LoraConfig, LoraError, Target
 from .layers import PARAM, SUPPORTED, Kind, LoraLayer, SavedModule, kind_of
@@ -123,6 +124,8 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                 chosen[p] = (kind, "weight")
 
     params = {f"{p}.{n}": (p, n) for p, m, *_ in entries for n, _ in m.named_parameters(recurse=False)}
+    params.update({f"{p}.{n}": (p, n) for p, m, *_ in entries if parametrize.is_parametrized(m)
+                   for n in m.parametrizations})  # by their effective names, to be refused below
     params.update({n: ("", n) for n, _ in model.named_parameters(recurse=False)})
     for target in cfg.target_parameters:
         match = _matcher(target)
@@ -156,6 +159,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                             "update: exclude it from targets")
         if layer is not None and layer.param_name != param:
             raise LoraError(f"{path}: already has adapters on {layer.param_name!r}; cannot add one on {param!r}")
+        _check_not_parametrized(entries, path, module, param)
         kind.check(module, path)
         if cfg.dropout > 0 and not kind.supports_dropout:
             raise LoraError(f"{path}.{param}: dropout is not supported on raw parameters (the adapter "
@@ -166,6 +170,27 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
         raise LoraError(f"every module matched by {list(cfg.targets) + list(cfg.target_parameters)} "
                         f"is excluded by {list(cfg.exclude)}")
     return sites
+
+
+def _check_not_parametrized(entries: list, path: str, module: nn.Module, param: str) -> None:
+    """Refuse a weight computed by ``torch.nn.utils.parametrize`` (or a tensor of its machinery).
+
+    W + ΔW cannot be written back exactly through a parametrization: only ``original`` can be set,
+    and f(original') = W + ΔW has an exact solution only for some f (not for weight norm, orthogonal,
+    symmetric...). So such weights are refused when planned, before anything changes."""
+    owner = next((p for p, m, *_ in entries if isinstance(m, parametrize.ParametrizationList)
+                  and (path == p or path.startswith(p + "."))), None)
+    if owner is not None:
+        raise LoraError(f"{path}.{param} belongs to the parametrization {owner} "
+                        "(torch.nn.utils.parametrize), not to a layer; it cannot be adapted. Remove the "
+                        "parametrization first (torch.nn.utils.parametrize.remove_parametrizations) and "
+                        "adapt the weight itself")
+    if parametrize.is_parametrized(module, param):
+        kinds = ", ".join(type(f).__name__ for f in module.parametrizations[param])
+        raise LoraError(
+            f"{path}.{param} is computed by a parametrization ({kinds}); a LoRA update cannot be merged "
+            f"exactly into it. Remove it first, keeping the current values: torch.nn.utils.parametrize."
+            f"remove_parametrizations(model.{path}, {param!r}), or adapt another weight")
 
 
 def _inside_saved(entries: list, path: str) -> bool:

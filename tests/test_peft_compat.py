@@ -241,6 +241,44 @@ def test_peft_loads_lorakit_files_without_warnings(minilm, tmp_path, caplog):
     assert not any(k.startswith("lorakit") for k in json.loads((tmp_path / "lk" / "adapter_config.json").read_text()))
 
 
+class Heads(nn.Module):
+    """A head whose name is a plain suffix of another's (DistilBERT: pre_classifier, classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.pre_classifier, self.classifier = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.tanh(self.pre_classifier(self.q(x))))
+
+
+def test_modules_to_save_by_plain_suffix_both_directions(tmp_path):
+    """PEFT's modules_to_save=["classifier"] also wraps pre_classifier (plain string suffix) and
+    requires its state in the file (else KeyError); lorakit trains only classifier and writes
+    pre_classifier's unchanged state as well. Both files load in both libraries, same outputs."""
+    torch.manual_seed(0)
+    base, x = Heads().eval(), torch.randn(4, 6)
+    pm, lk, expected, got = _peft_to_lorakit(
+        base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q"], modules_to_save=["classifier"],
+                              init_lora_weights=False), lambda m: m(x), tmp_path / "peft")
+    _close(got, expected)
+    assert {p for p, _ in lorakit.summary(lk).saved.items()} == {"classifier", "pre_classifier"}
+
+    model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=2, alpha=4, targets=["q"],
+                                                                  modules_to_save=["classifier"]))
+    _randomize(model)
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.add_(0.5)
+        expected = model(x)
+    lorakit.save(model, tmp_path / "lk")
+    assert json.loads((tmp_path / "lk" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+    tensors = load_file(tmp_path / "lk" / "adapter_model.safetensors")
+    assert torch.equal(tensors["base_model.model.pre_classifier.weight"], base.pre_classifier.weight)
+    with torch.no_grad():
+        assert torch.equal(lorakit.load(copy.deepcopy(base), tmp_path / "lk")(x), expected)
+        _close(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lk"))(x), expected)
+
+
 # -- GPT-2 (transformers Conv1D, fan_in_fan_out) ------------------------------------------------
 @pytest.fixture(scope="module")
 def gpt2():

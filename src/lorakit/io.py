@@ -32,7 +32,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .config import LoraConfig, LoraError
-from .layers import PARAM
+from .layers import PARAM, LoraLayer
 from .model import _apply, _root, check_name, lora_layers, registry, saved_modules, set_active
 from .targets import Site, plan, plan_saved, walk
 
@@ -42,29 +42,34 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _META_KEY = "lorakit_config"
-_LEGACY_HASH_KEY = "lorakit_weights_sha256"  # in adapter_config.json of files saved before 0.1.1
+_LEGACY_HASH_KEY = "lorakit_weights_sha256"  # in adapter_config.json of files from earlier lorakit versions
 # PEFT options lorakit cannot honour: loading them silently would give different outputs.
 _UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
                 "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
                 "trainable_token_indices": None}
 
 
-# -- save ---------------------------------------------------------------------------------------
 # -- PEFT's selection rules (tuners_utils.check_target_module_exists, other._set_trainable) ------
 def _in_list(names: list[str], path: str) -> bool:
     """PEFT's rule for a list of target_modules / target_parameters: the path or a dotted suffix."""
     return path in names or any(path.endswith(f".{n}") for n in names)
 
 
-def _saved_by(names: list[str], path: str) -> bool:
-    """PEFT's rule for modules_to_save: a plain string suffix (no dot needed)."""
-    return any(path.endswith(n) for n in names)
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """What a PEFT config selects on a model (module paths; ``params``: "path.name")."""
+
+    modules: set[str]
+    params: set[str]
+    saved: set[str]  # modules_to_save by path or dotted suffix: these must be in the file
+    saved_loose: set[str]  # by PEFT's plain string suffix ("pre_classifier" for "classifier"): these may be
 
 
-def _target_modules(model: nn.Module, paths: list[str], rule=_in_list) -> list[str]:
-    """Shortest explicit list: leaf names if, read by PEFT's ``rule``, they select exactly ``paths``."""
+# -- save ---------------------------------------------------------------------------------------
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
+    """Shortest explicit list: leaf names if they select exactly ``paths`` (PEFT's dotted-suffix rule)."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    selected = {p for p, *_ in walk(model) if rule(leaves, p)}
+    selected = {p for p, *_ in walk(model) if _in_list(leaves, p)}
     return leaves if selected == set(paths) else sorted(paths)
 
 
@@ -88,8 +93,23 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         "use_rslora": cfg.use_rslora,
         "fan_in_fan_out": any(layer.kind.name == "conv1d_hf" for _, layer in layers),
         "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
-        "modules_to_save": _target_modules(_root(model), saved, _saved_by) if saved else None,
+        "modules_to_save": _target_modules(_root(model), saved) if saved else None,
     }
+
+
+def _also_selected(model: nn.Module, adapter: str, names: list[str] | None) -> list[tuple[str, nn.Module]]:
+    """Modules that PEFT's plain-suffix rule for ``modules_to_save`` also selects (``pre_classifier``
+    for ``classifier``): PEFT wraps them and requires their state in the file, so it is written (they
+    are unchanged by the adapter, and load as a copy of themselves)."""
+    held = [p for p, w in saved_modules(model) if adapter in w.adapters()]
+    related = lambda p: any(p == h or p.startswith(f"{h}.") or h.startswith(f"{p}.") for h in held)  # noqa: E731
+    loose = _outermost({p for p, *_ in walk(_root(model)) if any(p.endswith(n) for n in names or ())})
+    extra = [(p, m) for p, m, *_ in walk(_root(model)) if p in loose and not related(p)]
+    for p, m in extra:
+        if any(isinstance(x, LoraLayer) for x in m.modules()) or p in {q for q, _ in lora_layers(model)}:
+            raise LoraError(f"modules_to_save {names} also selects {p!r} in PEFT (which matches by plain string "
+                            f"suffix), and {p!r} has LoRA adapters; rename the module or keep it out of the adapter")
+    return extra
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -119,12 +139,13 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
         if adapter in layer.lora_A:
             for key, t in ((layer.kind.a_key, layer.lora_A[adapter]), (layer.kind.b_key, layer.lora_B[adapter])):
                 tensors[f"{PREFIX}{path}.{key}"] = t.detach().to("cpu", dtype).contiguous()
-    for path, wrapper in saved_modules(model):
-        if adapter in wrapper.adapters():  # saved whole, as PEFT's modules_to_save: <path>.<state key>
-            for key, t in wrapper.modules_to_save[adapter].state_dict().items():
-                t = t.detach().to("cpu").contiguous()
-                tensors[f"{PREFIX}{path}.{key}"] = t.to(dtype) if t.is_floating_point() else t
-    config = json.dumps(_peft_config(model, adapter), indent=2, sort_keys=True)
+    config = _peft_config(model, adapter)
+    whole = [(p, w.modules_to_save[adapter]) for p, w in saved_modules(model) if adapter in w.adapters()]
+    for path, module in whole + _also_selected(model, adapter, config["modules_to_save"]):
+        for key, t in module.state_dict().items():  # saved whole, as PEFT's modules_to_save: <path>.<state key>
+            t = t.detach().to("cpu").contiguous()
+            tensors[f"{PREFIX}{path}.{key}"] = t.to(dtype) if t.is_floating_point() else t
+    config = json.dumps(config, indent=2, sort_keys=True)
     weights = st_save(tensors, metadata={"format": "pt", _META_KEY: config})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -213,17 +234,23 @@ def _names(config: dict, key: str, source: Path) -> list[str] | str | None:
     raise LoraError(f"{source}: {key} must be a string or a list of strings, got {value!r}")
 
 
-def _selection(config: dict, model: nn.Module, source: Path) -> tuple[set[str], set[str], set[str]]:
-    """``(modules, parameters, saved modules)`` that the PEFT ``config`` selects on ``model``, by
-    PEFT's rules: target_modules as a list (path or dotted suffix), a regex string (full match) or
-    "all-linear"; exclude_modules likewise; nothing inside a modules_to_save module; target_parameters
-    by path or dotted suffix; modules_to_save by string suffix (outermost module only)."""
+def _outermost(paths: set[str]) -> set[str]:
+    return {p for p in paths if not any(p.startswith(f"{q}.") for q in paths)}
+
+
+def _selection(config: dict, model: nn.Module, source: Path) -> _Selection:
+    """What the PEFT ``config`` selects on ``model``, by PEFT's rules: target_modules as a list
+    (path or dotted suffix), a regex string (full match) or "all-linear"; exclude_modules likewise;
+    nothing inside a modules_to_save module; target_parameters by path or dotted suffix;
+    modules_to_save (outermost modules) by path or dotted suffix, and, loosely, by PEFT's plain
+    string suffix (a module only that rule selects keeps its original weights in PEFT when the file
+    has none for it, so it may be absent)."""
     entries = list(walk(model))
     modules = {p: m for p, m, *_ in entries}
     to_save = _names(config, "modules_to_save", source) or []
     to_save = [to_save] if isinstance(to_save, str) else to_save
-    saved = {p for p in modules if _saved_by(to_save, p)}
-    saved = {p for p in saved if not any(p.startswith(f"{s}.") for s in saved)}
+    saved = _outermost({p for p in modules if _in_list(to_save, p)})
+    saved_loose = _outermost({p for p in modules if any(p.endswith(n) for n in to_save)})
     targets, excluded = _names(config, "target_modules", source), _names(config, "exclude_modules", source) or []
     try:
         if targets is None:
@@ -244,17 +271,17 @@ def _selection(config: dict, model: nn.Module, source: Path) -> tuple[set[str], 
     wanted = [wanted] if isinstance(wanted, str) else wanted
     params = {f"{p}.{n}" for p, m in modules.items() for n, _ in m.named_parameters(recurse=False)
               if _in_list(wanted, f"{p}.{n}")}
-    return chosen, params, saved
+    return _Selection(chosen, params, saved, saved_loose)
 
 
-def _agree(selection: tuple[set[str], set[str], set[str]], paths: set[str], saved: set[str], config: dict,
-           config_source: Path, source: Path) -> None:
+def _agree(selection: _Selection, paths: set[str], saved: set[str], config: dict, config_source: Path,
+           source: Path) -> None:
     """The modules the tensors hold are exactly the ones the config selects (both sides named)."""
-    chosen, params, chosen_saved = selection
-    lora = chosen | {p.rsplit(".", 1)[0] for p in params}
+    lora = selection.modules | {p.rsplit(".", 1)[0] for p in selection.params}
     problems = []
-    for what, held, selected in (("LoRA factors", paths, lora), ("saved-whole modules", saved, chosen_saved)):
-        if extra := sorted(held - selected):
+    for what, held, selected, allowed in (("LoRA factors", paths, lora, lora),
+                                          ("saved-whole modules", saved, selection.saved, selection.saved_loose)):
+        if extra := sorted(held - (selected | allowed)):
             problems.append(f"{source} holds {what} for {extra[:6]}{' …' if len(extra) > 6 else ''}, "
                             "which the config does not select")
         if missing := sorted(selected - held):
@@ -365,7 +392,7 @@ def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
                         f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
     selection = _selection(config, _root(model), config_source)
-    cfg = _exact_targets(_to_lora_config(config, config_source), paths, saved, selection[1])
+    cfg = _exact_targets(_to_lora_config(config, config_source), paths, saved, selection.params)
     existing = reg is not None and adapter in reg.configs
     sites, saved_plan = plan(_root(model), cfg), plan_saved(_root(model), cfg)
     _check(_expected(sites, saved_plan), tensors, source)  # the file is complete in itself ...

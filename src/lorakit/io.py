@@ -4,7 +4,8 @@ Keys are ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (e
 ``lora_embedding_A`` / ``lora_embedding_B``), tensors in PEFT's shapes, fp32 by default.
 
 Loading is strict and all-or-nothing: the whole file is checked against the model (keys, shapes,
-prefix) before the model is touched. Nothing is ever unpickled.
+prefix, finite values) and against its own config (the config must select, by PEFT's rules,
+exactly the modules the tensors hold) before the model is touched. Nothing is ever unpickled.
 
 Saving is crash-safe: each file is replaced atomically (temp file, fsync, rename), the config
 first, the weights last, and the weights carry the text of their config in the safetensors

@@ -96,10 +96,18 @@ class Batch:
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Next token of one row: greedy when ``temperature == 0``, else nucleus sampling."""
+    """Next token of one row: greedy when ``temperature == 0``, else nucleus sampling.
+
+    The logits are shifted by their maximum before dividing by the temperature, so any positive
+    temperature, however small, gives finite probabilities (the limit is greedy). Raises
+    ValueError for non-finite logits (e.g. from an adapter with NaN factors)."""
+    logits = logits.float()
+    if not bool(torch.isfinite(logits).any()) or bool(torch.isnan(logits).any()) or bool(
+            torch.isposinf(logits).any()):
+        raise ValueError("the model produced non-finite logits (NaN or +inf)")
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         drop = sorted_p.cumsum(0) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p

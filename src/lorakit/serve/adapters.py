@@ -223,7 +223,10 @@ class Adapters:
         try:
             if self.root is not None:
                 check_contained(self.root, path)
-            config = json.loads((path / "adapter_config.json").read_text())
+            try:
+                config = json.loads((path / "adapter_config.json").read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise LoraError("adapter_config.json is not valid JSON") from None
             if not isinstance(config, dict):
                 raise LoraError("adapter_config.json does not hold a JSON object")
             if config.get("modules_to_save"):

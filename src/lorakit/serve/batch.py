@@ -98,13 +98,12 @@ class Batch:
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """Next token of one row: greedy when ``temperature == 0``, else nucleus sampling.
 
-    The logits are shifted by their maximum before dividing by the temperature, so any positive
-    temperature, however small, gives finite probabilities (the limit is greedy). Raises
-    ValueError for non-finite logits (e.g. from an adapter with NaN factors)."""
-    logits = logits.float()
-    if not bool(torch.isfinite(logits).any()) or bool(torch.isnan(logits).any()) or bool(
-            torch.isposinf(logits).any()):
-        raise ValueError("the model produced non-finite logits (NaN or +inf)")
+    Computed in float64 with the logits shifted by their maximum, so any positive temperature,
+    however small (1e-300 is 0 in float32), gives finite probabilities: the limit is greedy.
+    Raises ValueError when the logits hold NaN or +inf (e.g. from an adapter with NaN factors)."""
+    logits = logits.double()
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
+        raise ValueError("the model produced non-finite logits (NaN or inf)")
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)

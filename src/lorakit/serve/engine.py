@@ -233,7 +233,7 @@ class Engine:
                 if self._take(r):
                     if getattr(e, "message", None) is None:
                         log.exception("request %s: loading its adapter failed", r.id)
-                    self._finish(r, "error", getattr(e, "message", None), getattr(e, "status", 500))
+                    self._finish(r, "error", getattr(e, "message", None))  # AdapterError: a safe message
                 continue
             if self._take(r):
                 if r.adapter is not None:

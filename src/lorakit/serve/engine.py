@@ -8,14 +8,18 @@ One worker thread owns the model; all torch work happens there. Requests enter a
 2. drops queued or running requests that were cancelled (client gone) or timed out;
 3. admits waiting requests in arrival order while the batch has room (and up to a budget of
    prefill tokens): they are prefilled together, left-padded, under ``lorakit.mixed(model, their
-   adapters)``, and sample their first tokens. With a resident
-   limit, a request whose adapter cannot be loaded yet (all resident ones are in use) waits, and
+   adapters)``, and sample their first tokens; only rows whose prefill and first token succeeded
+   join the decode batch. With a resident limit, a request whose adapter cannot be loaded yet (all resident ones are in use) waits, and
    only base-model requests may overtake it, so it cannot starve;
 4. runs ONE decode step for every running row together, under ``lorakit.mixed(model, names)``
    (one adapter per row, None = base), samples each row with its own parameters and generator,
    and retires the rows that finished.
 
-So a new request joins at the next step and a finished one leaves at once. The KV cache scheme
+So a new request joins at the next step and a finished one leaves at once. Every request ends
+exactly once, in ``_finish`` (its one final event; its batch pin and adapter hold released), so a
+failure cannot leave rows behind or counts negative. A row whose logits are not finite (e.g. a
+broken adapter) ends alone with an error; a failed forward ends the rows it ran. Internal errors
+are logged with the request ids; clients get a message naming only their id. The KV cache scheme
 is in :mod:`lorakit.serve.batch`. Results go back through each request's ``emit`` callback
 (called on the worker thread; the HTTP layer forwards them into its event loop).
 """
@@ -304,6 +308,12 @@ class Engine:
             return None
 
     def _decode(self) -> None:
+        live = [i for i, r in enumerate(self._rows) if not r.finished]
+        if len(live) < len(self._rows):  # rows an error already finished (e.g. mid-prefill) leave first
+            self._rows = [self._rows[i] for i in live]
+            self._batch.keep(live)
+            if not self._rows:
+                return
         rows = self._rows
         tokens = torch.tensor([r.tokens[-1] for r in rows])
         try:

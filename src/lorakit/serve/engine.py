@@ -139,6 +139,10 @@ class Engine:
         if wait and self._thread:
             self._thread.join(timeout=30)
 
+    def pending(self) -> tuple[int, int]:
+        """(running rows, waiting requests) now."""
+        return len(self._rows), len(self._waiting)
+
     @property
     def alive(self) -> bool:
         return self._running and self._thread is not None and self._thread.is_alive()

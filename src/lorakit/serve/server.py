@@ -31,6 +31,8 @@ from .metrics import Metrics
 
 __all__ = ["build", "run", "server", "http_protocol", "base_name"]
 
+log = logging.getLogger("lorakit.serve")
+
 
 def base_name(spec: str) -> str:
     """The name clients use for the base model: ``builtin:smollm2`` -> ``smollm2``, a folder -> its name."""
@@ -119,11 +121,18 @@ class _DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets=None) -> None:
         self.srv.draining = True  # new requests: 503
-        timer = asyncio.get_running_loop().call_later(self.deadline, self.srv.engine.stop, False)
+        log.info("draining: %d running and %d queued request(s) may finish within %g s",
+                 *self.srv.engine.pending(), self.deadline)
+        timer = asyncio.get_running_loop().call_later(self.deadline, self._deadline)
         try:
             await super().shutdown(sockets)
         finally:
             timer.cancel()
+
+
+    def _deadline(self) -> None:
+        log.info("shutdown deadline (%g s): ending the requests still running with a 503", self.deadline)
+        self.srv.engine.stop(wait=False)
 
 
 def run(args) -> int:

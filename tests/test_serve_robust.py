@@ -331,6 +331,13 @@ def test_bounded_requests_off_loop_tokenizing_and_opaque_500(world, caplog):
         r = conn.getresponse()
         assert r.status == 200 and conn.sock is sock and r.getheader("x-request-id") != rid
         r.read()
+        # while the server drains for shutdown, requests on open connections get a 503 JSON error
+        app.state.server.draining = True
+        for method, path, body in (("GET", "/health", None), ("POST", "/v1/completions", json.dumps(ok))):
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 503 and json.loads(r.read())["error"]["code"] == "shutting_down"
+        app.state.server.draining = False
 
 
 def test_idle_and_half_sent_connections_are_closed(world):
@@ -472,3 +479,12 @@ def test_sigterm_drains_then_ends_the_rest_with_errors_and_exits_0(world, tmp_pa
             proc.wait(30)
     out = (tmp_path / "server.log").read_text()
     assert "Traceback" not in out and "CancelledError" not in out, out
+
+
+def test_serve_timeouts_and_limits_must_be_positive(capsys):
+    from lorakit.cli import main
+    for option, value in (("--shutdown-timeout", "-1"), ("--read-timeout", "0"), ("--max-body-bytes", "0"),
+                          ("--keep-alive-timeout", "nan")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", option, value])
+        assert e.value.code == 2 and "expected a finite number" in capsys.readouterr().err

@@ -41,7 +41,8 @@ MAX_BODY_BYTES = 1 << 20  # default bound of a request body (413 above it)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
-          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
+          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable", 504: "timeout_error"}
 _GONE = object()  # queued by the disconnect watcher
 
 
@@ -73,6 +74,10 @@ class _Server:
     async def off_loop(self, fn, *args):
         """``fn(*args)`` on the tokenizer thread (tokenizing a long prompt must not stall other clients)."""
         return await asyncio.get_running_loop().run_in_executor(self._text, fn, *args)
+
+    def close(self) -> None:
+        self.draining = True
+        self._text.shutdown(wait=False)
 
     # -- requests ------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -295,9 +300,8 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         if not engine.alive:
             engine.start()
         yield
-        srv.draining = True
+        srv.close()
         await asyncio.to_thread(engine.stop)
-        srv._text.shutdown(wait=False)
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
     ctx = max_context or getattr(engine.model.config, "max_position_embeddings", 2048)
@@ -361,8 +365,8 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         prompt = prompt or [[]]
         _check_choices(len(prompt), body)
         texts = [p for p in prompt if isinstance(p, str)]
-        ids = iter(await srv.off_loop(lambda: [tokenizer(p)["input_ids"] for p in texts]) if texts else [])
-        encoded = [srv.encode(next(ids) if isinstance(p, str) else list(p), body.max_tokens, 16, "prompt")
+        tokenized = iter(await srv.off_loop(lambda: [tokenizer(p)["input_ids"] for p in texts]) if texts else [])
+        encoded = [srv.encode(next(tokenized) if isinstance(p, str) else list(p), body.max_tokens, 16, "prompt")
                    for p in prompt]
         return await _respond(srv, http, body, [ids for ids, _ in encoded], min(n for _, n in encoded), chat=False)
 

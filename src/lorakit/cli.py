@@ -122,6 +122,17 @@ def _inspect(args) -> int:
     return 0
 
 
+def _positive(kind, zero: bool = False):
+    """An argparse type: a number > 0 (``zero``: >= 0)."""
+    def parse(text: str):
+        value = kind(text)
+        if not (value >= 0 if zero else value > 0) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number {'>=' if zero else '>'} 0")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a base model and many adapters over HTTP (OpenAI-compatible)",
                        description="Serve one causal LM and every PEFT-format adapter folder under --adapters, "
@@ -145,6 +156,16 @@ def _serve_parser(sub) -> None:
                    help="padded prompt tokens prefilled together per step (bounds the stall of running rows)")
     p.add_argument("--served-model-name", default=None, help="the base model's name in the API "
                                                               "(default: smollm2 / the folder's name)")
+    p.add_argument("--max-body-bytes", type=_positive(int), default=1 << 20,
+                   help="largest request body accepted (413 above it)")
+    p.add_argument("--read-timeout", type=_positive(float), default=30.0,
+                   help="seconds a connection may take to send a complete request (headers and body) after "
+                        "opening or after its previous response; then it is closed")
+    p.add_argument("--keep-alive-timeout", type=_positive(float), default=5.0,
+                   help="seconds an idle keep-alive connection stays open after a response")
+    p.add_argument("--shutdown-timeout", type=_positive(float, zero=True), default=30.0,
+                   help="on SIGTERM/Ctrl-C: seconds running requests may still finish (new ones get 503); "
+                        "those left then end with a 503 error")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 

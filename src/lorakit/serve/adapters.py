@@ -9,6 +9,9 @@ adapter is reloaded from disk when a request needs it again.
 
 Names inside the model are internal (``srv0``, ``srv1``, ...), one per load, so a public name
 may be deleted and added again while old requests still run on the old weights.
+
+Containment: every file an adapter is read from (not only its folder) must resolve, symlinks
+included, inside the adapter root. Clients only ever see paths relative to the root.
 All methods that touch the model run on the engine's worker thread; ``acquire`` / ``remove`` and
 the listings are safe from any thread.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 import threading
 import time
@@ -27,9 +31,10 @@ from torch import nn
 
 from ..config import LoraError
 
-__all__ = ["AdapterError", "Entry", "Adapters", "check_name", "resolve_under", "discover"]
+__all__ = ["AdapterError", "Entry", "Adapters", "check_name", "resolve_under", "discover", "shown"]
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+log = logging.getLogger("lorakit.serve")
 
 
 class AdapterError(Exception):
@@ -61,9 +66,20 @@ def check_name(name: object, param: str = "name") -> str:
     return name
 
 
+def shown(root: Path, path: Path | str) -> str:
+    """``path`` as a client may see it: relative to the adapter root (never the server's absolute path)."""
+    root, path = Path(root).resolve(), Path(path)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+
+
+def _outside(root: Path, text: str) -> str:
+    """``text`` (e.g. a LoraError message) with the adapter root's absolute path left out."""
+    return text.replace(f"{Path(root).resolve()}/", "").replace(str(Path(root).resolve()), ".")
+
+
 def resolve_under(root: Path, path: str) -> Path:
     """``path`` (relative to ``root``, or absolute) resolved, symlinks included; must stay inside ``root``
-    and be an adapter folder."""
+    and be an adapter folder whose files all resolve inside ``root`` too."""
     if not isinstance(path, str) or not path or "\x00" in path:
         raise AdapterError(400, "path must be a non-empty string", param="path")
     root = root.resolve()
@@ -73,18 +89,32 @@ def resolve_under(root: Path, path: str) -> Path:
                            param="path")
     if not (target / "adapter_config.json").is_file():
         raise AdapterError(400, f"path {path!r} is not an adapter folder (no adapter_config.json)", param="path")
+    check_contained(root, target)
     return target
 
 
-def discover(root: Path) -> dict[str, Path]:
-    """``{folder name: folder}`` for every adapter folder directly under ``root`` with a valid name."""
+def check_contained(root: Path, folder: Path) -> None:
+    """Every entry of ``folder`` (the files an adapter is read from) must resolve inside ``root``:
+    a file symlinked to somewhere else is refused (AdapterError 400)."""
+    root = root.resolve()
+    for item in sorted(folder.iterdir()):
+        if not item.resolve().is_relative_to(root):
+            raise AdapterError(400, f"{shown(root, item)} is a link to a file outside the adapter root",
+                               code="path_outside_root", param="path")
+
+
+def discover(root: Path, log=log.warning) -> dict[str, Path]:
+    """``{folder name: folder}`` for every adapter folder directly under ``root`` with a valid name;
+    every other entry is reported through ``log`` with the reason."""
     found = {}
     for sub in sorted(root.iterdir()) if root.is_dir() else ():
-        if NAME.fullmatch(sub.name):
-            try:
-                found[sub.name] = resolve_under(root, sub.name)  # symlinks leaving the root are skipped
-            except AdapterError:
-                pass
+        if not NAME.fullmatch(sub.name):
+            log(f"lorakit serve: skipping {sub.name!r}: not a valid adapter name (letters, digits, '_', '-')")
+            continue
+        try:
+            found[sub.name] = resolve_under(root, sub.name)
+        except AdapterError as e:
+            log(f"lorakit serve: skipping {sub.name}: {e.message}")
     return found
 
 
@@ -105,9 +135,13 @@ class Adapters:
         with self._lock:
             return sorted(self.catalog)
 
-    def listing(self) -> list[dict]:
+    def listing(self, detail: bool = False) -> list[dict]:
+        """Name and residency of each adapter; ``detail``: also its path (relative to the root), the
+        requests holding it and the batch rows using it (both 0 when idle, never negative)."""
         with self._lock:
-            return [{"name": e.name, "path": str(e.path), "resident": e.internal is not None}
+            return [{"name": e.name, "resident": e.internal is not None,
+                     **({"path": shown(self.root, e.path) if self.root else e.path.name, "requests": e.holders,
+                         "rows": e.rows} if detail else {})}
                     for e in sorted(self.catalog.values(), key=lambda e: e.name)]
 
     def acquire(self, name: str) -> Entry:
@@ -134,7 +168,10 @@ class Adapters:
             return entry
 
     def register(self, name: str, path: Path) -> Entry:
-        """List an adapter without loading it (it loads on first use)."""
+        """Check an adapter completely (config, keys, shapes, finite values; the tensors are read and
+        dropped) and list it without loading it (it loads on first use). Raises AdapterError."""
+        from ..io import check
+        self._guarded(name, path, lambda: check(self.model, path, adapter="srvcheck"))
         with self._lock:
             entry = self.catalog[check_name(name)] = Entry(name, path)
             return entry
@@ -180,16 +217,30 @@ class Adapters:
                 return
             self._unload(min(idle, key=lambda e: e.last_used), evicted=True)
 
+    def _guarded(self, name: str, path: Path, action) -> None:
+        """Run ``action()`` (a check or load of ``path``) after the containment check; its errors
+        become AdapterError 400 with the root's absolute path left out."""
+        try:
+            if self.root is not None:
+                check_contained(self.root, path)
+            try:
+                config = json.loads((path / "adapter_config.json").read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise LoraError("adapter_config.json is not valid JSON") from None
+            if not isinstance(config, dict):
+                raise LoraError("adapter_config.json does not hold a JSON object")
+            if config.get("modules_to_save"):
+                raise LoraError("adapters with modules_to_save cannot be served in mixed batches")
+            action()
+        except (LoraError, OSError, ValueError) as e:
+            message = str(e) if self.root is None else _outside(self.root, str(e))
+            raise AdapterError(400, f"cannot load adapter {name!r}: {message}") from None
+
     def _load(self, entry: Entry) -> None:
         import lorakit
         internal = f"srv{next(self._ids)}"
         try:
-            config = json.loads((entry.path / "adapter_config.json").read_text())
-            if config.get("modules_to_save"):
-                raise LoraError("adapters with modules_to_save cannot be served in mixed batches")
-            lorakit.load(self.model, entry.path, adapter=internal)
-        except (LoraError, OSError, ValueError) as e:
-            raise AdapterError(400, f"cannot load adapter {entry.name!r}: {e}") from None
+            self._guarded(entry.name, entry.path, lambda: lorakit.load(self.model, entry.path, adapter=internal))
         finally:
             if "lorakit_registry" in self.model.__dict__:
                 lorakit.set_active(self.model, [])  # rows choose adapters through lorakit.mixed only

@@ -6,13 +6,20 @@ name or an adapter's; ``stream: true`` sends server-sent events), ``GET /v1/mode
 ``GET /v1/adapters``, ``DELETE /v1/adapters/{name}`` (bearer token). Every error is OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` with a precise status; a client that goes away
 (mid-stream or while waiting) cancels its requests, which frees their batch slots.
+
+One request cannot hurt the others: the body is bounded (413), tokenization and chat templates
+run on a tokenizer thread (never on the event loop), and an unexpected exception is logged with
+the request's id and answered with a 500 naming only that id (``X-Request-Id`` on every answer).
+While the server drains for shutdown every new request gets a 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
+import logging
 import random
 from pathlib import Path
 from typing import AsyncIterator
@@ -27,11 +34,15 @@ from .adapters import AdapterError, check_name, resolve_under
 from .engine import Engine, EngineStopped, Event, QueueFull
 from .engine import Request as GenRequest
 
-__all__ = ["create_app", "ApiError"]
+__all__ = ["create_app", "ApiError", "MAX_BODY_BYTES"]
+
+log = logging.getLogger("lorakit.serve")
+MAX_BODY_BYTES = 1 << 20  # default bound of a request body (413 above it)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
+          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable", 504: "timeout_error"}
 _GONE = object()  # queued by the disconnect watcher
 
 
@@ -56,6 +67,17 @@ class _Server:
         self.engine, self.tok, self.base_name = engine, tokenizer, base_name
         self.base_names = {base_name, *aliases}
         self.admin_token, self.root, self.max_context = admin_token, adapter_root, max_context
+        self.draining = False  # set on shutdown: new requests get 503
+        # one thread: the tokenizer is not shared across threads, and the event loop never waits on it
+        self._text = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
+
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on the tokenizer thread (tokenizing a long prompt must not stall other clients)."""
+        return await asyncio.get_running_loop().run_in_executor(self._text, fn, *args)
+
+    def close(self) -> None:
+        self.draining = True
+        self._text.shutdown(wait=False)
 
     # -- requests ------------------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -79,7 +101,7 @@ class _Server:
                            code="context_length_exceeded")
         return ids, wanted
 
-    def submit(self, name: str, prompts: list[list[int]], max_tokens: int, body: P._Sampling
+    def submit(self, name: str, prompts: list[list[int]], max_tokens: int, body: P._Sampling, rid: str
                ) -> tuple[list[GenRequest], asyncio.Queue]:
         """One engine request per (prompt, n); their events arrive on one queue as (index, event)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -92,7 +114,7 @@ class _Server:
                 emit = _emitter(loop, queue, index)
                 r = GenRequest(ids, emit, adapter=entry, max_tokens=max_tokens, temperature=temperature,
                                top_p=1.0 if body.top_p is None else body.top_p, stop=stop,
-                               seed=None if seed is None else seed + k)
+                               seed=None if seed is None else seed + k, id=rid)
                 try:
                     self.engine.submit(r)
                 except Exception:
@@ -183,21 +205,77 @@ async def _watch_disconnect(http: Request, queue: asyncio.Queue) -> None:
             return
 
 
-class _CountStatus:
-    """ASGI middleware counting responses by status (pure ASGI: streaming and disconnects untouched)."""
+class _Guard:
+    """Pure ASGI middleware around every HTTP request (streaming and disconnects untouched): gives
+    it an id (``X-Request-Id``), answers 503 while the server drains, reads a body of at most
+    ``max_body`` bytes (413 above), turns an unexpected exception into a logged 500 that names only
+    the request id (the connection stays usable), and counts responses by status."""
 
-    def __init__(self, app, metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, srv: _Server, metrics, max_body: int) -> None:
+        self.app, self.srv, self.metrics, self.max_body = app, srv, metrics, max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        rid = P.new_id("req")
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
 
-        async def counted(message):
+        async def send_counted(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
                 self.metrics.inc("lorakit_http_responses_total", status=str(message["status"]))
             await send(message)
-        await self.app(scope, receive, counted)
+
+        async def answer(status: int, message: str, code: str) -> None:
+            await _error(status, message, code=code)(scope, receive, send_counted)
+
+        if self.srv.draining:
+            return await answer(503, "the server is shutting down; retry on another instance", "shutting_down")
+        try:
+            body = await self._read_body(scope, receive)
+        except _TooLarge as e:
+            return await answer(413, str(e), "request_too_large")
+        if body is None:  # the client went away while sending
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards only http.disconnect
+
+        try:
+            await self.app(scope, replay, send_counted)
+        except Exception:  # noqa: BLE001 - logged with the id; the client sees only the id
+            log.exception("request %s (%s %s) failed", rid, scope.get("method"), scope.get("path"))
+            if not started:
+                await answer(500, f"internal server error (request id {rid}); the details are in the "
+                                  "server log", "internal_error")
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise _TooLarge(f"the request body has {int(length)} bytes; at most {self.max_body} are accepted")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                raise _TooLarge(f"the request body exceeds {self.max_body} bytes")
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _param(loc: tuple) -> str:
@@ -213,7 +291,7 @@ def _sse(obj) -> str:
 
 def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ...] = (),
                admin_token: str | None = None, adapter_root: Path | None = None,
-               max_context: int | None = None) -> FastAPI:
+               max_context: int | None = None, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app; starts the engine on start-up and stops it on shutdown."""
     import contextlib
 
@@ -222,7 +300,8 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         if not engine.alive:
             engine.start()
         yield
-        engine.stop()
+        srv.close()
+        await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
     ctx = max_context or getattr(engine.model.config, "max_position_embeddings", 2048)
@@ -247,6 +326,9 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             return _error(400, "the request body is not valid JSON", code="invalid_json")
+        bad_text = next((err for err in errors if err.get("type") == "unicode_surrogate"), None)
+        if bad_text:
+            return _error(400, bad_text["msg"], bad_text["ctx"]["where"], "invalid_unicode")
         where = [_param(err.get("loc", ())) for err in errors]
         detail = "; ".join(f"{w or 'body'}: {err.get('msg')}" for w, err in zip(where[:5], errors))
         return _error(422, f"invalid request: {detail}", where[0] or None, "invalid_type")
@@ -255,11 +337,7 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
     async def http_error(_, e: StarletteHTTPException):  # unknown routes, wrong methods
         return _error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def internal(_, e: Exception):
-        return _error(500, f"internal error: {type(e).__name__}: {e}")
-
-    app.add_middleware(_CountStatus, metrics=metrics)
+    app.add_middleware(_Guard, srv=srv, metrics=metrics, max_body=max_body)
 
     @app.get("/health")
     async def health():
@@ -284,8 +362,12 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
-        encoded = [srv.encode(tokenizer(p)["input_ids"] if isinstance(p, str) else list(p), body.max_tokens, 16,
-                              "prompt") for p in prompt or [[]]]
+        prompt = prompt or [[]]
+        _check_choices(len(prompt), body)
+        texts = [p for p in prompt if isinstance(p, str)]
+        tokenized = iter(await srv.off_loop(lambda: [tokenizer(p)["input_ids"] for p in texts]) if texts else [])
+        encoded = [srv.encode(next(tokenized) if isinstance(p, str) else list(p), body.max_tokens, 16, "prompt")
+                   for p in prompt]
         return await _respond(srv, http, body, [ids for ids, _ in encoded], min(n for _, n in encoded), chat=False)
 
     @app.post("/v1/chat/completions")
@@ -296,18 +378,20 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        _check_choices(1, body)
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = await srv.off_loop(lambda: tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                            add_generation_prompt=True))
         except Exception as e:  # noqa: BLE001 - templates raise on unsupported role orders
             raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        ids, wanted = srv.encode(tokenizer(text, add_special_tokens=False)["input_ids"],
-                                 body.max_completion_tokens or body.max_tokens, None, "messages")
+        ids = await srv.off_loop(lambda: tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids, wanted = srv.encode(ids, body.max_completion_tokens or body.max_tokens, None, "messages")
         return await _respond(srv, http, body, [ids], wanted, chat=True)
 
     @app.get("/v1/adapters")
     async def list_adapters(authorization: str | None = Header(default=None)):
         srv.check_admin(authorization)
-        return {"object": "list", "data": engine.adapters.listing(),
+        return {"object": "list", "data": engine.adapters.listing(detail=True),
                 "max_resident": engine.adapters.max_resident or None}
 
     @app.post("/v1/adapters", status_code=201)
@@ -346,8 +430,9 @@ async def _respond(srv: _Server, http: Request, body: P._Sampling, prompts: list
         raise ApiError(400, str(e), param="stop") from None
     if body.seed is None and (body.n or 1) > 1:
         body.seed = random.getrandbits(62)
-    requests, queue = srv.submit(body.model, prompts, max_tokens, body)
-    rid = P.new_id("chatcmpl" if chat else "cmpl")
+    rid = http.state.request_id
+    requests, queue = srv.submit(body.model, prompts, max_tokens, body, rid)
+    rid = rid.replace("req-", "chatcmpl-" if chat else "cmpl-", 1)
     if not body.stream:
         choices, prompt_tokens, completion_tokens = await srv.collect(http, requests, queue)
         build = P.chat_body if chat else P.completion_body
@@ -377,6 +462,14 @@ async def _stream(srv: _Server, http: Request, requests: list[GenRequest], queue
     if include_usage:
         yield _sse(chunk(rid, model, 0, {}, None, usage=(_prompt_tokens(requests), completion)))
     yield "data: [DONE]\n\n"
+
+
+def _check_choices(prompts: int, body: P._Sampling) -> None:
+    """Prompts x n is the number of batch rows one request takes: at most ``MAX_CHOICES``."""
+    if prompts * (body.n or 1) > P.MAX_CHOICES:
+        raise ApiError(400, f"{prompts} prompt(s) x n={body.n or 1} asks for {prompts * (body.n or 1)} "
+                       f"completions; at most {P.MAX_CHOICES} per request", param="prompt" if prompts > 1 else "n",
+                       code="too_many_choices")
 
 
 def _prompt_tokens(requests: list[GenRequest]) -> int:

@@ -96,10 +96,17 @@ class Batch:
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Next token of one row: greedy when ``temperature == 0``, else nucleus sampling."""
+    """Next token of one row: greedy when ``temperature == 0``, else nucleus sampling.
+
+    Computed in float64 with the logits shifted by their maximum, so any positive temperature,
+    however small (1e-300 is 0 in float32), gives finite probabilities: the limit is greedy.
+    Raises ValueError when the logits hold NaN or +inf (e.g. from an adapter with NaN factors)."""
+    logits = logits.double()
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
+        raise ValueError("the model produced non-finite logits (NaN or inf)")
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         drop = sorted_p.cumsum(0) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p

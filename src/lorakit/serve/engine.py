@@ -8,14 +8,18 @@ One worker thread owns the model; all torch work happens there. Requests enter a
 2. drops queued or running requests that were cancelled (client gone) or timed out;
 3. admits waiting requests in arrival order while the batch has room (and up to a budget of
    prefill tokens): they are prefilled together, left-padded, under ``lorakit.mixed(model, their
-   adapters)``, and sample their first tokens. With a resident
-   limit, a request whose adapter cannot be loaded yet (all resident ones are in use) waits, and
+   adapters)``, and sample their first tokens; only rows whose prefill and first token succeeded
+   join the decode batch. With a resident limit, a request whose adapter cannot be loaded yet (all resident ones are in use) waits, and
    only base-model requests may overtake it, so it cannot starve;
 4. runs ONE decode step for every running row together, under ``lorakit.mixed(model, names)``
    (one adapter per row, None = base), samples each row with its own parameters and generator,
    and retires the rows that finished.
 
-So a new request joins at the next step and a finished one leaves at once. The KV cache scheme
+So a new request joins at the next step and a finished one leaves at once. Every request ends
+exactly once, in ``_finish`` (its one final event; its batch pin and adapter hold released), so a
+failure cannot leave rows behind or counts negative. A row whose logits are not finite (e.g. a
+broken adapter) ends alone with an error; a failed forward ends the rows it ran. Internal errors
+are logged with the request ids; clients get a message naming only their id. The KV cache scheme
 is in :mod:`lorakit.serve.batch`. Results go back through each request's ``emit`` callback
 (called on the worker thread; the HTTP layer forwards them into its event loop).
 """
@@ -25,10 +29,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import logging
 import random
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,7 +46,10 @@ from .batch import Batch, cache_tensors, sample
 from .metrics import Metrics
 from .text import TextStream
 
-__all__ = ["Engine", "Request", "Event", "QueueFull", "EngineStopped"]
+__all__ = ["Engine", "Request", "Event", "QueueFull", "EngineStopped", "SEED_MODULUS"]
+
+log = logging.getLogger("lorakit.serve")
+SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes [0, 2**64); a request's seed is reduced modulo this
 
 
 class QueueFull(Exception):
@@ -77,6 +84,7 @@ class Request:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    id: str = ""                    # the HTTP request id (in logs and internal-error messages)
     cancelled: bool = False         # set from any thread (client disconnected)
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = float("inf")
@@ -85,6 +93,8 @@ class Request:
     text: TextStream | None = None
     generator: torch.Generator | None = None
     first_token_at: float | None = None
+    pinned: bool = False            # counted in adapter.rows (admitted, not yet finished)
+    finished: bool = False          # _finish ran: the client heard its one final event
 
 
 class Engine:
@@ -120,12 +130,18 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop the worker: running and waiting requests end with a 503 "shutting down" error.
+        ``wait=False`` returns at once (safe on an event loop); the worker finishes its current step."""
         with self._wake:
             self._running = False
             self._wake.notify()
-        if self._thread:
+        if wait and self._thread:
             self._thread.join(timeout=30)
+
+    def pending(self) -> tuple[int, int]:
+        """(running rows, waiting requests) now."""
+        return len(self._rows), len(self._waiting)
 
     @property
     def alive(self) -> bool:
@@ -156,9 +172,10 @@ class Engine:
         while self._running:
             try:
                 self._iteration()
-            except Exception as e:  # noqa: BLE001 - a bug must fail the running requests, not the server
-                traceback.print_exc()
-                self._fail_running(f"internal error: {type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001 - a bug must fail the running requests, not the server
+                log.exception("engine iteration failed; failing the running requests %s",
+                              [r.id for r in self._rows])
+                self._fail_running(None)
         with self._wake:  # shutting down: nobody is left waiting forever
             waiting, self._waiting = list(self._waiting), collections.deque()
         self._fail_running("the server is shutting down", status=503)
@@ -183,12 +200,11 @@ class Engine:
         if self._rows:
             self._decode()
 
-    def _fail_running(self, message: str, status: int = 500) -> None:
+    def _fail_running(self, message: str | None, status: int = 500) -> None:
+        """End every running row with an error (``None``: an internal error, details in the log)."""
         self._close_routing()
         rows, self._rows, self._batch = self._rows, [], Batch(self.model.config)
         for r in rows:
-            if r.adapter is not None:
-                r.adapter.rows -= 1
             self._finish(r, "error", message, status)
 
     def _expire(self) -> None:
@@ -221,24 +237,26 @@ class Engine:
                 if r.adapter is not None and not self.adapters.ensure(r.adapter):
                     blocked = True  # every resident adapter is in use by running rows; only base rows pass
                     continue
-            except Exception as e:  # noqa: BLE001 - e.g. the adapter's files vanished
+            except Exception as e:  # noqa: BLE001 - e.g. the adapter's files vanished or became invalid
                 if self._take(r):
-                    self._finish(r, "error", str(getattr(e, "message", e)))
+                    if getattr(e, "message", None) is None:
+                        log.exception("request %s: loading its adapter failed", r.id)
+                    self._finish(r, "error", getattr(e, "message", None))  # AdapterError: a safe message
                 continue
             if self._take(r):
                 if r.adapter is not None:
                     r.adapter.rows += 1  # pinned: the next ensure() cannot evict it
+                    r.pinned = True
                 group.append(r)
                 longest = max(longest, len(r.prompt))
         if not group:
             return
         try:
             self._prefill(group)
-        except Exception as e:  # noqa: BLE001 - bad requests must not stop the server
-            for r in group:
-                if r.adapter is not None:
-                    r.adapter.rows -= 1
-                self._finish(r, "error", f"prefill failed: {e}")
+        except Exception:  # noqa: BLE001 - bad requests must not stop the server
+            log.exception("prefill failed for requests %s", [r.id for r in group])
+            for r in group:  # none of them joined the batch (rows are added only after a clean prefill)
+                self._finish(r, "error", None)
 
     def _take(self, r: Request) -> bool:
         with self._wake:
@@ -258,38 +276,63 @@ class Engine:
             ids[i, length - len(r.prompt):] = torch.tensor(r.prompt)
             mask[i, length - len(r.prompt):] = 1
             r.text = TextStream(self.tok, r.stop)
-            r.generator = torch.Generator().manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
+            seed = r.seed % SEED_MODULUS if r.seed is not None else random.getrandbits(63)
+            r.generator = torch.Generator().manual_seed(seed)
         with self._route([r.adapter.internal if r.adapter else None for r in group], persistent=False):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                              cache=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
-        self._batch.add(cache_tensors(out.cache), mask)
-        first = len(self._rows)
-        self._rows.extend(group)
         self.metrics.inc("lorakit_prompt_tokens_total", sum(len(r.prompt) for r in group))
+        firsts = {i: self._sample(r, out.logits[i, -1]) for i, r in enumerate(group)}
+        ok = [i for i, t in firsts.items() if t is not None]  # rows that failed to sample are finished already
+        if not ok:
+            return
+        kv = cache_tensors(out.cache)
+        if len(ok) < len(group):
+            idx = torch.tensor(ok)
+            kv, mask = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv], mask.index_select(0, idx)
+        self._batch.add(kv, mask)
+        first = len(self._rows)
+        self._rows.extend(group[i] for i in ok)
         finished = {}
-        for i, r in enumerate(group):
-            reason = self._accept(r, sample(out.logits[i, -1], r.temperature, r.top_p, r.generator))
+        for j, i in enumerate(ok):
+            reason = self._accept(group[i], firsts[i])
             if reason:
-                finished[first + i] = reason
+                finished[first + j] = reason
         if finished:
             self._retire(finished)
 
+    def _sample(self, r: Request, logits: torch.Tensor) -> int | None:
+        """The row's next token; on a failure (non-finite logits, e.g. from a broken adapter) the
+        request is finished with an error and None is returned."""
+        try:
+            return sample(logits, r.temperature, r.top_p, r.generator)
+        except Exception as e:  # noqa: BLE001 - one bad row must not fail the others
+            log.warning("request %s: sampling failed: %s", r.id, e)
+            self._finish(r, "error", f"generation failed: {e}")
+            return None
+
     def _decode(self) -> None:
+        live = [i for i, r in enumerate(self._rows) if not r.finished]
+        if len(live) < len(self._rows):  # rows an error already finished (e.g. mid-prefill) leave first
+            self._rows = [self._rows[i] for i in live]
+            self._batch.keep(live)
+            if not self._rows:
+                return
         rows = self._rows
         tokens = torch.tensor([r.tokens[-1] for r in rows])
         try:
             self._route([r.adapter.internal if r.adapter else None for r in rows])
             logits = self._batch.step(self.model, tokens)
-        except Exception as e:  # noqa: BLE001
-            self._fail_running(f"decode failed: {e}")
+        except Exception:  # noqa: BLE001
+            log.exception("decode step failed for requests %s", [r.id for r in rows])
+            self._fail_running(None)
             return
         self.metrics.inc("lorakit_decode_steps_total")
         self.metrics.observe("lorakit_batch_size", len(rows))
-        greedy = logits.argmax(-1).tolist()
         finished = {}
         for i, r in enumerate(rows):
-            token = greedy[i] if r.temperature <= 0 else sample(logits[i], r.temperature, r.top_p, r.generator)
-            reason = self._accept(r, token)
+            token = self._sample(r, logits[i])
+            reason = "error" if token is None else self._accept(r, token)
             if reason:
                 finished[i] = reason
         if finished:
@@ -315,16 +358,24 @@ class Engine:
         """Remove rows (index -> finish reason) from the batch and tell their clients."""
         keep = [i for i in range(len(self._rows)) if i not in reasons]
         for i, reason in reasons.items():
-            r = self._rows[i]
-            if r.adapter is not None:
-                r.adapter.rows -= 1
-            self._finish(r, reason)
+            self._finish(self._rows[i], reason)  # no-op for rows already finished ("error" from _sample)
         self._rows = [self._rows[i] for i in keep]
         self._batch.keep(keep)
 
-    def _finish(self, r: Request, reason: str, message: str = "", status: int = 500) -> None:
+    def _finish(self, r: Request, reason: str, message: str | None = "", status: int = 500) -> None:
+        """Tell the client its one final event and release the request's batch pin and adapter hold.
+        The single place that does so; idempotent. ``message=None``: an internal error (details in
+        the log), answered with a generic text naming the request id."""
+        if r.finished:
+            return
+        r.finished = True
+        if r.pinned:
+            r.adapter.rows -= 1
+            r.pinned = False
         if r.adapter is not None:
             self.adapters.release(r.adapter)
+        if message is None:
+            message = f"internal error while generating (request id {r.id or 'unknown'}); see the server log"
         outcome = {"stop": "ok", "length": "ok"}.get(reason, reason)
         self.metrics.inc("lorakit_requests_total", outcome=outcome)
         self.metrics.observe("lorakit_request_latency_seconds", time.monotonic() - r.arrival)

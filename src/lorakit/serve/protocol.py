@@ -5,6 +5,10 @@ Only what lorakit honours is accepted with a non-default value: ``max_tokens``, 
 that would change the result but are not implemented (``logprobs``, penalties, ``logit_bias``,
 ``echo``, tools) are refused with a 400 instead of being silently ignored; unknown fields are
 ignored, as OpenAI-compatible servers do.
+
+What one request may ask for is bounded (see the constants below): numbers must be finite and in
+the range the sampler can use, a seed must fit in 64 bits, and text must be valid Unicode (a lone
+surrogate such as ``"\\ud83d"`` is refused with 400: it cannot be tokenized or encoded as UTF-8).
 """
 
 from __future__ import annotations
@@ -13,11 +17,17 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "AdapterLoadRequest", "Unsupported",
            "error_body", "completion_body", "chat_body", "completion_chunk", "chat_chunk",
-           "model_card", "new_id"]
+           "model_card", "new_id", "MAX_STOP", "MAX_STOP_CHARS", "MAX_CHOICES", "SEED_MIN", "SEED_MAX"]
+
+MAX_STOP = 16           # stop strings per request
+MAX_STOP_CHARS = 256    # characters per stop string
+MAX_CHOICES = 64        # prompts x n per request (each is one row of the decode batch)
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # what torch's generator accepts (negative seeds wrap modulo 2**64)
 
 
 class Unsupported(Exception):
@@ -28,8 +38,39 @@ class Unsupported(Exception):
         self.param = param
 
 
+def _surrogate(value, where: str = "") -> str | None:
+    """Where (``messages.0.content``) the first string holding a lone surrogate is, or None."""
+    if isinstance(value, str):
+        return None if value.isascii() or _encodable(value) else where or "body"
+    pairs = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in pairs:
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and not _encodable(key):
+            return path
+        if hit := _surrogate(item, path):
+            return hit
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        where = _surrogate(data)
+        if where:
+            raise PydanticCustomError("unicode_surrogate", "{where}: the text contains a lone UTF-16 surrogate "
+                                      "(not valid Unicode); send UTF-8 text", {"where": where})
+        return data
 
 
 class StreamOptions(_Strict):
@@ -45,7 +86,7 @@ class _Sampling(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -53,8 +94,11 @@ class _Sampling(_Strict):
 
     def stops(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 16:
-            raise ValueError("at most 16 stop strings")
+        if len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings (got {len(stop)})")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ValueError(f"each stop string may have at most {MAX_STOP_CHARS} characters "
+                             f"(got {max(len(s) for s in stop)})")
         return tuple(s for s in stop if s)
 
     def check_unsupported(self) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoraError
-from .layers import CONV1D_HF, EMBEDDING, LINEAR, ROUTING, LoraLayer, SavedModule, owns_output
+from .layers import EMBEDDING, ROUTING, LoraLayer, SavedModule, _Linear, owns_output
 from .model import registry, wrappers
 
 __all__ = ["mixed", "Routing"]
@@ -92,7 +92,7 @@ class Routing:
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
             return "plain", tuple(distinct)
-        fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not extra_args
+        fast = (isinstance(layer.kind, _Linear) or layer.kind is EMBEDDING) and not extra_args
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
         if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct)):
             return "group", names

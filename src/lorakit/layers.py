@@ -67,6 +67,10 @@ class Kind:
         out, rest = weight.shape[0], math.prod(weight.shape[1:])
         return (r, rest), (out, r)
 
+    def weight_shape(self, base: nn.Module, weight: Tensor) -> tuple[int, ...]:
+        """The shape of ΔW: W's own, except for a packed (quantized) weight."""
+        return tuple(weight.shape)
+
     def rank(self, weight: Tensor, a: Tensor) -> int:
         """The rank r of an adapter whose factor A is ``a``."""
         return a.shape[0]
@@ -316,6 +320,11 @@ SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d"
 
 def kind_of(module: nn.Module) -> Kind | None:
     """The kind of a module targeted by name/type, or None if it is not a supported layer."""
+    if "bitsandbytes" in sys.modules:  # its quantized layers subclass nn.Linear but hold packed weights
+        from .quant import kind_of_quantized
+        quantized = kind_of_quantized(module)
+        if quantized is not None:
+            return quantized
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, nn.Embedding):
@@ -357,9 +366,9 @@ class LoraLayer(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------
     def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
-        """Create adapter ``name`` with ΔW = 0. Factors are fp32 on a half-precision base."""
+        """Create adapter ``name`` with ΔW = 0. Factors are fp32 on a half-precision or quantized base."""
         w = self.weight
-        dtype = torch.float32 if w.dtype in _LOW_PRECISION else w.dtype
+        dtype = torch.float32 if w.dtype in _LOW_PRECISION or not w.is_floating_point() else w.dtype
         a_shape, b_shape = self.kind.shapes(self.base_layer, w, r)
         a = torch.empty(a_shape, dtype=dtype, device=w.device)
         b = torch.empty(b_shape, dtype=dtype, device=w.device)
@@ -401,7 +410,7 @@ class LoraLayer(nn.Module):
         w = self.weight
         left, right = self.kind.matrices(self.base_layer, w, a, b)
         d = (left @ right) * self.scale[name]
-        d = (d.t() if self.kind.transposed else d).reshape(w.shape)
+        d = (d.t() if self.kind.transposed else d).reshape(self.kind.weight_shape(self.base_layer, w))
         return d if dtype is None else d.to(dtype)
 
     def _shifted(self, names: Sequence[str], sign: int) -> Tensor:

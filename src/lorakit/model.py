@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import hf
+from . import hf, quant
 from .config import LoraConfig, LoraError
 from .layers import LoraLayer, SavedModule
 from .targets import Site, Wrapper, plan, plan_saved, walk
@@ -219,6 +219,12 @@ def merge(model: nn.Module, exact: bool = True) -> None:
     owners = _tied(model)
     layers = [(path, layer) for path, layer in lora_layers(model) if layer.active]
     for path, layer in layers:
+        fmt = quant.format_of(layer.base_layer)
+        if fmt is not None:
+            raise LoraError(f"cannot merge into {path}: its weight is quantized ({fmt}) and W + ΔW is not "
+                            f"representable in {fmt}; use lorakit.merge_and_unload(model, dequantize=True) for a "
+                            "full-precision model, or lorakit.quant.merge_requantized(model) (lossy; reports "
+                            "its error), or keep the adapter unmerged")
         if parametrize.is_parametrized(layer.base_layer, layer.param_name):
             raise LoraError(f"cannot merge into {path}.{layer.param_name}: a parametrization was registered on "
                             "it after inject; W + ΔW cannot be written back exactly through one (remove it "
@@ -266,15 +272,23 @@ def _unload(model: nn.Module) -> None:
         p.requires_grad_(flag)
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Merge the active adapters (if any, and not yet merged) and remove every lorakit module.
 
     The result is the user's own model class with the original state_dict keys, the adapters'
-    updates in its weights and the parameters' original ``requires_grad`` flags.
+    updates in its weights and the parameters' original ``requires_grad`` flags. A quantized
+    (bitsandbytes) base cannot take ΔW: ``dequantize=True`` first replaces every quantized layer
+    by an ``nn.Linear`` holding its dequantized weight W_deq, so the result is a full-precision
+    model with W_deq + ΔW rounded once (see :mod:`lorakit.quant`).
     """
     reg = registry(model)
-    if reg.active and not reg.merged:
-        merge(model, exact=False)
+    found = quant.dequantize(model) if dequantize else []
+    try:
+        if reg.active and not reg.merged:
+            merge(model, exact=False)
+    except LoraError:
+        quant.requantize_undo(found)  # all or nothing: the quantized layers go back
+        raise
     _unload(model)
     return model
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import LoraConfig, LoraError, Target
-from .layers import PARAM, SUPPORTED, Kind, LoraLayer, SavedModule, kind_of
+from .layers import PARAM, SUPPORTED, Kind, LoraLayer, SavedModule, _Linear, kind_of
 
 __all__ = ["Site", "plan", "plan_saved", "walk", "Wrapper"]
 
@@ -105,7 +105,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
         if target == "all-linear":
             heads = _output_heads(model, modules)
             hits = [p for p, m in modules.items()
-                    if kind_of(m) is not None and kind_of(m).name in ("linear", "conv1d_hf") and p not in heads]
+                    if isinstance(kind_of(m), _Linear) and p not in heads]
         elif isinstance(target, type):
             hits = [p for p, m in modules.items() if isinstance(m, target)]
         else:

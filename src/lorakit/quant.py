@@ -64,8 +64,9 @@ class QuantizedLinear(_Linear):
     """LoRA on a bitsandbytes linear layer: A (r, in), B (out, r) as for nn.Linear (PEFT's files).
 
     The packed weight is never read by lorakit in the forward: the base layer runs its own kernel
-    and the update is added to its output (in place when the output is a fresh tensor of the
-    factors' dtype, which the base's backward does not need)."""
+    and the update is added to its output; in place when no gradient flows through that output
+    (bitsandbytes returns a view made inside its autograd Function, which autograd forbids
+    modifying in place)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -89,7 +90,7 @@ class QuantizedLinear(_Linear):
         for name in names:
             a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
             h = _skinny(a, layer.dropped(x, name).to(a.dtype).reshape(-1, x.shape[-1]))  # (tokens, r)
-            if h.dtype == b.dtype == result.dtype and result.is_contiguous():
+            if not result.requires_grad and h.dtype == b.dtype == result.dtype and result.is_contiguous():
                 result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=s)
             else:
                 result = result + (F.linear(h, b) * s).to(result.dtype).view(result.shape)
@@ -177,6 +178,10 @@ def _quantized_layer(linear: nn.Linear, fmt: str, compute_dtype, double_quant: b
                                   compress_statistics=double_quant)
         layer.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type=fmt, blocksize=blocksize,
                                          compress_statistics=double_quant, module=layer).to(device)
+        # bitsandbytes repacks the weight on the first inference forward on AVX512-BF16 CPUs: absmax
+        # rounded to bf16 (W_deq changes for good, eval and training outputs differ) and a crash
+        # unless out % 32 == 0 and in % blocksize == 0. lorakit's layers keep the exact format.
+        layer.support_avx512bf16_for_cpu = False
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=False)
     layer.train(linear.training)

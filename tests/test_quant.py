@@ -279,3 +279,37 @@ def test_peft_files_both_ways_on_the_same_quantized_base(fmt, tmp_path):
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lk")).eval()
     with torch.no_grad():
         _close(pm2(x), lk2(x), 1e-5)
+
+
+# -- the base precision an adapter was trained on --------------------------------------------------
+def test_adapter_refuses_a_base_quantized_otherwise(tmp_path):
+    nf4 = lorakit.quantize(_tiny(), "nf4")
+    lorakit.inject(nf4, lorakit.LoraConfig(r=4, targets=["up", "down"]))
+    _randomize(nf4)
+    lorakit.save(nf4, tmp_path / "nf4")
+    fp32 = lorakit.inject(_tiny(), lorakit.LoraConfig(r=4, targets=["up", "down"]))
+    lorakit.save(fp32, tmp_path / "fp32")
+    x = torch.randn(3, 64)
+    for other, directory, was, now in ((lorakit.quantize(_tiny(), "fp4"), "nf4", "nf4", "fp4"),
+                                       (lorakit.quantize(_tiny(), "int8"), "nf4", "nf4", "int8"),
+                                       (_tiny(), "nf4", "nf4", "full precision"),
+                                       (lorakit.quantize(_tiny(), "nf4"), "fp32", "full precision", "nf4")):
+        with torch.no_grad():
+            before = other(x)
+        with pytest.raises(lorakit.LoraError, match=f"trained on a base with down in {was}, but this model "
+                                                    f"holds it in {now} \\(2 layer"):
+            lorakit.load(other, tmp_path / directory)
+        assert "lorakit_registry" not in other.__dict__
+        with torch.no_grad():
+            assert torch.equal(other(x), before)
+        lorakit.load(other, tmp_path / directory, allow_precision_change=True)  # explicit: applied anyway
+    same = lorakit.load(lorakit.quantize(_tiny(), "nf4"), tmp_path / "nf4")
+    with torch.no_grad():
+        assert torch.equal(same(x), nf4(x))
+
+
+def test_cli_refuses_full_fine_tuning_of_a_quantized_base(capsys):
+    from lorakit.cli import main
+    assert main(["train", "--quantize", "nf4", "--full"]) == 2
+    err = capsys.readouterr().err
+    assert "--full" in err and "quantized" in err and "Traceback" not in err

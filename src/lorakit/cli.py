@@ -43,6 +43,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+                   help="hold the frozen base's linear layers (not the head) in 4 or 8 bits (QLoRA; bitsandbytes)")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--max-length", type=int, default=None, help="max tokens per example (128 / 96)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: no limit)")
@@ -61,6 +63,8 @@ def _train(args) -> int:
     from .train.tasks import LoraSpec, causal_lm, classify
 
     lm = args.task == "causal-lm"
+    if args.full and args.quantize:
+        raise ValueError("--full trains every weight; a quantized (--quantize) weight cannot be trained: use LoRA")
     targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
     lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full)
     train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
@@ -70,7 +74,7 @@ def _train(args) -> int:
                         grad_checkpointing=args.grad_checkpointing, seed=args.seed, eval_every=args.eval_every,
                         max_steps=args.max_steps)
     common = dict(out=args.out, val_data=args.val_data, test_data=args.test_data, lora=lora, train=train,
-                  resume=args.resume, progress=not args.no_progress)
+                  resume=args.resume, progress=not args.no_progress, quantize=args.quantize)
     if lm:
         data = args.data or "builtin:bbc-headlines"
         limit = args.train_limit if args.train_limit is not None else (600 if data == "builtin:bbc-headlines" else 0)
@@ -168,6 +172,8 @@ def _serve_parser(sub) -> None:
                         "those left then end with a 503 error")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+                   help="hold the base model's linear layers (not the head) in 4 or 8 bits (bitsandbytes)")
 
 
 def _serve(args) -> int:

@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
+from . import quant
 from .config import LoraConfig, LoraError
 from .layers import PARAM, LoraLayer
 from .model import _apply, _root, check_name, lora_layers, registry, saved_modules, set_active
@@ -43,6 +44,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _META_KEY = "lorakit_config"
+_QUANT_KEY = "lorakit_base_quantization"  # {path: "nf4" | "fp4" | "int8"} of the adapted quantized layers
 _LEGACY_HASH_KEY = "lorakit_weights_sha256"  # in adapter_config.json of files from earlier lorakit versions
 # PEFT options lorakit cannot honour: loading them silently would give different outputs.
 _UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
@@ -147,7 +149,9 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
             t = t.detach().to("cpu").contiguous()
             tensors[f"{PREFIX}{path}.{key}"] = t.to(dtype) if t.is_floating_point() else t
     config = json.dumps(config, indent=2, sort_keys=True)
-    weights = st_save(tensors, metadata={"format": "pt", _META_KEY: config})
+    quantized = {p: quant.format_of(layer.base_layer) for p, layer in lora_layers(model) if adapter in layer.lora_A}
+    quantized = json.dumps({p: f for p, f in quantized.items() if f}, sort_keys=True)
+    weights = st_save(tensors, metadata={"format": "pt", _META_KEY: config, _QUANT_KEY: quantized})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomic(directory / CONFIG_NAME, config.encode())
@@ -370,7 +374,7 @@ class _Prepared:
     existing: bool
 
 
-def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
+def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_change: bool = False) -> _Prepared:
     """Read ``directory`` and check it completely against ``model`` (raises :class:`LoraError`); pure."""
     if not directory.is_dir():
         raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
@@ -400,26 +404,31 @@ def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
     _agree(selection, paths, saved, config, config_source, source)  # ... and is what its config says
     if existing:  # ... and fits the adapter's current modules and shapes
         _check(_expected_existing(model, adapter), tensors, source)
+    if not allow_precision_change:  # ... and the base is quantized as the one it was trained on
+        quant.check_base(metadata.get(_QUANT_KEY), {s.path: quant.format_of(s.module) for s in sites}, str(source))
     return _Prepared(cfg, tensors, sites, saved_plan, existing)
 
 
-def check(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> LoraConfig:
-    """Run every check of :func:`load` (config, keys, shapes, dtypes, finite values) without
-    changing ``model``; raise :class:`LoraError` on the first problem, else return the config that
-    :func:`load` would use. The tensors are read and dropped (nothing is kept in memory)."""
-    return _prepare(model, Path(directory), adapter).cfg
+def check(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+          allow_precision_change: bool = False) -> LoraConfig:
+    """Run every check of :func:`load` (config, keys, shapes, dtypes, finite values, base
+    quantization) without changing ``model``; raise :class:`LoraError` on the first problem, else
+    return the config that :func:`load` would use. The tensors are read and dropped."""
+    return _prepare(model, Path(directory), adapter, allow_precision_change).cfg
 
 
 def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
-         activate: bool = True) -> nn.Module:
+         activate: bool = True, allow_precision_change: bool = False) -> nn.Module:
     """Load a PEFT-format adapter from ``directory`` as adapter ``adapter`` and make it active
     (``activate=False``: keep the active set; the loaded adapter stays inactive and frozen).
 
     If the model has no adapter of that name, one is injected per the saved config (on exactly
     the modules the file holds). Any mismatch, and any NaN or infinite value, raises
-    :class:`LoraError` and leaves the model as it was. Returns ``model``.
+    :class:`LoraError` and leaves the model as it was, as does a lorakit file saved from layers
+    quantized otherwise (nf4 / fp4 / int8 / full precision) than the model's, unless
+    ``allow_precision_change`` (see :func:`lorakit.quant.check_base`). Returns ``model``.
     """
-    prepared = _prepare(model, Path(directory), adapter)
+    prepared = _prepare(model, Path(directory), adapter, allow_precision_change)
     cfg, tensors = prepared.cfg, prepared.tensors
     if prepared.existing:
         reg = registry(model)

@@ -19,6 +19,7 @@ base's format and returns the error that introduced.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -48,13 +49,14 @@ def _bnb():
 
 
 def format_of(module: nn.Module) -> str | None:
-    """"nf4", "fp4" or "int8" for a bitsandbytes quantized linear layer, else None (no import)."""
+    """"nf4", "fp4" or "int8" for a bitsandbytes quantized linear layer ("4bit" for a Linear4bit
+    whose weight was never quantized), else None (no import)."""
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:
         return None
     if isinstance(module, bnb.nn.Linear4bit):
         state = getattr(module.weight, "quant_state", None)
-        return state.quant_type if state is not None else module.weight.quant_type
+        return state.quant_type if state is not None else getattr(module.weight, "quant_type", "4bit")
     if isinstance(module, bnb.nn.Linear8bitLt):
         return "int8"
     return None
@@ -64,17 +66,18 @@ class QuantizedLinear(_Linear):
     """LoRA on a bitsandbytes linear layer: A (r, in), B (out, r) as for nn.Linear (PEFT's files).
 
     The packed weight is never read by lorakit in the forward: the base layer runs its own kernel
-    and the update is added to its output; in place when no gradient flows through that output
-    (bitsandbytes returns a view made inside its autograd Function, which autograd forbids
-    modifying in place)."""
+    and the update is added to its output; in place only without autograd (bitsandbytes returns a
+    view made inside its autograd Function, which autograd forbids modifying in place)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def check(self, base: nn.Module, path: str) -> None:
         if self.name == "linear4bit" and getattr(base.weight, "quant_state", None) is None:
-            raise LoraError(f"{path}: this Linear4bit is not quantized yet (bitsandbytes quantizes on "
-                            "`.to(device)`); move the model to its device before inject")
+            raise LoraError(f"{path}: this Linear4bit holds no quantized weight (bitsandbytes quantizes on "
+                            "`.to(device)`; transformers leaves a newly initialised head unquantized: keep it out "
+                            "with BitsAndBytesConfig(llm_int8_skip_modules=[...])); it cannot run, so it cannot "
+                            "take an adapter")
         if self.name == "linear8bit" and getattr(base.state, "has_fp16_weights", False):
             raise LoraError(f"{path}: Linear8bitLt with has_fp16_weights=True holds a trainable fp16 "
                             "weight, not a frozen int8 one; load it with has_fp16_weights=False")
@@ -90,7 +93,7 @@ class QuantizedLinear(_Linear):
         for name in names:
             a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
             h = _skinny(a, layer.dropped(x, name).to(a.dtype).reshape(-1, x.shape[-1]))  # (tokens, r)
-            if not result.requires_grad and h.dtype == b.dtype == result.dtype and result.is_contiguous():
+            if not torch.is_grad_enabled() and h.dtype == b.dtype == result.dtype and result.is_contiguous():
                 result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=s)
             else:
                 result = result + (F.linear(h, b) * s).to(result.dtype).view(result.shape)
@@ -323,6 +326,31 @@ def merge_requantized(model: nn.Module) -> RequantError:
         parent_path, _, attr = path.rpartition(".")
         setattr(modules[parent_path], attr, layer)
     return RequantError(error, {p: d for p, (_, d) in targets.items()})
+
+
+# -- the base precision an adapter was trained on -------------------------------------------------
+def check_base(recorded: str | None, sites: dict[str, str | None], source: str) -> None:
+    """Refuse loading an adapter on layers quantized otherwise than those it was saved from.
+
+    ``recorded``: the JSON ``{path: format}`` a lorakit save writes for its quantized layers (None
+    for files without it, e.g. PEFT's: nothing to compare). ``sites``: ``{path: format or None}``
+    of the model's layers the file adapts. A different base format changes every output by the
+    difference of two quantization errors, of the order of the update itself, so it is an error
+    unless the caller allows it (``lorakit.load(..., allow_precision_change=True)``)."""
+    if recorded is None:
+        return
+    try:
+        saved = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise LoraError(f"{source}: its lorakit_base_quantization metadata is not JSON; save the adapter again") from None
+    differ = {p: (saved.get(p), fmt) for p, fmt in sites.items() if saved.get(p) != fmt}
+    if differ:
+        p, (was, now) = next(iter(sorted(differ.items())))
+        name = lambda f: f or "full precision"  # noqa: E731
+        raise LoraError(f"{source} was trained on a base with {p} in {name(was)}, but this model holds it in "
+                        f"{name(now)} ({len(differ)} layer(s) differ): the outputs would not be the ones it was "
+                        f"trained for. Load the base {'quantized to ' + was if was else 'in full precision'}, or pass "
+                        "allow_precision_change=True to apply it anyway")
 
 
 def quantized_paths(model: nn.Module) -> dict[str, str]:

@@ -43,8 +43,10 @@ class LoraSpec:
     full: bool = False
 
 
-def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from ``builtin:minilm``, ``builtin:smollm2`` or a local HF folder."""
+def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = torch.float32,
+               quantize: str | None = None):
+    """``(model, tokenizer)`` from ``builtin:minilm``, ``builtin:smollm2`` or a local HF folder;
+    ``quantize`` ("nf4", "fp4", "int8"): its linear layers but the head quantized (:func:`lorakit.quantize`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     path = {"builtin:minilm": builtin.minilm_path, "builtin:smollm2": builtin.smollm2_path}.get(spec)
     path = Path(path() if path else spec)
@@ -59,6 +61,9 @@ def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = t
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if quantize:
+        from ..quant import quantize as quantize_model
+        quantize_model(model, quantize)
     return model, tok
 
 
@@ -135,13 +140,15 @@ def _restore_best(model: nn.Module, out: Path, save_best, lora: LoraSpec) -> Non
 def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "builtin:bbc",
              val_data: str | None = None, test_data: str | None = None, text_column: str = "text",
              label_column: str = "label", lora: LoraSpec = LoraSpec(), train: TrainConfig = TrainConfig(),
-             max_length: int = 128, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Fine-tune a sequence classifier; default: all-MiniLM-L6-v2 on BBC News (5 topics)."""
+             max_length: int = 128, resume: bool = False, progress: bool = True, log=print,
+             quantize: str | None = None) -> dict:
+    """Fine-tune a sequence classifier; default: all-MiniLM-L6-v2 on BBC News (5 topics).
+    ``quantize``: hold the frozen base in "nf4", "fp4" or "int8" (QLoRA)."""
     out = Path(out)
     splits = _classification_data(data, val_data, test_data, text_column, label_column, train.seed)
     labels = sorted({r.label for r in splits["train"]})
     torch.manual_seed(train.seed)  # the new head's init comes from the global RNG: seed it first
-    model, tok = load_model(model_spec, "classify", num_labels=len(labels))
+    model, tok = load_model(model_spec, "classify", num_labels=len(labels), quantize=quantize)
     enc = {k: encode_classification(tok, v, labels, max_length) for k, v in splits.items()}
     pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
@@ -254,7 +261,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
               val_data: str | None = None, test_data: str | None = None, lora: LoraSpec = LoraSpec(("all-linear",)),
               train: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=1e-3), max_length: int = 96,
               train_limit: int = 0, eval_limit: int = 200, resume: bool = False, progress: bool = True,
-              log=print) -> dict:
+              log=print, quantize: str | None = None) -> dict:
     """Instruction-tune a causal LM on prompt/completion pairs (prompt tokens masked out of the loss);
     scores exact match of greedy answers on the test set before and after."""
     out = Path(out)
@@ -276,7 +283,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
         splits["train"] = splits["train"][:train_limit]
     splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
     torch.manual_seed(train.seed)
-    model, tok = load_model(model_spec, "causal-lm")
+    model, tok = load_model(model_spec, "causal-lm", quantize=quantize)
     model.eval()
     before = exact_match(model, tok, splits["test"])
     log(f"test exact match before training: {before:.4f} ({len(splits['test'])} examples)")

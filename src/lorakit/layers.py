@@ -42,13 +42,13 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 
 class Kind:
-    """How one kind of layer hosts an adapter.
+    """How one kind of layer hosts an adapter (the base class: W viewed as (out, rest)).
 
     ``a_key``/``b_key`` are PEFT's file names for the factors; ``transposed`` says ΔW is stored
     as (B·A)ᵀ in W's layout (Conv1D, Embedding).
     """
 
-    name = "param"
+    name = "kind"
     a_key, b_key = "lora_A.weight", "lora_B.weight"
     transposed = False
     supports_dropout = False
@@ -277,6 +277,8 @@ class _Param(Kind):
     (then W[e] is (d_in=d1, d_out=d2) and ΔW[e] = s·(B_e·A_e)ᵀ). W with more than 3 dims: A (r, Π rest),
     B (out, r) on W viewed as (out, rest), a lorakit-only layout (PEFT refuses such weights).
     """
+
+    name = "param"
 
     @staticmethod
     def _experts(base: nn.Module, weight: Tensor) -> tuple[int, int, int] | None:

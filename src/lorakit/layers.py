@@ -76,7 +76,7 @@ class Kind:
         reshape to W's shape (batched matrices for stacked experts)."""
         return b.flatten(1), a.flatten(1)
 
-    def init_a(self, a: Tensor, b: Tensor, init: str, r: int) -> None:
+    def init(self, a: Tensor, b: Tensor, init: str, r: int) -> None:
         """Initialise the factors of a rank-``r`` adapter in place so that ΔW = 0."""
         if init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -212,7 +212,7 @@ class _Embedding(Kind):
     def shapes(self, base, weight, r):
         return (r, weight.shape[0]), (weight.shape[1], r)
 
-    def init_a(self, a, b, init, r):
+    def init(self, a, b, init, r):
         # PEFT's convention for embeddings: A = 0, B random (the lookup of a zero A keeps ΔW = 0).
         nn.init.zeros_(a)
         nn.init.normal_(b)
@@ -365,7 +365,7 @@ class LoraLayer(nn.Module):
         a_shape, b_shape = self.kind.shapes(self.base_layer, w, r)
         a = torch.empty(a_shape, dtype=dtype, device=w.device)
         b = torch.empty(b_shape, dtype=dtype, device=w.device)
-        self.kind.init_a(a, b, init, r)
+        self.kind.init(a, b, init, r)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.scale[name] = float(scale)

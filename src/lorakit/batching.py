@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoraError
-from .layers import CONV1D_HF, EMBEDDING, LINEAR, ROUTING, LoraLayer, SavedModule, owns_output
+from .layers import ROUTING, LoraLayer, SavedModule
 from .model import registry, wrappers
 
 __all__ = ["mixed", "Routing"]
@@ -70,7 +70,7 @@ class Routing:
             return _per_group(layer, data, x, *args, **kwargs)
         a_rows, b_rows, fresh = data  # "bmm": each row's own factors, gathered from the bank
         result = layer.base_layer(x)
-        if layer.kind is EMBEDDING:
+        if layer.kind.mixed == "lookup":
             h = _embedding_rows(x, a_rows)
         else:
             # as (A·xᵀ)ᵀ: BLAS is 2.5-3.7x faster with the thin r side as the output's rows
@@ -92,11 +92,11 @@ class Routing:
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
             return "plain", tuple(distinct)
-        fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not extra_args
+        fast = layer.kind.mixed is not None and not extra_args
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
         if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct)):
             return "group", names
-        return "bmm", (*_gather(layer, names), owns_output(layer))
+        return "bmm", (*_gather(layer, names), layer.kind.owns_output(layer.base_layer))
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""
@@ -117,7 +117,7 @@ def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
     names = list(layer.lora_A)
     r_max = max(layer.lora_A[n].shape[0] for n in names)
     a0, b0 = layer.lora_A[names[0]], layer.lora_B[names[0]]
-    lookup = layer.kind is EMBEDDING  # A is a table looked up per token: [slot, num, r]; else [slot, r, in]
+    lookup = layer.kind.mixed == "lookup"  # A is a table looked up per token: [slot, num, r]; else [slot, r, in]
     bank_a = a0.new_zeros((len(names) + 1, a0.shape[1], r_max) if lookup else (len(names) + 1, r_max, a0.shape[1]))
     bank_b = b0.new_zeros(len(names) + 1, r_max, b0.shape[0])
     with torch.no_grad():
@@ -139,7 +139,7 @@ def _gather(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
     For embeddings A stays the bank [slots, num, r_max] (looked up per token) with the row slots."""
     index, bank_a, bank_b = _bank(layer)
     slots = torch.tensor([index[n] if n else 0 for n in names], device=bank_a.device)
-    if layer.kind is EMBEDDING:
+    if layer.kind.mixed == "lookup":
         return (bank_a, slots), bank_b.index_select(0, slots)
     return bank_a.index_select(0, slots), bank_b.index_select(0, slots)
 

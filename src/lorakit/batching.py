@@ -18,19 +18,35 @@ Batches that use one adapter take the plain single-adapter path. Other layer kin
 (convolutions, raw parameters), ``modules_to_save`` copies, training with dropout, and any forward
 that needs gradients for the factors run per adapter group through the plain (differentiable)
 path. The bank costs one extra copy of the adapters' factors per layer, made on first mixed use.
-Beam search and ``num_return_sequences`` repeat rows (``repeat_interleave``): a batch of k·n rows
-maps row j to ``adapters[j // k]``.
+Rows are dim 0 of each routed layer's input. A batch must have exactly n rows for n names, or k·n
+for an expansion lorakit knows of: ``expand=k`` given to :func:`mixed`, or the beams /
+``num_return_sequences`` that Hugging Face ``generate`` announces (lorakit observes its
+``_expand_inputs_for_generation``); row j then uses ``adapters[j // k]`` (``repeat_interleave``
+order). Anything else, e.g. a sequence-first [T, B, d] input, raises :class:`LoraError`.
+
+Staleness: a bank and the factors a plan gathered are reused only while every factor has the same
+tensor version (in-place writes under ``no_grad``), data pointer (``.data =``, ``.to()``), dtype,
+device and shape, the scales are unchanged and no adapter was added or removed; this is checked at
+every forward (two ints per factor of the adapters the batch uses). As for autograd, writes through
+``param.data`` in place are invisible to the version counter and not detected.
+
+Under ``torch.compile`` (which cannot read the ContextVar) each adapted layer leaves the graph while
+any ``mixed`` block is open and runs routed in eager mode: exact, without the compiler's speed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import threading
 from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import LoraError
+from . import layers as _layers
 from .layers import CONV1D_HF, EMBEDDING, LINEAR, ROUTING, LoraLayer, SavedModule, owns_output
 from .model import registry, wrappers
 
@@ -40,30 +56,46 @@ __all__ = ["mixed", "Routing"]
 class Routing:
     """Per-row adapter names for one model, plus the factors gathered for them (a cache)."""
 
-    def __init__(self, layers: Sequence[nn.Module], adapters: Sequence[str | None]) -> None:
+    def __init__(self, layers: Sequence[nn.Module], adapters: Sequence[str | None], known: dict,
+                 expand: int = 1) -> None:
         self.layers = {id(layer) for layer in layers}
         self.adapters = tuple(adapters)
+        self.known = known  # the registry's live {name: config}: adapters deleted mid-block are refused
+        self.expand = expand
+        self.expansions = {expand}  # allowed row multiples: expand, and expand·k for generate's k
         self.uniform = len(set(self.adapters)) == 1  # one adapter (or none) for every row
-        self._plans: dict[tuple, tuple[str, object]] = {}
+        self._plans: dict[tuple, tuple[str, object, tuple | None]] = {}
 
-    def rows(self, batch: int) -> tuple[str | None, ...]:
-        """Adapter per row of a batch of ``batch`` rows (k·n rows: each name repeated k times)."""
-        n = len(self.adapters)
-        if batch % n:
-            raise LoraError(f"the batch has {batch} rows but the routing names {n} adapters; the batch size "
-                            "must equal the number of names (or a multiple, for beams/samples)")
+    def expanded(self, k: int) -> None:
+        """Hugging Face ``generate`` repeats each input row k times (beams, num_return_sequences)."""
+        self.expansions.add(self.expand * int(k))
+
+    def rows(self, module: nn.Module, x: Tensor) -> tuple[str | None, ...]:
+        """Adapter per row of ``x`` (dim 0): n rows, or k·n for a known expansion k (each name k times)."""
+        n, batch = len(self.adapters), x.shape[0] if x.dim() else 0
         k = batch // n
+        if batch % n or k not in self.expansions:
+            allowed = " or ".join(str(n * m) for m in sorted(self.expansions))
+            raise LoraError(f"{type(module.base_layer).__name__} input of shape {tuple(x.shape)}: dim 0 must be "
+                            f"the batch, {allowed} rows for the {n} adapter names of this routing (for other "
+                            "expansions of the rows pass lorakit.mixed(..., expand=k); sequence-first "
+                            "inputs are not supported)")
         return self.adapters if k == 1 else tuple(a for a in self.adapters for _ in range(k))
 
     def forward(self, layer: LoraLayer, x: Tensor, *args, **kwargs) -> Tensor:
+        if layer.merged:
+            raise LoraError(f"adapters {list(layer.merged)} were merged inside a lorakit.mixed block; unmerge first")
         if self.uniform:  # the plain single-adapter path, without per-row bookkeeping
             name = self.adapters[0]
+            if name is not None and name not in self.known:
+                raise LoraError(f"adapter {name!r} was deleted inside its lorakit.mixed block")
             return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)
         key = (id(layer), x.shape, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
         plan = self._plans.get(key)
-        if plan is None:  # decided once per layer and shape: every decode step of generate reuses it
+        if plan is None or (plan[2] is not None and not _unchanged(layer, plan[2])):
+            # decided once per layer and shape (every decode step of generate reuses it), again if a factor changed
             plan = self._plans[key] = self._plan(layer, x, bool(args or kwargs))
-        how, data = plan
+        how, data, _ = plan
         if how == "plain":
             return layer.kind.forward(layer, data, x, *args, **kwargs)
         if how == "group":
@@ -81,39 +113,58 @@ class Routing:
             return result
         return result + torch.bmm(h, b_rows).view(result.shape).to(result.dtype)
 
-    def _plan(self, layer: LoraLayer, x: Tensor, extra_args: bool) -> tuple[str, object]:
-        """How this layer runs this batch: ("plain", names) | ("group", names) | ("bmm", gathered factors).
+    def _plan(self, layer: LoraLayer, x: Tensor, extra_args: bool) -> tuple[str, object, tuple | None]:
+        """How this layer runs this batch: ("plain", names) | ("group", names) | ("bmm", gathered factors),
+        plus, for "bmm", the stamp of the factors gathered (see :func:`_unchanged`).
 
         Measured alternatives that lost everywhere on 2 CPU threads (SmolLM2 decode B=64 with 4 or 64
         adapters, B=16/16; MiniLM prefill 32x128 with 4 or 16): one GEMM per adapter group (0.17-0.82x
         of a merged model vs bmm's 0.87-0.94x) and two GEMMs over the used adapters' concatenated
         factors with a per-row block mask (0.57-0.90x)."""
-        names = [a if a in layer.lora_A else None for a in self.rows(x.shape[0])]
+        gone = sorted({a for a in self.adapters if a is not None and a not in self.known})
+        if gone:
+            raise LoraError(f"adapter(s) {gone} were deleted inside their lorakit.mixed block")
+        names = [a if a in layer.lora_A else None for a in self.rows(layer, x)]
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
-            return "plain", tuple(distinct)
+            return "plain", tuple(distinct), None
         fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not extra_args
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
         if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct)):
-            return "group", names
-        return "bmm", (*_gather(layer, names), owns_output(layer))
+            return "group", names, None
+        return "bmm", (*_gather(layer, names), owns_output(layer)), _stamp(layer, distinct)
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""
-        names = [a if a in wrapper.modules_to_save else None for a in self.rows(x.shape[0])]
+        names = [a if a in wrapper.modules_to_save else None for a in self.rows(wrapper, x)]
         module = lambda n: wrapper.modules_to_save[n] if n else wrapper.base_layer  # noqa: E731
         if len(set(names)) == 1:
             return module(names[0])(x, *args, **kwargs)
-        return _groups(names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
+        return _groups(wrapper, names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
+
+
+def _stamp(layer: LoraLayer, names) -> tuple:
+    """What the factors of ``names`` are now: the tensors (kept, so that a freed data pointer cannot
+    be reused by another tensor while compared), their versions and data pointers, plus the layer's
+    scales (a copy) and adapter generation. Dtype, device and shape cannot change without a new pointer."""
+    params = tuple(p for n in sorted(names) for p in (layer.lora_A[n], layer.lora_B[n]))
+    kept = tuple(p.detach() for p in params)
+    return (params, kept, [p._version for p in params], [p.data_ptr() for p in params], dict(layer.scale),
+            layer.generation)
+
+
+def _unchanged(layer: LoraLayer, stamp: tuple) -> bool:
+    """Whether the factors are still those of ``stamp`` (two ints per factor, one dict compare)."""
+    params, _, versions, pointers, scale, generation = stamp
+    return (layer.generation == generation and [p._version for p in params] == versions
+            and [p.data_ptr() for p in params] == pointers and layer.scale == scale)
 
 
 def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
     """The layer's adapters stacked (slot 0: zeros), cached until any factor or scale changes."""
-    key = tuple((n, id(layer.lora_A[n]), layer.lora_A[n]._version, id(layer.lora_B[n]), layer.lora_B[n]._version,
-                 layer.scale[n]) for n in layer.lora_A)
     cached = layer.__dict__.get("_bank")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and list(layer.lora_A) == cached[0] and _unchanged(layer, cached[1]):
+        return cached[2]
     names = list(layer.lora_A)
     r_max = max(layer.lora_A[n].shape[0] for n in names)
     a0, b0 = layer.lora_A[names[0]], layer.lora_B[names[0]]
@@ -129,7 +180,7 @@ def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
                 bank_a[i, :r] = layer.lora_A[n]
             bank_b[i, :r, :] = layer.lora_B[n].t() * layer.scale[n]
     value = ({n: i for i, n in enumerate(names, 1)}, bank_a, bank_b)
-    layer.__dict__["_bank"] = (key, value)  # a plain cache: not a parameter, not in state_dict
+    layer.__dict__["_bank"] = (names, _stamp(layer, names), value)  # a plain cache: not a parameter, not in state_dict
     return value
 
 
@@ -149,12 +200,21 @@ def _embedding_rows(x: Tensor, bank: tuple[Tensor, Tensor]) -> Tensor:
     return table[slots[:, None], x].reshape(x.shape[0], -1, table.shape[-1])
 
 
-def _groups(names: list[str | None], x: Tensor, run) -> Tensor:
-    """Run ``run(name, rows_of_x)`` per distinct name and put the outputs back in row order."""
+def _groups(module: nn.Module, names: list[str | None], x: Tensor, run) -> Tensor:
+    """Run ``run(name, rows_of_x)`` per distinct name and put the outputs back in row order.
+
+    Only a tensor whose dim 0 are the rows can be reassembled; anything else (a tuple such as
+    ``nn.GRU``'s, whose hidden state has the batch on dim 1) raises :class:`LoraError`."""
     result = None
     for name in dict.fromkeys(names):
         idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
         out = run(name, x.index_select(0, idx))
+        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != len(idx):
+            what = type(out).__name__ if not isinstance(out, Tensor) else f"a tensor of shape {tuple(out.shape)}"
+            raise LoraError(f"{type(module).__name__} wrapping {type(module.base_layer).__name__}: its forward on "
+                            f"{len(idx)} rows returned {what}; lorakit.mixed reassembles per-adapter rows only "
+                            "from one tensor whose dim 0 is the batch. Run batches that use one adapter for "
+                            "this module (set_active, or lorakit.mixed with one name)")
         if result is None:
             result = out.new_empty((x.shape[0], *out.shape[1:]))
         result.index_copy_(0, idx, out)  # in place (autograd records it): no copy of the whole output per group
@@ -163,28 +223,71 @@ def _groups(names: list[str | None], x: Tensor, run) -> Tensor:
 
 def _per_group(layer: LoraLayer, names: list[str | None], x: Tensor, *args, **kwargs) -> Tensor:
     """Exact, differentiable fallback for any layer kind: each adapter group through the plain path."""
-    return _groups(names, x, lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
+    return _groups(layer, names, x, lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
+
+
+_OPEN_LOCK = threading.Lock()
+_open_blocks = 0  # mixed() blocks open in this process (all threads): sets layers.MIXED_OPEN
 
 
 @contextlib.contextmanager
-def mixed(model: nn.Module, adapters: Sequence[str | None]) -> Iterator[nn.Module]:
+def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> Iterator[nn.Module]:
     """Within the block, row i of every batch uses adapter ``adapters[i]`` (None: the base model).
 
-    Works for forward and Hugging Face ``generate`` (KV cache, sampling, beam search). Adapters may
-    differ in rank and in the modules they target. Raises :class:`LoraError` for unknown names,
-    or if adapters are merged.
+    Works for forward and Hugging Face ``generate`` (KV cache, sampling, beam search and
+    ``num_return_sequences``, whose repeated rows lorakit observes). ``expand=k``: batches of
+    k·len(adapters) rows, each name repeated k times (``repeat_interleave``). Adapters may differ in
+    rank and in the modules they target. Raises :class:`LoraError` for unknown names, merged
+    adapters, or (at forward) a batch whose dim 0 does not match.
     """
+    global _open_blocks
     reg = registry(model)
     adapters = list(adapters)
     if not adapters:
         raise LoraError("mixed() needs one adapter name (or None) per batch row")
+    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
+        raise LoraError(f"expand must be a positive int (rows per name), got {expand!r}")
     unknown = sorted({a for a in adapters if a is not None and a not in reg.configs})
     if unknown:
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are merged; unmerge before running mixed batches")
-    token = ROUTING.set(Routing([w for _, w in wrappers(model)], adapters))
+    _observe_generate(model)
+    token = ROUTING.set(Routing([w for _, w in wrappers(model)], adapters, reg.configs, expand))
+    with _OPEN_LOCK:
+        _open_blocks += 1
+        _layers.MIXED_OPEN = True
     try:
         yield model
     finally:
         ROUTING.reset(token)
+        with _OPEN_LOCK:
+            _open_blocks -= 1
+            _layers.MIXED_OPEN = _open_blocks > 0
+
+
+_EXPAND = "_expand_inputs_for_generation"  # transformers' GenerationMixin: repeats rows for beams/samples
+
+
+def _observe_generate(model: nn.Module) -> None:
+    """Make the model class report generate's row expansion to the open routing (once per class).
+
+    Outside a ``mixed`` block the wrapper only calls the original. If transformers renames the method,
+    nothing is observed and expanded batches raise :class:`LoraError` (never misrouted)."""
+    cls = type(getattr(model, "_orig_mod", model))
+    original = inspect.getattr_static(cls, _EXPAND, None)
+    static = isinstance(original, staticmethod)
+    fn = original.__func__ if static else original
+    if not callable(fn) or getattr(fn, "_lorakit_observer", False):
+        return
+
+    @functools.wraps(fn)
+    def observed(*args, **kwargs):
+        routing = ROUTING.get()
+        if routing is not None:
+            call = inspect.signature(fn).bind(*args, **kwargs)
+            call.apply_defaults()
+            routing.expanded(call.arguments.get("expand_size", 1))
+        return fn(*args, **kwargs)
+    observed._lorakit_observer = True
+    setattr(cls, _EXPAND, staticmethod(observed) if static else observed)

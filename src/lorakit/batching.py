@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import threading
 from typing import Iterator, Sequence
 
@@ -64,7 +65,7 @@ class Routing:
         self.expand = expand
         self.expansions = {expand}  # allowed row multiples: expand, and expand·k for generate's k
         self.uniform = len(set(self.adapters)) == 1  # one adapter (or none) for every row
-        self._plans: dict[tuple, tuple[str, object, tuple | None]] = {}
+        self._plans: dict[tuple, tuple[str, object, int, tuple | None]] = {}
 
     def expanded(self, k: int) -> None:
         """Hugging Face ``generate`` repeats each input row k times (beams, num_return_sequences)."""
@@ -92,10 +93,10 @@ class Routing:
             return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)
         key = (id(layer), x.shape, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
         plan = self._plans.get(key)
-        if plan is None or (plan[2] is not None and not _unchanged(layer, plan[2])):
+        if plan is None or plan[2] != layer.generation or (plan[3] is not None and not _unchanged(layer, plan[3])):
             # decided once per layer and shape (every decode step of generate reuses it), again if a factor changed
             plan = self._plans[key] = self._plan(layer, x, bool(args or kwargs))
-        how, data, _ = plan
+        how, data, _, _ = plan
         if how == "plain":
             return layer.kind.forward(layer, data, x, *args, **kwargs)
         if how == "group":
@@ -113,9 +114,10 @@ class Routing:
             return result
         return result + torch.bmm(h, b_rows).view(result.shape).to(result.dtype)
 
-    def _plan(self, layer: LoraLayer, x: Tensor, extra_args: bool) -> tuple[str, object, tuple | None]:
+    def _plan(self, layer: LoraLayer, x: Tensor, extra_args: bool) -> tuple[str, object, int, tuple | None]:
         """How this layer runs this batch: ("plain", names) | ("group", names) | ("bmm", gathered factors),
-        plus, for "bmm", the stamp of the factors gathered (see :func:`_unchanged`).
+        then the layer's adapter generation and, for "bmm", the stamp of the factors gathered (see
+        :func:`_unchanged`); the plan is remade when either changes.
 
         Measured alternatives that lost everywhere on 2 CPU threads (SmolLM2 decode B=64 with 4 or 64
         adapters, B=16/16; MiniLM prefill 32x128 with 4 or 16): one GEMM per adapter group (0.17-0.82x
@@ -127,12 +129,12 @@ class Routing:
         names = [a if a in layer.lora_A else None for a in self.rows(layer, x)]
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
-            return "plain", tuple(distinct), None
+            return "plain", tuple(distinct), layer.generation, None
         fast = layer.kind in (LINEAR, CONV1D_HF, EMBEDDING) and not extra_args
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
         if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct)):
-            return "group", names, None
-        return "bmm", (*_gather(layer, names), owns_output(layer)), _stamp(layer, distinct)
+            return "group", names, layer.generation, None
+        return "bmm", (*_gather(layer, names), owns_output(layer)), layer.generation, _stamp(layer, distinct)
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""
@@ -143,27 +145,30 @@ class Routing:
         return _groups(wrapper, names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
 
 
+_VERSION = operator.attrgetter("_version")
+
+
 def _stamp(layer: LoraLayer, names) -> tuple:
-    """What the factors of ``names`` are now: the tensors (kept, so that a freed data pointer cannot
-    be reused by another tensor while compared), their versions and data pointers, plus the layer's
-    scales (a copy) and adapter generation. Dtype, device and shape cannot change without a new pointer."""
+    """What the factors of ``names`` are now: the tensors (their storage kept alive, so that no other
+    tensor can get the same data pointer while compared), their versions and data pointers, and the
+    layer's scales (a copy). Dtype, device and shape cannot change without a new data pointer."""
     params = tuple(p for n in sorted(names) for p in (layer.lora_A[n], layer.lora_B[n]))
     kept = tuple(p.detach() for p in params)
-    return (params, kept, [p._version for p in params], [p.data_ptr() for p in params], dict(layer.scale),
-            layer.generation)
+    return params, kept, list(map(_VERSION, params)), list(map(Tensor.data_ptr, params)), dict(layer.scale)
 
 
 def _unchanged(layer: LoraLayer, stamp: tuple) -> bool:
-    """Whether the factors are still those of ``stamp`` (two ints per factor, one dict compare)."""
-    params, _, versions, pointers, scale, generation = stamp
-    return (layer.generation == generation and [p._version for p in params] == versions
-            and [p.data_ptr() for p in params] == pointers and layer.scale == scale)
+    """Whether the factors are still those of ``stamp``: two ints per factor (~16 µs for 64 adapters'
+    128 factors on this machine; ~3 ms, ~1 %, of a 274 ms SmolLM2 decode step at B=64), one dict compare."""
+    params, _, versions, pointers, scale = stamp
+    return (list(map(_VERSION, params)) == versions and list(map(Tensor.data_ptr, params)) == pointers
+            and layer.scale == scale)
 
 
 def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
     """The layer's adapters stacked (slot 0: zeros), cached until any factor or scale changes."""
     cached = layer.__dict__.get("_bank")
-    if cached is not None and list(layer.lora_A) == cached[0] and _unchanged(layer, cached[1]):
+    if cached is not None and cached[0] == layer.generation and _unchanged(layer, cached[1]):
         return cached[2]
     names = list(layer.lora_A)
     r_max = max(layer.lora_A[n].shape[0] for n in names)
@@ -180,7 +185,7 @@ def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
                 bank_a[i, :r] = layer.lora_A[n]
             bank_b[i, :r, :] = layer.lora_B[n].t() * layer.scale[n]
     value = ({n: i for i, n in enumerate(names, 1)}, bank_a, bank_b)
-    layer.__dict__["_bank"] = (names, _stamp(layer, names), value)  # a plain cache: not a parameter, not in state_dict
+    layer.__dict__["_bank"] = (layer.generation, _stamp(layer, names), value)  # a plain cache: not a parameter, not in state_dict
     return value
 
 

@@ -6,18 +6,24 @@
 The routing is scoped with a :class:`contextvars.ContextVar`: it exists only inside the ``with``
 block of the thread or task that opened it (two threads serving different batches never see each
 other's routing), and it is removed on exit even when the forward raises. There are no hooks.
+Under ``torch.compile`` (compiled code cannot read the ContextVar) each adapted layer leaves the
+graph while any ``mixed`` block is open in the process and runs routed in eager mode: exact, at
+eager speed (see ``layers.MIXED_OPEN``); outside such blocks compiled models have no graph breaks.
 
 Kernel: each adapted Linear / Conv1D / Embedding keeps a bank of its adapters' factors (A as
 [slot, r_max, in] — for embeddings [slot, num, r_max] — and B·s as [slot, r_max, out], ranks
-zero-padded, slot 0 all zeros), rebuilt only when an adapter is added, removed or changed (tracked
-by tensor versions). Inside a routing each layer decides once per input shape how to run (a plan,
+zero-padded, slot 0 all zeros), rebuilt only when an adapter is added, removed or changed (see
+Staleness). Inside a routing each layer decides once per input shape how to run (a plan,
 cached for the routing, so every decode step of ``generate`` reuses it): the rows' factors are
 gathered from the bank (two ``index_select``) and applied with two batched matmuls, the first as
 (A·xᵀ)ᵀ (the layout BLAS runs fast for thin r), the second added in place to the base output.
 Batches that use one adapter take the plain single-adapter path. Other layer kinds
 (convolutions, raw parameters), ``modules_to_save`` copies, training with dropout, and any forward
 that needs gradients for the factors run per adapter group through the plain (differentiable)
-path. The bank costs one extra copy of the adapters' factors per layer, made on first mixed use.
+path; they reassemble rows only from one output tensor whose dim 0 is the batch (a module returning
+a tuple, e.g. ``nn.GRU``, raises :class:`LoraError` when rows of one batch need different copies).
+The bank costs one extra copy of the adapters' factors per layer, made on first mixed use.
+
 Rows are dim 0 of each routed layer's input. A batch must have exactly n rows for n names, or k·n
 for an expansion lorakit knows of: ``expand=k`` given to :func:`mixed`, or the beams /
 ``num_return_sequences`` that Hugging Face ``generate`` announces (lorakit observes its
@@ -25,13 +31,11 @@ for an expansion lorakit knows of: ``expand=k`` given to :func:`mixed`, or the b
 order). Anything else, e.g. a sequence-first [T, B, d] input, raises :class:`LoraError`.
 
 Staleness: a bank and the factors a plan gathered are reused only while every factor has the same
-tensor version (in-place writes under ``no_grad``), data pointer (``.data =``, ``.to()``), dtype,
-device and shape, the scales are unchanged and no adapter was added or removed; this is checked at
-every forward (two ints per factor of the adapters the batch uses). As for autograd, writes through
-``param.data`` in place are invisible to the version counter and not detected.
-
-Under ``torch.compile`` (which cannot read the ContextVar) each adapted layer leaves the graph while
-any ``mixed`` block is open and runs routed in eager mode: exact, without the compiler's speed.
+tensor version (in-place writes under ``no_grad``) and data pointer (``.data =``, ``.to()``; dtype,
+device and shape cannot change without one), the scales are equal and no adapter was added or
+removed (``LoraLayer.generation``); this is checked at every forward, two ints per factor of the
+adapters the batch uses. As for autograd, in-place writes through ``param.data`` bypass the version
+counter and are not seen. An adapter deleted, or merged, inside an open block raises.
 """
 
 from __future__ import annotations

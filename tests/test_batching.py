@@ -296,7 +296,7 @@ def _llama_rows_alone(model, ids, names):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
 def test_torch_compile_never_ignores_the_routing(backend):
     """Compiled inside the block, compiled outside and called inside, compiled inside and called outside:
     every row equals that row alone (eager, set_active)."""

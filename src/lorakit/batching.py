@@ -65,6 +65,7 @@ class Routing:
                  expand: int = 1) -> None:
         self.layers = {id(layer) for layer in layers}
         self.adapters = tuple(adapters)
+        self.names = set(self.adapters) - {None}
         self.known = known  # the registry's live {name: config}: adapters deleted mid-block are refused
         self.expand = expand
         self.expansions = {expand}  # allowed row multiples: expand, and expand·k for generate's k
@@ -74,6 +75,12 @@ class Routing:
     def expanded(self, k: int) -> None:
         """Hugging Face ``generate`` repeats each input row k times (beams, num_return_sequences)."""
         self.expansions.add(self.expand * int(k))
+
+    def check_alive(self) -> None:
+        """Raise if an adapter of this routing was deleted since the block opened."""
+        if not self.names <= self.known.keys():
+            raise LoraError(f"adapter(s) {sorted(self.names - self.known.keys())} were deleted inside their "
+                            "lorakit.mixed block")
 
     def rows(self, module: nn.Module, x: Tensor) -> tuple[str | None, ...]:
         """Adapter per row of ``x`` (dim 0): n rows, or k·n for a known expansion k (each name k times)."""
@@ -91,9 +98,8 @@ class Routing:
         if layer.merged:
             raise LoraError(f"adapters {list(layer.merged)} were merged inside a lorakit.mixed block; unmerge first")
         if self.uniform:  # the plain single-adapter path, without per-row bookkeeping
+            self.check_alive()
             name = self.adapters[0]
-            if name is not None and name not in self.known:
-                raise LoraError(f"adapter {name!r} was deleted inside its lorakit.mixed block")
             return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)
         key = (id(layer), x.shape, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
         plan = self._plans.get(key)
@@ -127,9 +133,7 @@ class Routing:
         adapters, B=16/16; MiniLM prefill 32x128 with 4 or 16): one GEMM per adapter group (0.17-0.82x
         of a merged model vs bmm's 0.87-0.94x) and two GEMMs over the used adapters' concatenated
         factors with a per-row block mask (0.57-0.90x)."""
-        gone = sorted({a for a in self.adapters if a is not None and a not in self.known})
-        if gone:
-            raise LoraError(f"adapter(s) {gone} were deleted inside their lorakit.mixed block")
+        self.check_alive()
         names = [a if a in layer.lora_A else None for a in self.rows(layer, x)]
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
@@ -142,8 +146,14 @@ class Routing:
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""
+        self.check_alive()
+
+        def module(name: str | None) -> nn.Module:
+            return wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.base_layer
+
+        if self.uniform:  # one copy for every row, whatever the input's layout (as LoraLayer's plain path)
+            return module(self.adapters[0])(x, *args, **kwargs)
         names = [a if a in wrapper.modules_to_save else None for a in self.rows(wrapper, x)]
-        module = lambda n: wrapper.modules_to_save[n] if n else wrapper.base_layer  # noqa: E731
         if len(set(names)) == 1:
             return module(names[0])(x, *args, **kwargs)
         return _groups(wrapper, names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
@@ -189,7 +199,7 @@ def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
                 bank_a[i, :r] = layer.lora_A[n]
             bank_b[i, :r, :] = layer.lora_B[n].t() * layer.scale[n]
     value = ({n: i for i, n in enumerate(names, 1)}, bank_a, bank_b)
-    layer.__dict__["_bank"] = (layer.generation, _stamp(layer, names), value)  # a plain cache: not a parameter, not in state_dict
+    layer.__dict__["_bank"] = (layer.generation, _stamp(layer, names), value)  # a plain cache, not in state_dict
     return value
 
 

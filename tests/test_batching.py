@@ -371,6 +371,13 @@ def test_factors_changed_inside_one_block_are_seen():
     with torch.no_grad():
         for i, name in enumerate(rows):
             torch.testing.assert_close(y[i], _alone(net, x[i:i + 1], name)[0], atol=1e-10, rtol=0)
+    with pytest.raises(LoraError, match="merged inside"):
+        with torch.no_grad(), lorakit.mixed(net, rows):
+            net(x)
+            lorakit.set_active(net, "a")
+            lorakit.merge(net)
+            net(x)
+    lorakit.unmerge(net)
     with pytest.raises(LoraError, match="deleted inside"):
         with torch.no_grad(), lorakit.mixed(net, rows):
             net(x)
@@ -387,13 +394,13 @@ def test_rows_come_from_dim_0_exactly():
         lorakit.inject(net, LoraConfig(r=2, targets=["0"], modules_to_save=["2"]), adapter=name)
     x = torch.randn(4, 2, 6)  # [T=4, B=2, d]
     for grad in (False, True):  # bmm / per-group
-        with torch.set_grad_enabled(grad), pytest.raises(LoraError, match=r"Linear input of shape \(4, 2, 6\)"):
+        with torch.set_grad_enabled(grad), pytest.raises(LoraError, match=r"'0' \(Linear\): input of shape \(4, 2"):
             with lorakit.mixed(net, ["a", "b"]):
                 net(x)
+    with pytest.raises(LoraError, match=r"'2' \(Linear\): input of shape \(4, 2, 6\)"):  # the head's own check
+        with lorakit.mixed(net, ["a", "b"]):
+            net[2](x)
     lorakit.delete(net, "b")
-    with pytest.raises(LoraError, match=r"Linear input of shape \(4, 2, 6\)"):  # the head's own check
-        with lorakit.mixed(net, ["a", None]):
-            net(x)
     with torch.no_grad(), lorakit.mixed(net, ["a", None], expand=2):  # an announced expansion is fine
         y = net(x)
     with torch.no_grad():

@@ -61,9 +61,8 @@ __all__ = ["mixed", "Routing"]
 class Routing:
     """Per-row adapter names for one model, plus the factors gathered for them (a cache)."""
 
-    def __init__(self, layers: Sequence[nn.Module], adapters: Sequence[str | None], known: dict,
-                 expand: int = 1) -> None:
-        self.layers = {id(layer) for layer in layers}
+    def __init__(self, layers: dict[int, str], adapters: Sequence[str | None], known: dict, expand: int = 1) -> None:
+        self.layers = layers  # id(wrapper) -> its path in the model (for messages)
         self.adapters = tuple(adapters)
         self.names = set(self.adapters) - {None}
         self.known = known  # the registry's live {name: config}: adapters deleted mid-block are refused
@@ -75,6 +74,10 @@ class Routing:
     def expanded(self, k: int) -> None:
         """Hugging Face ``generate`` repeats each input row k times (beams, num_return_sequences)."""
         self.expansions.add(self.expand * int(k))
+
+    def label(self, module: nn.Module) -> str:
+        """``'path' (BaseClass)`` of a routed wrapper, for messages."""
+        return f"{self.layers.get(id(module), '?')!r} ({type(module.base_layer).__name__})"
 
     def check_alive(self) -> None:
         """Raise if an adapter of this routing was deleted since the block opened."""
@@ -88,7 +91,7 @@ class Routing:
         k = batch // n
         if batch % n or k not in self.expansions:
             allowed = " or ".join(str(n * m) for m in sorted(self.expansions))
-            raise LoraError(f"{type(module.base_layer).__name__} input of shape {tuple(x.shape)}: dim 0 must be "
+            raise LoraError(f"{self.label(module)}: input of shape {tuple(x.shape)}: dim 0 must be "
                             f"the batch, {allowed} rows for the {n} adapter names of this routing (for other "
                             "expansions of the rows pass lorakit.mixed(..., expand=k); sequence-first "
                             "inputs are not supported)")
@@ -110,7 +113,8 @@ class Routing:
         if how == "plain":
             return layer.kind.forward(layer, data, x, *args, **kwargs)
         if how == "group":
-            return _per_group(layer, data, x, *args, **kwargs)
+            return _groups(self.label(layer), data, x,
+                           lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
         a_rows, b_rows, fresh = data  # "bmm": each row's own factors, gathered from the bank
         result = layer.base_layer(x)
         if layer.kind is EMBEDDING:
@@ -156,7 +160,7 @@ class Routing:
         names = [a if a in wrapper.modules_to_save else None for a in self.rows(wrapper, x)]
         if len(set(names)) == 1:
             return module(names[0])(x, *args, **kwargs)
-        return _groups(wrapper, names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
+        return _groups(self.label(wrapper), names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
 
 
 _VERSION = operator.attrgetter("_version")
@@ -219,8 +223,9 @@ def _embedding_rows(x: Tensor, bank: tuple[Tensor, Tensor]) -> Tensor:
     return table[slots[:, None], x].reshape(x.shape[0], -1, table.shape[-1])
 
 
-def _groups(module: nn.Module, names: list[str | None], x: Tensor, run) -> Tensor:
-    """Run ``run(name, rows_of_x)`` per distinct name and put the outputs back in row order.
+def _groups(label: str, names: list[str | None], x: Tensor, run) -> Tensor:
+    """Run ``run(name, rows_of_x)`` per distinct name and put the outputs back in row order: the exact,
+    differentiable fallback for any layer kind and for ``modules_to_save`` copies.
 
     Only a tensor whose dim 0 are the rows can be reassembled; anything else (a tuple such as
     ``nn.GRU``'s, whose hidden state has the batch on dim 1) raises :class:`LoraError`."""
@@ -230,7 +235,7 @@ def _groups(module: nn.Module, names: list[str | None], x: Tensor, run) -> Tenso
         out = run(name, x.index_select(0, idx))
         if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != len(idx):
             what = type(out).__name__ if not isinstance(out, Tensor) else f"a tensor of shape {tuple(out.shape)}"
-            raise LoraError(f"{type(module).__name__} wrapping {type(module.base_layer).__name__}: its forward on "
+            raise LoraError(f"{label}: its forward on "
                             f"{len(idx)} rows returned {what}; lorakit.mixed reassembles per-adapter rows only "
                             "from one tensor whose dim 0 is the batch. Run batches that use one adapter for "
                             "this module (set_active, or lorakit.mixed with one name)")
@@ -238,11 +243,6 @@ def _groups(module: nn.Module, names: list[str | None], x: Tensor, run) -> Tenso
             result = out.new_empty((x.shape[0], *out.shape[1:]))
         result.index_copy_(0, idx, out)  # in place (autograd records it): no copy of the whole output per group
     return result
-
-
-def _per_group(layer: LoraLayer, names: list[str | None], x: Tensor, *args, **kwargs) -> Tensor:
-    """Exact, differentiable fallback for any layer kind: each adapter group through the plain path."""
-    return _groups(layer, names, x, lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
 
 
 _OPEN_LOCK = threading.Lock()
@@ -272,7 +272,7 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are merged; unmerge before running mixed batches")
     _observe_generate(model)
-    token = ROUTING.set(Routing([w for _, w in wrappers(model)], adapters, reg.configs, expand))
+    token = ROUTING.set(Routing({id(w): path for path, w in wrappers(model)}, adapters, reg.configs, expand))
     with _OPEN_LOCK:
         _open_blocks += 1
         _layers.MIXED_OPEN = True

@@ -378,10 +378,15 @@ def test_factors_changed_inside_one_block_are_seen():
             lorakit.merge(net)
             net(x)
     lorakit.unmerge(net)
-    with pytest.raises(LoraError, match="deleted inside"):
+    with pytest.raises(LoraError, match=r"deleted \['b'\] inside an open"):
         with torch.no_grad(), lorakit.mixed(net, rows):
             net(x)
             lorakit.delete(net, "b")
+            net(x)
+    with pytest.raises(LoraError, match=r"added \['d'\] or deleted \[\] inside an open"):  # d's modules aren't routed
+        with torch.no_grad(), lorakit.mixed(net, ["a", "c", None]):
+            net(x)
+            lorakit.inject(net, LoraConfig(r=2, targets=["q"], target_parameters=["w.weight"]), adapter="d")
             net(x)
 
 

@@ -64,8 +64,8 @@ class Routing:
     def __init__(self, layers: dict[int, str], adapters: Sequence[str | None], known: dict, expand: int = 1) -> None:
         self.layers = layers  # id(wrapper) -> its path in the model (for messages)
         self.adapters = tuple(adapters)
-        self.names = set(self.adapters) - {None}
-        self.known = known  # the registry's live {name: config}: adapters deleted mid-block are refused
+        self.known = known  # the registry's live {name: config} ...
+        self.registered = set(known)  # ... and its names now: adding or deleting adapters mid-block is refused
         self.expand = expand
         self.expansions = {expand}  # allowed row multiples: expand, and expand·k for generate's k
         self.uniform = len(set(self.adapters)) == 1  # one adapter (or none) for every row
@@ -80,10 +80,12 @@ class Routing:
         return f"{self.layers.get(id(module), '?')!r} ({type(module.base_layer).__name__})"
 
     def check_alive(self) -> None:
-        """Raise if an adapter of this routing was deleted since the block opened."""
-        if not self.names <= self.known.keys():
-            raise LoraError(f"adapter(s) {sorted(self.names - self.known.keys())} were deleted inside their "
-                            "lorakit.mixed block")
+        """Raise if adapters were added or deleted since the block opened: a deleted one would leave its rows
+        on the base, and modules wrapped by a new one are not routed (one set compare, ~0.6 µs for 64 names)."""
+        if self.known.keys() != self.registered:
+            raise LoraError(f"adapters were added {sorted(self.known.keys() - self.registered)} or deleted "
+                            f"{sorted(self.registered - self.known.keys())} inside an open lorakit.mixed block; "
+                            "open a new block after changing the model's adapters")
 
     def rows(self, module: nn.Module, x: Tensor) -> tuple[str | None, ...]:
         """Adapter per row of ``x`` (dim 0): n rows, or k·n for a known expansion k (each name k times)."""
@@ -100,8 +102,8 @@ class Routing:
     def forward(self, layer: LoraLayer, x: Tensor, *args, **kwargs) -> Tensor:
         if layer.merged:
             raise LoraError(f"adapters {list(layer.merged)} were merged inside a lorakit.mixed block; unmerge first")
+        self.check_alive()
         if self.uniform:  # the plain single-adapter path, without per-row bookkeeping
-            self.check_alive()
             name = self.adapters[0]
             return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)
         key = (id(layer), x.shape, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
@@ -137,7 +139,6 @@ class Routing:
         adapters, B=16/16; MiniLM prefill 32x128 with 4 or 16): one GEMM per adapter group (0.17-0.82x
         of a merged model vs bmm's 0.87-0.94x) and two GEMMs over the used adapters' concatenated
         factors with a per-row block mask (0.57-0.90x)."""
-        self.check_alive()
         names = [a if a in layer.lora_A else None for a in self.rows(layer, x)]
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path

@@ -153,7 +153,8 @@ def main() -> None:
     del models
     log("prefill: building MiniLM with 16 adapters")
     results["prefill"] = compare("prefill", 32, 16, args, build("prefill", 16, log), log)
-    rows = ["| step | merged ms | lorakit, steady state | lorakit, first step of a new routing | PEFT | lorakit vs PEFT |",
+    rows = ["| step | merged ms | lorakit, steady state | lorakit, first step of a new routing | PEFT "
+            "| lorakit vs PEFT |",
             "|---|---|---|---|---|---|"]
     for r in results["decode"] + [results["prefill"]]:
         q = r["ratios"]

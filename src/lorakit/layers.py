@@ -28,6 +28,17 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: inside a ``lorakit.mixed(...)`` block.
 ROUTING: ContextVar = ContextVar("lorakit_routing", default=None)
 
+#: Whether any ``lorakit.mixed`` block is open in this process (any thread). ``torch.compile`` cannot
+#: read the ContextVar, but it guards on this global: code compiled while it was False is recompiled
+#: when a block opens, and then leaves the graph at each adapted layer (:func:`_routed_eager`).
+MIXED_OPEN = False
+
+
+@torch.compiler.disable
+def _routed_eager(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    """The module's forward run eagerly from compiled code, where the mixed routing is visible."""
+    return module.forward(x, *args, **kwargs)
+
 
 class LoraLayer(nn.Module):
     """A module plus named low-rank adapters on one of its weights (``param_name``).
@@ -52,6 +63,7 @@ class LoraLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
         self._original: Tensor | None = None  # exact copy of W while merged (exact mode)
+        self.generation = 0  # bumped when an adapter is added or removed (caches of lorakit.mixed)
 
     @property
     def weight(self) -> Tensor:
@@ -70,10 +82,13 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(b)
         self.scale[name] = float(scale)
         self.dropout[name] = float(dropout)
+        self.generation += 1
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.scale[name], self.dropout[name]
         self.active = tuple(n for n in self.active if n != name)
+        self.generation += 1
+        self.__dict__.pop("_bank", None)  # free the removed factors' copy now
 
     def adapters(self) -> list[str]:
         return list(self.lora_A)
@@ -119,7 +134,10 @@ class LoraLayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            if MIXED_OPEN:  # a guarded global: compiled code never ignores an open routing
+                return _routed_eager(self, x, *args, **kwargs)
+        else:
             routing = ROUTING.get()
             if routing is not None and id(self) in routing.layers:
                 return routing.forward(self, x, *args, **kwargs)
@@ -193,7 +211,10 @@ class SavedModule(nn.Module):
         return self.modules_to_save[self.active[0]] if self.active else self.base_layer
 
     def forward(self, x, *args, **kwargs):
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            if MIXED_OPEN:  # as in LoraLayer.forward
+                return _routed_eager(self, x, *args, **kwargs)
+        else:
             routing = ROUTING.get()
             if routing is not None and id(self) in routing.layers:
                 return routing.forward_saved(self, x, *args, **kwargs)

@@ -162,3 +162,22 @@ def test_transformers_conv1d_is_registered_by_name_without_importing_transformer
     code = ("import sys, lorakit; assert 'transformers' not in sys.modules; "
             "from transformers.pytorch_utils import Conv1D; assert lorakit.kind_of(Conv1D(4, 3)).name == 'conv1d_hf'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_kind_can_refuse_merge_and_nothing_is_merged():
+    class Packed(ScaledLinear):
+        pass
+
+    class NoMerge(ScaledKind):
+        def check_merge(self, base, path):
+            raise LoraError(f"cannot merge into {path}: packed")
+
+    lorakit.register_kind(Packed, NoMerge())
+    torch.manual_seed(0)
+    net = nn.Sequential(ScaledLinear(4, 4), Packed(4, 4))
+    lorakit.inject(net, LoraConfig(r=2, targets=["0", "1"]))
+    _randomise(net, 2)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(LoraError, match="cannot merge into 1: packed"):
+        lorakit.merge(net)
+    assert lorakit.registry(net).merged == () and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -90,6 +90,19 @@ class Kind:
         out, rest = weight.shape[0], math.prod(weight.shape[1:])
         return (r, rest), (out, r)
 
+    def weight_shape(self, base: nn.Module, weight: Tensor) -> tuple[int, ...]:
+        """The shape of ΔW: W's own, unless W is stored packed (a quantized layer: its logical shape)."""
+        return tuple(weight.shape)
+
+    def factor_dtype(self, base: nn.Module, weight: Tensor) -> torch.dtype:
+        """The dtype of new factors: W's, but fp32 on a half-precision or non-float (quantized) W."""
+        return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() \
+            else weight.dtype
+
+    def check_merge(self, base: nn.Module, path: str) -> None:
+        """Raise :class:`LoraError` if W + ΔW cannot be written into this layer's weight (called by
+        :func:`lorakit.merge` for every layer before anything is merged)."""
+
     def rank(self, weight: Tensor, a: Tensor) -> int:
         """The rank r of an adapter whose factor A is ``a``."""
         return a.shape[0]

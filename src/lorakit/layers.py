@@ -22,8 +22,6 @@ from .kinds import Kind
 
 __all__ = ["LoraLayer", "SavedModule"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 #: The mixed-adapter routing of the current thread/task (see :mod:`lorakit.batching`); set only
 #: inside a ``lorakit.mixed(...)`` block.
 ROUTING: ContextVar = ContextVar("lorakit_routing", default=None)
@@ -71,9 +69,9 @@ class LoraLayer(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------
     def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
-        """Create adapter ``name`` with ΔW = 0. Factors are fp32 on a half-precision base."""
+        """Create adapter ``name`` with ΔW = 0. Factors in the kind's factor_dtype (fp32 on a half-precision base)."""
         w = self.weight
-        dtype = torch.float32 if w.dtype in _LOW_PRECISION else w.dtype
+        dtype = self.kind.factor_dtype(self.base_layer, w)
         a_shape, b_shape = self.kind.shapes(self.base_layer, w, r)
         a = torch.empty(a_shape, dtype=dtype, device=w.device)
         b = torch.empty(b_shape, dtype=dtype, device=w.device)
@@ -118,7 +116,7 @@ class LoraLayer(nn.Module):
         w = self.weight
         left, right = self.kind.matrices(self.base_layer, w, a, b)
         d = (left @ right) * self.scale[name]
-        d = (d.t() if self.kind.transposed else d).reshape(w.shape)
+        d = (d.t() if self.kind.transposed else d).reshape(self.kind.weight_shape(self.base_layer, w))
         return d if dtype is None else d.to(dtype)
 
     def _shifted(self, names: Sequence[str], sign: int) -> Tensor:

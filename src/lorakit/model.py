@@ -219,6 +219,7 @@ def merge(model: nn.Module, exact: bool = True) -> None:
     owners = _tied(model)
     layers = [(path, layer) for path, layer in lora_layers(model) if layer.active]
     for path, layer in layers:
+        layer.kind.check_merge(layer.base_layer, path)
         if parametrize.is_parametrized(layer.base_layer, layer.param_name):
             raise LoraError(f"cannot merge into {path}.{layer.param_name}: a parametrization was registered on "
                             "it after inject; W + ΔW cannot be written back exactly through one (remove it "

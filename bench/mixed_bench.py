@@ -153,7 +153,9 @@ def main() -> None:
     del models
     log("prefill: building MiniLM with 16 adapters")
     results["prefill"] = compare("prefill", 32, 16, args, build("prefill", 16, log), log)
-    rows = ["| step | merged ms | lorakit | lorakit (first step) | PEFT | lorakit vs PEFT |", "|---|---|---|---|---|---|"]
+    rows = ["| step | merged ms | lorakit, steady state | lorakit, first step of a new routing | PEFT "
+            "| lorakit vs PEFT |",
+            "|---|---|---|---|---|---|"]
     for r in results["decode"] + [results["prefill"]]:
         q = r["ratios"]
         label = (f"decode B={r['B']}, {r['N']} adapters" if r["kind"] == "decode"
@@ -163,7 +165,10 @@ def main() -> None:
                     f"{1 / q['lorakit (first step)']['median']:.2f}x | {1 / q['PEFT']['median']:.2f}x | {speed:.1f}x |")
     s = results["single"]["ratio"]
     md = ("Throughput as a fraction of one merged model (median of per-round ratios; higher is better), "
-          f"{args.threads} threads, {args.rounds} rounds.\n\n" + "\n".join(rows) +
+          f"{args.threads} threads, {args.rounds} rounds. Steady state: the routing stays open (every decode "
+          "step of one generate call after the first); first step: the routing is opened inside the timed "
+          "call, so the step gathers every row's factors (the first step of each generate call, and of "
+          "each new batch composition in lorakit serve).\n\n" + "\n".join(rows) +
           f"\n\nOne adapter for all 64 rows: lorakit.mixed / plain single-adapter time = {common.fmt(s)} "
           f"(median [p25-p75] / ratio of minima; {3 * args.rounds} rounds).\n")
     log(md)

@@ -4,6 +4,7 @@ Tolerance: fp32 2e-5, bf16 3e-2 (relative to the output's magnitude); float64 mo
 to 1e-10.
 """
 
+import contextlib
 import threading
 
 import pytest
@@ -120,13 +121,16 @@ def test_repeated_rows_for_beams_and_errors():
     net = _build(torch.float64, 1)
     x = torch.randint(0, 20, (2, 5))
     with torch.no_grad():
-        with lorakit.mixed(net, ["a", "c"]):
+        with lorakit.mixed(net, ["a", "c"], expand=3):
             y = net(x.repeat_interleave(3, 0))  # 3 beams per request
         for j in range(6):
             torch.testing.assert_close(y[j], _alone(net, x[j // 3:j // 3 + 1], "ac"[j // 3])[0], atol=1e-10, rtol=0)
-        with pytest.raises(LoraError, match="batch has 5 rows but the routing names 2"):
+        with pytest.raises(LoraError, match=r"shape \(5, 5\): dim 0 must be the batch, 2 rows"):
             with lorakit.mixed(net, ["a", "c"]):
                 net(torch.randint(0, 20, (5, 5)))
+    with pytest.raises(LoraError, match="expand must be a positive int"):
+        with lorakit.mixed(net, ["a", "c"], expand=0):
+            pass
     with pytest.raises(LoraError, match=r"unknown adapter\(s\) \['zz'\]"):
         with lorakit.mixed(net, ["a", "zz"]):
             pass
@@ -235,3 +239,198 @@ def test_inject_and_load_inactive(tmp_path):
     with torch.no_grad(), lorakit.mixed(net, ["e"]):
         y = net(x)
     torch.testing.assert_close(y, _alone(net, x, "b"))
+
+
+# -- issue 10: structured outputs, torch.compile, stale factors, rows from dim 0 ------------------------
+
+def _saved_gru(batch_first):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 3, batch_first=batch_first))
+    for name in ("a", "b"):
+        lorakit.inject(net, LoraConfig(r=2, targets=["0"], modules_to_save=["1"]), adapter=name)
+        with torch.no_grad():
+            for p in net[1].modules_to_save[name].parameters():
+                p.normal_()
+    return net.eval()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_modules_to_save_with_tuple_output_is_refused_not_misassembled(batch_first):
+    """nn.GRU returns (output, h_n) with the batch on dim 1 of h_n: mixed rows are refused, naming it."""
+    net = _saved_gru(batch_first)
+    x = torch.randn(3, 3, 4)  # [B, T, d] or [T, B, d]: 3 rows either way
+    with torch.no_grad(), pytest.raises(LoraError, match="GRU.*returned tuple"):
+        with lorakit.mixed(net, ["a", "b", None]):
+            net(x)
+    with torch.no_grad():  # one adapter for every row: the module's own output, as alone
+        with lorakit.mixed(net, ["b", "b", "b"]):
+            out, h = net(x)
+        ref_out, ref_h = _alone(net, x, "b")
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(h, ref_h, atol=0, rtol=0)
+
+
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).double().eval()
+    lorakit.inject(model, LoraConfig(r=4, targets="all-linear"), adapter="x")
+    lorakit.inject(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]), adapter="y")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return model
+
+
+def _llama_rows_alone(model, ids, names):
+    rows = []
+    for i, name in enumerate(names):
+        with lorakit.disabled(model) if name is None else contextlib.nullcontext():
+            if name is not None:
+                lorakit.set_active(model, name)
+            rows.append(model(ids[i:i + 1]).logits[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
+def test_torch_compile_never_ignores_the_routing(backend):
+    """Compiled inside the block, compiled outside and called inside, compiled inside and called outside:
+    every row equals that row alone (eager, set_active)."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+    names = ["x", None, "y"]
+    with torch.no_grad():
+        ref = _llama_rows_alone(model, ids, names)
+        lorakit.set_active(model, "x")
+        active_ref = model(ids).logits
+        torch._dynamo.reset()
+        outside = torch.compile(model, backend=backend)
+        torch.testing.assert_close(outside(ids).logits, active_ref, atol=1e-10, rtol=0)  # compiled, no routing
+        with lorakit.mixed(model, names):
+            torch.testing.assert_close(outside(ids).logits, ref, atol=1e-10, rtol=0)  # compiled outside, called inside
+            torch._dynamo.reset()
+            inside = torch.compile(model, backend=backend)
+            torch.testing.assert_close(inside(ids).logits, ref, atol=1e-10, rtol=0)  # compiled inside
+        torch.testing.assert_close(inside(ids).logits, active_ref, atol=1e-10, rtol=0)  # called outside afterwards
+    torch._dynamo.reset()
+
+
+def _check_rows(net, x, rows, tol=1e-10):
+    with torch.no_grad():
+        with lorakit.mixed(net, rows):
+            y = net(x)
+        for i, name in enumerate(rows):
+            ref = _alone(net, x[i:i + 1], name)[0]
+            assert y.dtype == ref.dtype
+            torch.testing.assert_close(y[i], ref, atol=tol * max(ref.abs().max().item(), 1.0), rtol=0)
+
+
+def test_bank_follows_dtype_data_replacement_inplace_load_and_reinject(tmp_path):
+    """Every change of a factor is seen by the next mixed forward (the oracle: each row alone)."""
+    rows = ["a", "b", "c", None]
+    x = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(0))
+    net = _build(torch.float32, 5)
+    _check_rows(net, x, rows, tol=TOL[torch.float32])  # builds the banks in float32
+    net.to(torch.float64)
+    _check_rows(net, x, rows)
+    q = dict(lorakit.lora_layers(net))["q"]
+    q.lora_B["a"].data = torch.randn_like(q.lora_B["a"])  # a new tensor behind the same Parameter
+    _check_rows(net, x, rows)
+    with torch.no_grad():
+        q.lora_A["b"].copy_(torch.randn_like(q.lora_A["b"]))
+    _check_rows(net, x, rows)
+    other = _build(torch.float64, 6)
+    lorakit.save(other, tmp_path / "c", adapter="c")
+    lorakit.load(net, tmp_path / "c", adapter="c", activate=False)  # new weights into the existing adapter
+    _check_rows(net, x, rows)
+    lorakit.delete(net, "b")
+    lorakit.inject(net, LoraConfig(r=4, targets=["q", "v", "c_attn"], target_parameters=["w.weight"]), adapter="b")
+    with torch.no_grad():
+        for layer in (q, dict(lorakit.lora_layers(net))["v"]):
+            layer.lora_B["b"].normal_()
+    _check_rows(net, x, rows)
+
+
+def test_factors_changed_inside_one_block_are_seen():
+    """The factors a routing gathered are not reused after a change between two forwards of one block."""
+    net = _build(torch.float64, 7)
+    x = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    rows = ["a", "b", "c"]
+    layers = dict(lorakit.lora_layers(net))
+    with torch.no_grad(), lorakit.mixed(net, rows):
+        net(x)
+        with torch.no_grad():
+            layers["q"].lora_B["a"].mul_(3)  # in place
+        layers["v"].lora_A["c"].data = layers["v"].lora_A["c"].data * -2  # replaced
+        layers["emb"].scale["a"] *= 2  # a scale (as load() sets it)
+        y = net(x)
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(y[i], _alone(net, x[i:i + 1], name)[0], atol=1e-10, rtol=0)
+    with pytest.raises(LoraError, match="merged inside"):
+        with torch.no_grad(), lorakit.mixed(net, rows):
+            net(x)
+            lorakit.set_active(net, "a")
+            lorakit.merge(net)
+            net(x)
+    lorakit.unmerge(net)
+    with pytest.raises(LoraError, match=r"deleted \['b'\] inside an open"):
+        with torch.no_grad(), lorakit.mixed(net, rows):
+            net(x)
+            lorakit.delete(net, "b")
+            net(x)
+    with pytest.raises(LoraError, match=r"added \['d'\] or deleted \[\] inside an open"):  # d's modules aren't routed
+        with torch.no_grad(), lorakit.mixed(net, ["a", "c", None]):
+            net(x)
+            lorakit.inject(net, LoraConfig(r=2, targets=["q"], target_parameters=["w.weight"]), adapter="d")
+            net(x)
+
+
+def test_rows_come_from_dim_0_exactly():
+    """A sequence-first [T, B, d] input whose T is a multiple of the names is refused, naming the shape,
+    on the bmm path, the per-group path and a modules_to_save head alike."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    for name in ("a", "b"):
+        lorakit.inject(net, LoraConfig(r=2, targets=["0"], modules_to_save=["2"]), adapter=name)
+    x = torch.randn(4, 2, 6)  # [T=4, B=2, d]
+    for grad in (False, True):  # bmm / per-group
+        with torch.set_grad_enabled(grad), pytest.raises(LoraError, match=r"'0' \(Linear\): input of shape \(4, 2"):
+            with lorakit.mixed(net, ["a", "b"]):
+                net(x)
+    with pytest.raises(LoraError, match=r"'2' \(Linear\): input of shape \(4, 2, 6\)"):  # the head's own check
+        with lorakit.mixed(net, ["a", "b"]):
+            net[2](x)
+    lorakit.delete(net, "b")
+    with torch.no_grad(), lorakit.mixed(net, ["a", None], expand=2):  # an announced expansion is fine
+        y = net(x)
+    with torch.no_grad():
+        for i, name in enumerate(["a", "a", None, None]):
+            torch.testing.assert_close(y[i], _alone(net, x[i:i + 1], name)[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=3)])
+def test_generate_expansions_are_known(kw):
+    """Beams and num_return_sequences expand rows inside generate: lorakit accepts exactly that expansion,
+    and each request's outputs equal that request generated alone."""
+    model = _tiny_llama(2)
+    ids = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(3))
+    names = ["x", None, "y"]
+    gen = dict(max_new_tokens=4, pad_token_id=0, **kw)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        with lorakit.mixed(model, names):
+            out = model.generate(ids, **gen)
+        k = gen.get("num_return_sequences", 1)
+        for i, name in enumerate(names):
+            torch.manual_seed(0)
+            with lorakit.mixed(model, [name] * 3):  # the same batch, every row with this name
+                alone = model.generate(ids, **gen)
+            assert torch.equal(out[i * k:(i + 1) * k], alone[i * k:(i + 1) * k]), (kw, name)
+        with pytest.raises(LoraError, match="dim 0 must be the batch"):  # expansions do not outlive generate's k
+            with lorakit.mixed(model, names):
+                model(ids.repeat_interleave(4, 0))

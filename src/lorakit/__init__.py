@@ -9,13 +9,14 @@ from .batching import mixed
 from .config import INITS, LoraConfig, LoraError
 from .hf import save_pretrained
 from .io import load, save
+from .kinds import Kind, LinearKind, kind_of, register_kind
 from .layers import LoraLayer
-from .quant import quantize
 from .model import (Summary, delete, disabled, inject, lora_layers, merge, merge_and_unload, registry,
                     set_active, summary, unmerge)
+from .quant import quantize
 
 __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
            "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "save_pretrained", "registry",
-           "lora_layers", "mixed", "quantize", "__version__"]
+           "lora_layers", "mixed", "Kind", "LinearKind", "register_kind", "kind_of", "quantize", "__version__"]

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import quant
 from .config import LoraConfig, LoraError
-from .layers import PARAM, LoraLayer
+from .layers import LoraLayer
 from .model import _apply, _root, check_name, lora_layers, registry, saved_modules, set_active
 from .targets import Site, plan, plan_saved, walk
 
@@ -79,8 +79,8 @@ def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
 def _peft_config(model: nn.Module, adapter: str) -> dict:
     cfg = registry(model).configs[adapter]
     layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
-    modules = [p for p, layer in layers if layer.kind is not PARAM]
-    params = [f"{p}.{layer.param_name}" for p, layer in layers if layer.kind is PARAM]
+    modules = [p for p, layer in layers if layer.kind.selected_by == "target_modules"]
+    params = [f"{p}.{layer.param_name}" for p, layer in layers if layer.kind.selected_by == "target_parameters"]
     ranks = {p: layer.rank(adapter) for p, layer in layers}
     alphas = {p: cfg.alpha_for(p) for p, _ in layers}
     num = lambda x: int(x) if float(x).is_integer() else x  # noqa: E731
@@ -94,7 +94,7 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != cfg.r},
         "alpha_pattern": {re.escape(p): num(a) for p, a in alphas.items() if a != cfg.alpha},
         "use_rslora": cfg.use_rslora,
-        "fan_in_fan_out": any(layer.kind.name == "conv1d_hf" for _, layer in layers),
+        "fan_in_fan_out": any(layer.kind.fan_in_fan_out for _, layer in layers),
         "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
         "modules_to_save": _target_modules(_root(model), saved) if saved else None,
     }

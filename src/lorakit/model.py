@@ -219,12 +219,7 @@ def merge(model: nn.Module, exact: bool = True) -> None:
     owners = _tied(model)
     layers = [(path, layer) for path, layer in lora_layers(model) if layer.active]
     for path, layer in layers:
-        fmt = quant.format_of(layer.base_layer)
-        if fmt is not None:
-            raise LoraError(f"cannot merge into {path}: its weight is quantized ({fmt}) and W + ΔW is not "
-                            f"representable in {fmt}; use lorakit.merge_and_unload(model, dequantize=True) for a "
-                            "full-precision model, or lorakit.quant.merge_requantized(model) (lossy; reports "
-                            "its error), or keep the adapter unmerged")
+        layer.kind.check_merge(layer.base_layer, path)
         if parametrize.is_parametrized(layer.base_layer, layer.param_name):
             raise LoraError(f"cannot merge into {path}.{layer.param_name}: a parametrization was registered on "
                             "it after inject; W + ΔW cannot be written back exactly through one (remove it "

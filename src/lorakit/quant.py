@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoraError
-from .layers import LINEAR, LoraLayer, _Linear, _skinny
+from .kinds import LinearKind, _skinny, kind_of, register_kind
+from .layers import LoraLayer
 
 __all__ = ["FORMATS", "quantize", "dequantize", "format_of", "merge_requantized", "QuantizedLinear"]
 
@@ -62,12 +63,14 @@ def format_of(module: nn.Module) -> str | None:
     return None
 
 
-class QuantizedLinear(_Linear):
-    """LoRA on a bitsandbytes linear layer: A (r, in), B (out, r) as for nn.Linear (PEFT's files).
+class QuantizedLinear(LinearKind):
+    """LoRA on a bitsandbytes linear layer: A (r, in), B (out, r) as for nn.Linear (PEFT's files),
+    fp32 factors; ``"all-linear"`` selects it and mixed batches take the batched path.
 
     The packed weight is never read by lorakit in the forward: the base layer runs its own kernel
     and the update is added to its output; in place only without autograd (bitsandbytes returns a
-    view made inside its autograd Function, which autograd forbids modifying in place)."""
+    view made inside its autograd Function, which autograd forbids modifying in place). Merging
+    into the packed weight is refused (see the module docstring)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -88,6 +91,13 @@ class QuantizedLinear(_Linear):
     def weight_shape(self, base, weight):
         return (base.out_features, base.in_features)
 
+    def check_merge(self, base, path):
+        fmt = format_of(base)
+        raise LoraError(f"cannot merge into {path}: its weight is quantized ({fmt}) and W + ΔW is not "
+                        f"representable in {fmt}; use lorakit.merge_and_unload(model, dequantize=True) for a "
+                        "full-precision model, or lorakit.quant.merge_requantized(model) (lossy; reports "
+                        "its error), or keep the adapter unmerged")
+
     def forward(self, layer, names, x, *args, **kwargs):
         result = layer.base_layer(x, *args, **kwargs)
         for name in names:
@@ -101,12 +111,9 @@ class QuantizedLinear(_Linear):
 
 
 LINEAR4BIT, LINEAR8BIT = QuantizedLinear("linear4bit"), QuantizedLinear("linear8bit")
-
-
-def kind_of_quantized(module: nn.Module) -> QuantizedLinear | None:
-    """The kind of a bitsandbytes linear layer, else None."""
-    fmt = format_of(module)
-    return None if fmt is None else LINEAR8BIT if fmt == "int8" else LINEAR4BIT
+# By qualified name: registering does not import bitsandbytes (LinearNF4/LinearFP4 subclass Linear4bit).
+register_kind("bitsandbytes.nn.modules.Linear4bit", LINEAR4BIT)
+register_kind("bitsandbytes.nn.modules.Linear8bitLt", LINEAR8BIT)
 
 
 # -- quantize -------------------------------------------------------------------------------------
@@ -263,7 +270,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[tuple
     for (parent, attr, _), linear in zip(found, plain):
         setattr(parent, attr, linear)
         if isinstance(parent, LoraLayer):
-            parent.kind = LINEAR
+            parent.kind = kind_of(linear)
     return found
 
 
@@ -272,7 +279,7 @@ def requantize_undo(found: list[tuple[nn.Module, str, nn.Module]]) -> None:
     for parent, attr, child in found:
         setattr(parent, attr, child)
         if isinstance(parent, LoraLayer):
-            parent.kind = kind_of_quantized(child)
+            parent.kind = kind_of(child)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import LoraConfig, LoraError, Target
-from .layers import PARAM, SUPPORTED, Kind, LoraLayer, SavedModule, _Linear, kind_of
+from .kinds import Kind, kind_of, parameter_kind, supported
+from .layers import LoraLayer, SavedModule
 
 __all__ = ["Site", "plan", "plan_saved", "walk", "Wrapper"]
 
@@ -105,7 +106,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
         if target == "all-linear":
             heads = _output_heads(model, modules)
             hits = [p for p, m in modules.items()
-                    if isinstance(kind_of(m), _Linear) and p not in heads]
+                    if getattr(kind_of(m), "all_linear", False) and p not in heads]
         elif isinstance(target, type):
             hits = [p for p, m in modules.items() if isinstance(m, target)]
         else:
@@ -118,10 +119,10 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
             if kind is None:
                 raise LoraError(
                     f"target {target!r} matches {p} of type {type(modules[p]).__name__}, which is not a "
-                    f"supported layer ({SUPPORTED}); narrow the pattern, or adapt a raw weight with "
-                    f"target_parameters=['{p}.weight']")
+                    f"supported layer ({supported()}; others: lorakit.register_kind); narrow the pattern, "
+                    f"or adapt a raw weight with target_parameters=['{p}.weight']")
             if not is_excluded(p):
-                chosen[p] = (kind, "weight")
+                chosen[p] = (kind, kind.param)
 
     params = {f"{p}.{n}": (p, n) for p, m, *_ in entries for n, _ in m.named_parameters(recurse=False)}
     params.update({f"{p}.{n}": (p, n) for p, m, *_ in entries if parametrize.is_parametrized(m)
@@ -145,7 +146,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                 raise LoraError(f"{path}: an adapter can adapt one weight per module, but both "
                                 f"{path}.{chosen[path][1]} and {full} are targeted")
             if not is_excluded(path):
-                chosen[path] = (PARAM, name)
+                chosen[path] = (parameter_kind(modules[path], name), name)
 
     sites = []
     saved = {p for p, *_ in plan_saved(model, cfg, entries)}
@@ -162,8 +163,9 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
         _check_not_parametrized(entries, path, module, param)
         kind.check(module, path)
         if cfg.dropout > 0 and not kind.supports_dropout:
-            raise LoraError(f"{path}.{param}: dropout is not supported on raw parameters (the adapter "
-                            "sees no input of its own); use dropout=0")
+            what = "raw parameters" if kind.selected_by == "target_parameters" else f"{kind.name} layers"
+            raise LoraError(f"{path}.{param}: dropout is not supported on {what} (the adapter sees no input "
+                            "of its own); use dropout=0")
         sites.append(Site(path, module, kind, param, cfg.rank_for(path), cfg.scale_for(path),
                           parent, attr, layer))
     if not sites and not saved:

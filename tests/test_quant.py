@@ -313,3 +313,21 @@ def test_cli_refuses_full_fine_tuning_of_a_quantized_base(capsys):
     assert main(["train", "--quantize", "nf4", "--full"]) == 2
     err = capsys.readouterr().err
     assert "--full" in err and "quantized" in err and "Traceback" not in err
+
+
+def test_dequantize_reads_a_layer_that_bitsandbytes_repacked_for_inference():
+    """A Linear4bit as transformers builds it repacks its weight on the first inference forward on
+    AVX512-BF16 CPUs (absmax in bf16); dequantized_weight must read the repacked layout."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 96, bias=False, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 64) * 0.1, requires_grad=False, quant_type="nf4").to("cpu")
+    layer.eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = layer(x)  # may repack (depends on the CPU)
+    w = quant.dequantized_weight(layer, torch.float64)
+    assert w.shape == (96, 64)
+    _close(y, x.double() @ w.t(), 1e-2)  # the repacked kernel computes in bf16
+    lorakit.inject(layer_model := nn.Sequential(layer), lorakit.LoraConfig(r=2, targets=["0"]))
+    plain = lorakit.merge_and_unload(layer_model, dequantize=True)
+    assert torch.equal(plain[0].weight, w.float())  # ΔW = 0 at init: W_deq itself

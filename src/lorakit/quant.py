@@ -234,11 +234,11 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> T
         scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB  # a forward moves it to state
         deq = bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
     else:
-        state = w.quant_state
-        data = w.data
-        if getattr(state, "packing_format_for_cpu", False):  # repacked by an inference forward on AVX512-BF16
-            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
-        deq = bnb.functional.dequantize_4bit(data, state)
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            # repacked by an inference forward on AVX512-BF16: back to the canonical layout, in the layer
+            # itself, as bitsandbytes' own state_dict() does (the inverse mutates the quant state)
+            w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        deq = bnb.functional.dequantize_4bit(w.data, w.quant_state)
     return deq if dtype is None else deq.to(dtype)
 
 

@@ -39,6 +39,9 @@ def worker(args) -> None:
     key, precision, lib, mode = args.worker.split(":")
     torch.manual_seed(0)
     model = load(key)
+    with torch.no_grad():  # own storage per weight: the GGUF loader's tensors share buffers that a
+        for p in model.parameters():  # surviving embedding would keep alive after quantize freed the rest
+            p.data = p.data.clone()
     if precision == "bf16":
         model.to(torch.bfloat16)
     elif precision in ("int8", "nf4"):
@@ -199,15 +202,18 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--work", default="/tmp/lorakit-quant-bench")
     p.add_argument("--name", default="quant_bench")
+    p.add_argument("--seed-runs", help="JSON of runs measured earlier (same format), kept and not rerun")
     args = p.parse_args()
     if args.worker:
         return worker(args)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    runs, qual = {}, {}
+    runs, qual = (json.loads(Path(args.seed_runs).read_text()) if args.seed_runs else {}), {}
     if not args.no_speed:
         for key in args.models:
             for prec in args.precisions:
                 for lib in (("lorakit", "peft") if prec in ("int8", "nf4") else ("lorakit",)):
+                    if f"{key}:{prec}:{lib}" in runs:
+                        continue
                     r = spawn(args, key, prec, lib, "train")
                     serve = spawn(args, key, prec, lib, "serve")
                     r.update({k: v for k, v in serve.items() if k in ("serve_peak_mb", "forward_s", "error")})

@@ -177,7 +177,7 @@ def _quantized_layer(linear: nn.Linear, fmt: str, compute_dtype, double_quant: b
                      device: torch.device) -> nn.Module:
     """A new bitsandbytes layer holding ``linear``'s weight in ``fmt`` (the input is not changed)."""
     bnb = _bnb()
-    w, bias = linear.weight.detach().clone(), linear.bias
+    w, bias = linear.weight.detach(), linear.bias  # bitsandbytes quantizes into new storage; w is not changed
     if fmt == "int8":
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias is not None,
                                     has_fp16_weights=False, threshold=0.0, device="meta")

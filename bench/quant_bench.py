@@ -96,6 +96,50 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def interleaved(args) -> dict:
+    """lorakit and PEFT on deep copies of one quantized base in this process, training steps in
+    alternating (shuffled) order per round: the median of per-round time ratios (robust to load)."""
+    import copy
+    import random
+
+    import peft
+    import torch
+
+    import lorakit
+    common.setup(args.threads)
+    key, precision = args.interleave.split(":")
+    torch.manual_seed(0)
+    base = load(key)
+    if precision in ("int8", "nf4"):
+        lorakit.quantize(base, precision)
+        setattr(base, "is_loaded_in_8bit" if precision == "int8" else "is_loaded_in_4bit", True)
+    save = ["classifier"] if key == "minilm" else []
+    models = {
+        "lorakit": lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=8, alpha=16, targets="all-linear",
+                                                                          modules_to_save=save)),
+        "peft": peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=save or None,
+            task_type="SEQ_CLS" if key == "minilm" else "CAUSAL_LM"))}
+    del base
+    b = batch(key, 0)
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
+    times = {k: [] for k in models}
+    for i in range(args.warmup + args.steps):
+        order = list(models)
+        random.shuffle(order)
+        for k in order:
+            models[k].train()
+            t0 = time.perf_counter()
+            models[k](**b).loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            if i >= args.warmup:
+                times[k].append(time.perf_counter() - t0)
+    ratios = [a / b for a, b in zip(times["lorakit"], times["peft"])]
+    return {"times": times, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios)}
+
+
 def _model_bytes(model) -> int:
     """Bytes of every parameter and buffer (packed 4/8-bit weights as stored) and of bitsandbytes'
     quantization statistics (absmax per block / per row)."""
@@ -134,15 +178,25 @@ def spawn(args, key, precision, lib, mode) -> dict:
 
 
 def quality(args, key: str, precision: str) -> dict:
-    """One `lorakit train` run (fresh process) with the base in ``precision``; its summary.json."""
+    """One training of the ``lorakit train`` task (fresh process) with the base in ``precision``:
+    SmolLM2 causal LM (BBC headline -> topic word; exact match) or MiniLM classification (BBC News;
+    accuracy), the fixed split and seed 0 of ``bench/finetune_table.py``; its summary."""
     out = Path(args.work) / f"{key}-{precision}"
-    task = ["--task", "causal-lm", "--train-limit", str(args.train_limit)] if key == "smollm2" else []
-    prec = ["--quantize", precision] if precision in ("int8", "nf4") else ["--bf16"] if precision == "bf16" else []
-    argv = [sys.executable, "-m", "lorakit.cli", "train", *task, *prec, "--targets", "all-linear", "--rank", "8",
-            "--out", str(out), "--no-progress", "--threads", str(args.threads), "--seed", "0",
-            *(["--epochs", str(args.epochs)] if args.epochs else [])]
+    quantize = repr(precision) if precision in ("int8", "nf4") else "None"
+    bf16 = precision == "bf16"
+    if key == "smollm2":
+        call = (f"causal_lm({str(out)!r}, lora=LoraSpec(('all-linear',), r=8), quantize={quantize}, "
+                f"train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, bf16={bf16}, seed=0), "
+                f"train_limit={args.train_limit}, eval_limit={args.eval_limit}, progress=False)")
+    else:
+        call = (f"classify({str(out)!r}, lora=LoraSpec(('all-linear',), r=8), quantize={quantize}, "
+                f"train=TrainConfig(epochs={args.epochs or 3}, batch_size=16, lr=1e-3, bf16={bf16}, seed=0), "
+                f"max_length=128, progress=False)")
+    code = ("import torch; torch.set_num_threads(%d)\n"
+            "from lorakit.train.loop import TrainConfig\n"
+            "from lorakit.train.tasks import LoraSpec, causal_lm, classify\n%s" % (args.threads, call))
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         return {"error": proc.stderr[-1500:]}
     summary = json.loads((out / "summary.json").read_text())
@@ -175,15 +229,15 @@ def report(runs: dict, qual: dict) -> str:
                              f"{r['serve_peak_mb'] - r['serve_load_mb']:.0f} / {r['serve_peak_mb']:.0f} | "
                              f"{r['step_s']:.2f} | {rel} | {vs} |")
     if qual:
-        lines += ["", "| model | base | metric before → after | s/step | wall s |", "|---|---|---|---|---|"]
+        lines += ["", "| model | base | metric before → after | s/step | peak MB | wall s |", "|---|---|---|---|---|---|"]
         for name, s in qual.items():
             if "error" in s:
-                lines.append(f"| {name} | failed: {s['error'][-200:]!r} | | | |")
+                lines.append(f"| {name} | failed: {s['error'][-200:]!r} | | | | |")
                 continue
             before = s.get("test_exact_match_before", s.get("test_accuracy_before"))
             after = s.get("test_exact_match", s.get("test_accuracy"))
-            lines.append(f"| {name.split('-')[0]} | {name.split('-')[1]} | {before} → {after} | "
-                         f"{s.get('s_per_step', '')} | {s['wall_s']:.0f} |")
+            lines.append(f"| {name.split('-')[0]} | {name.split('-')[1]} | {before:.4f} → {after:.4f} | "
+                         f"{s.get('seconds_per_step', 0):.2f} | {s.get('peak_memory_mb', 0):.0f} | {s['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -197,15 +251,23 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=PRECISIONS)
     p.add_argument("--quality", action="store_true", help="also train the lorakit train tasks per precision")
     p.add_argument("--quality-precisions", nargs="+", default=PRECISIONS)
+    p.add_argument("--parallel", type=int, default=1, help="quality runs at a time")
     p.add_argument("--no-speed", action="store_true", help="only the quality runs")
     p.add_argument("--train-limit", type=int, default=600, help="SmolLM2 training examples (lorakit train's 600)")
-    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--epochs", type=float, default=None, help="MiniLM epochs (default 3)")
+    p.add_argument("--eval-limit", type=int, default=200, help="SmolLM2 val/test examples (lorakit train's 200)")
     p.add_argument("--work", default="/tmp/lorakit-quant-bench")
     p.add_argument("--name", default="quant_bench")
+    p.add_argument("--interleave", help="MODEL:PRECISION: lorakit vs PEFT step time, interleaved in one process")
     p.add_argument("--seed-runs", help="JSON of runs measured earlier (same format), kept and not rerun")
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.interleave:
+        r = interleaved(args)
+        print(json.dumps(r))
+        Path(common.RESULTS / f"{args.name}.json").write_text(json.dumps(r, indent=1))
+        return None
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     runs, qual = (json.loads(Path(args.seed_runs).read_text()) if args.seed_runs else {}), {}
     if not args.no_speed:
@@ -221,9 +283,11 @@ def main() -> None:
                     runs[f"{key}:{prec}:{lib}"] = r
                     log(f"{key} {prec} {lib}: {json.dumps({k: v for k, v in r.items() if k not in ('steps_s', 'losses')})[:300]}")
     if args.quality:
-        for key in args.models:
-            for prec in args.quality_precisions:
-                qual[f"{key}-{prec}"] = s = quality(args, key, prec)
+        from concurrent.futures import ThreadPoolExecutor
+        jobs = [(key, prec) for key in args.models for prec in args.quality_precisions]
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for (key, prec), s in zip(jobs, pool.map(lambda j: quality(args, *j), jobs)):
+                qual[f"{key}-{prec}"] = s
                 log(f"quality {key} {prec}: {json.dumps(s)[:400]}")
     md = report(runs, qual)
     print(md)

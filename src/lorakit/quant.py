@@ -207,7 +207,8 @@ def quantize(model: nn.Module, fmt: str = "nf4", skip: Sequence[str] | None = No
     threshold). ``skip``: module paths / dotted suffixes / regexes kept in full precision (default:
     the output head, as transformers does). ``compute_dtype``: the 4-bit layers' matmul dtype
     (default: the input's). Everything is planned and quantized first; on any error (an already
-    quantized model, a weight bitsandbytes cannot hold, a CUDA-only option on CPU) nothing changes.
+    quantized model, a model with adapters, a weight bitsandbytes cannot hold, a tied weight, an
+    unknown option) nothing changes.
     The quantized weights are frozen. Returns ``model``.
     """
     first = next(model.parameters(), None)

@@ -20,7 +20,6 @@ base's format and returns the error that introduced.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from .config import LoraError
 from .kinds import LinearKind, _skinny, kind_of, register_kind
 from .layers import LoraLayer
+from .targets import _matcher, _output_heads, walk
 
 __all__ = ["FORMATS", "quantize", "dequantize", "format_of", "merge_requantized", "QuantizedLinear"]
 
@@ -117,17 +117,6 @@ register_kind("bitsandbytes.nn.modules.Linear8bitLt", LINEAR8BIT)
 
 
 # -- quantize -------------------------------------------------------------------------------------
-def _matcher(pattern: str):
-    return lambda path: path == pattern or path.endswith("." + pattern) or re.fullmatch(pattern, path) is not None
-
-
-def _heads(model: nn.Module) -> set[str]:
-    from .targets import HEAD_NAMES
-    get = getattr(model, "get_output_embeddings", None)
-    out = get() if callable(get) else None
-    return {p for p, m in model.named_modules() if p.rsplit(".", 1)[-1] in HEAD_NAMES or (out is not None and m is out)}
-
-
 def _plan(model: nn.Module, fmt: str, skip: Sequence[str] | None, compute_dtype, device) -> list[tuple]:
     """``(path, parent, attr, linear)`` of every nn.Linear to quantize; raises before any change."""
     if fmt not in FORMATS:
@@ -144,8 +133,8 @@ def _plan(model: nn.Module, fmt: str, skip: Sequence[str] | None, compute_dtype,
         raise LoraError(f"the model is already quantized ({format_of(modules[already[0]])} at {already[0]}"
                         f"{f' and {len(already) - 1} more' if len(already) > 1 else ''}); "
                         "quantizing twice would quantize the quantization error")
-    if skip is None:
-        skip = sorted(_heads(model))
+    if skip is None:  # the output head, as "all-linear" leaves it out
+        skip = sorted(_output_heads(model, modules))
     for pattern in skip:
         if not any(_matcher(pattern)(p) for p in modules if p):
             raise LoraError(f"skip entry {pattern!r} matches no module of the model")
@@ -363,6 +352,5 @@ def check_base(recorded: str | None, sites: dict[str, str | None], source: str) 
 
 def quantized_paths(model: nn.Module) -> dict[str, str]:
     """``{path: format}`` of every bitsandbytes layer (through lorakit wrappers, original naming)."""
-    from .targets import walk
     return {p: format_of(m) for p, m, *_ in walk(getattr(model, "_orig_mod", model)) if format_of(m) is not None}
 

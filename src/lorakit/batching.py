@@ -87,13 +87,14 @@ class Routing:
                             f"{sorted(self.registered - self.known.keys())} inside an open lorakit.mixed block; "
                             "open a new block after changing the model's adapters")
 
-    def rows(self, module: nn.Module, x: Tensor) -> tuple[str | None, ...]:
-        """Adapter per row of ``x`` (dim 0): n rows, or k·n for a known expansion k (each name k times)."""
-        n, batch = len(self.adapters), x.shape[0] if x.dim() else 0
+    def rows(self, module: nn.Module, x: Tensor, dim: int | None = 0) -> tuple[str | None, ...]:
+        """Adapter per row of ``x`` (its batch dim ``dim``, None if it has none): n rows, or k·n for a
+        known expansion k (each name k times)."""
+        n, batch = len(self.adapters), x.shape[dim] if dim is not None and x.dim() > dim else 0
         k = batch // n
         if batch % n or k not in self.expansions:
             allowed = " or ".join(str(n * m) for m in sorted(self.expansions))
-            raise LoraError(f"{self.label(module)}: input of shape {tuple(x.shape)}: dim 0 must be "
+            raise LoraError(f"{self.label(module)}: input of shape {tuple(x.shape)}: dim {dim} must be "
                             f"the batch, {allowed} rows for the {n} adapter names of this routing (for other "
                             "expansions of the rows pass lorakit.mixed(..., expand=k); sequence-first "
                             "inputs are not supported)")
@@ -115,8 +116,11 @@ class Routing:
         if how == "plain":
             return layer.kind.forward(layer, data, x, *args, **kwargs)
         if how == "group":
-            return _groups(self.label(layer), data, x,
-                           lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
+            out = layer.kind.forward_groups(layer, data, x, *args, **kwargs)
+            if out is NotImplemented:  # the kind's rows are x's dim 0, its other arguments shared
+                out = _groups(self.label(layer), data, x,
+                              lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
+            return out
         a_rows, b_rows, fresh = data  # "bmm": each row's own factors, gathered from the bank
         result = layer.base_layer(x)
         if layer.kind.mixed == "lookup":
@@ -139,7 +143,8 @@ class Routing:
         adapters, B=16/16; MiniLM prefill 32x128 with 4 or 16): one GEMM per adapter group (0.17-0.82x
         of a merged model vs bmm's 0.87-0.94x) and two GEMMs over the used adapters' concatenated
         factors with a per-row block mask (0.57-0.90x)."""
-        names = [a if a in layer.lora_A else None for a in self.rows(layer, x)]
+        rows = self.rows(layer, x, layer.kind.batch_dim(layer.base_layer, x))
+        names = [a if a in layer.lora_A else None for a in rows]
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
             return "plain", tuple(distinct), layer.generation, None

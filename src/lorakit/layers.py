@@ -67,6 +67,12 @@ class LoraLayer(nn.Module):
     def weight(self) -> Tensor:
         return getattr(self.base_layer, self.param_name)
 
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's ``bias``, for code that reads it through the wrapper
+        (``nn.MultiheadAttention`` reads ``out_proj.weight`` and ``out_proj.bias``)."""
+        return self.base_layer.bias
+
     # -- adapters -------------------------------------------------------------------------------
     def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
         """Create adapter ``name`` with ΔW = 0. Factors in the kind's factor_dtype (fp32 on a half-precision base)."""

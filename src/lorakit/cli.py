@@ -59,7 +59,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing")
-    p.add_argument("--max-length", type=int, default=None, help="max tokens per example (128 / 96)")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: 128 classify, 96 causal-lm)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: no limit)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training examples (default: all; 600 for builtin:bbc-headlines)")
@@ -86,10 +86,10 @@ def _train(args) -> int:
     if not_here:
         raise _UsageError(f"{', '.join(not_here)} only appl{'y' if len(not_here) > 1 else 'ies'} to --task "
                           f"{'causal-lm' if not lm else 'classify'}")
-    for name in ("train_limit", "eval_limit", "max_steps", "max_length", "rank"):
+    for name, least in (("train_limit", 0), ("eval_limit", 0), ("max_steps", 0), ("max_length", 1)):
         value = getattr(args, name)
-        if value is not None and value < 0:
-            raise _UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if value is not None and value < least:
+            raise _UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
     lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full)
     train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),

@@ -387,6 +387,9 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
 
     trainable, total = _trainable(model), sum(p.numel() for p in model.parameters())
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    with torch.no_grad():
+        val_before = evaluate(model)["loss"]  # a new adapter starts as the base model (B = 0)
+    log(f"validation loss before training: {val_before:.4f} ({len(enc['val'])} examples)")
     save_best = _save_best(lora)
     if overwrite:
         _clear_run(out)
@@ -399,7 +402,8 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
     after = exact_match(model, tok, splits["test"])
     steps = max(r["step"] for r in records)
     result = {"task": "causal-lm", "model": model_spec, "data": data, "test_exact_match_before": before,
-              "test_exact_match": after, "trainable_params": trainable, "total_params": total,
+              "test_exact_match": after, "val_loss_before": val_before,
+              "val_loss": min(r["loss"] for r in records if r["split"] == "val"), "trainable_params": trainable, "total_params": total,
               "train_examples": len(splits["train"]), "test_examples": len(splits["test"]),
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "steps": steps,
               "peak_memory_mb": peak_memory_mb(), "lora": asdict(lora), "train": asdict(train)}

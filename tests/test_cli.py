@@ -156,7 +156,8 @@ def test_causal_lm_default_folder_eval_limit_and_generate(tmp_path, tiny_llama):
                     cwd=tmp_path), "examples keep no completion token within max length 16", "raise --max-length")
     assert (run / "summary.json").exists() and (run / "adapter" / "adapter_model.safetensors").exists()
     # options of the other task are refused, not ignored
-    refused(lorakit("train", "--eval-limit", 5, "--out", tmp_path / "x"), "--eval-limit only applies to --task causal-lm")
+    refused(lorakit("train", "--eval-limit", 5, "--out", tmp_path / "x"),
+            "--eval-limit only applies to --task causal-lm")
     refused(lorakit("train", "--task", "causal-lm", "--text-column", "body", "--out", tmp_path / "x"),
             "--text-column only applies to --task classify")
 
@@ -227,19 +228,26 @@ def test_help_states_each_default_once(command):
 # -- README's command line on the real models (slow) -----------------------------------------------------
 @pytest.mark.slow
 def test_readme_command_line_on_the_builtin_models(tmp_path):
-    """README's "Command line" list, top to bottom in a fresh folder, with small limits."""
-    small = ["--max-steps", 2, "--train-limit", 32, "--max-length", 32, "--no-progress"]
-    code, out, err = lorakit("train", *small, cwd=tmp_path)
+    """README's "Command line" list, top to bottom in a fresh folder, with its quick-try limits."""
+    quick = ["--max-steps", 2, "--train-limit", 32, "--no-progress"]
+    code, out, err = lorakit("train", *quick, cwd=tmp_path)
     assert code == 0 and (tmp_path / "runs/classify/adapter/lorakit_task.json").exists(), err
     code, out, err = lorakit("predict", "--adapter", "runs/classify/adapter",
-                             "Chelsea win the league title on the final day", cwd=tmp_path)
-    assert code == 0 and out.split("\t")[0] in {"business", "entertainment", "politics", "sport", "tech"}, err
-    code, out, err = lorakit("train", "--task", "causal-lm", *small, "--eval-limit", 4, cwd=tmp_path)
+                             "Chelsea win the league on the final day", cwd=tmp_path)
+    assert code == 0 and out.split("\t")[0] in {"business", "entertainment", "politics", "sports", "tech"}, err
+    code, out, err = lorakit("inspect", "runs/classify/adapter", cwd=tmp_path)
+    assert code == 0 and "labels: business, entertainment, politics, sports, tech" in out, err
+    code, out, err = lorakit("train", "--resume", *quick, cwd=tmp_path)
+    assert code == 0, err
+    code, out, err = lorakit("train", "--task", "causal-lm", *quick, "--eval-limit", 4, cwd=tmp_path)
     assert code == 0 and (tmp_path / "runs/causal-lm/adapter").exists(), err
-    code, out, err = lorakit("generate", "--adapter", "runs/causal-lm/adapter", "--max-new-tokens", 4,
+    code, out, err = lorakit("generate", "--adapter", "runs/causal-lm/adapter",
                              "Which topic is this headline about? Chelsea win the league", cwd=tmp_path)
     assert code == 0 and out.strip(), err
-    code, out, err = lorakit("generate", "--max-new-tokens", 4, "Hello", cwd=tmp_path)
+    code, out, err = lorakit("generate", "Hello", cwd=tmp_path)
     assert code == 0 and out.strip(), err
-    code, out, err = lorakit("inspect", "runs/classify/adapter", cwd=tmp_path)
-    assert code == 0 and "labels: business, entertainment, politics, sport, tech" in out, err
+    (tmp_path / "my.csv").write_text("body,topic\n" + "".join(f"goal scored in match {i},sport\n"
+                                                              f"shares fell on day {i},business\n" for i in range(20)))
+    code, out, err = lorakit("train", "--data", "my.csv", "--text-column", "body", "--label-column", "topic",
+                             "--rank", 16, "--epochs", 5, "--out", "runs/my", *quick, cwd=tmp_path)
+    assert code == 0 and (tmp_path / "runs/my/summary.json").exists(), err

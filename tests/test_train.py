@@ -153,6 +153,8 @@ def test_gradient_accumulation_equals_the_big_batch():
     ("a.csv", "", r"a.csv: the file is empty"),
     ("a.csv", "text,label\n", r"a.csv: the file has a header but no rows"),
     ("a.csv", "text,label\nfine,x\n,y\n", r"a.csv, line 3: column 'text' is empty"),
+    ("a.csv", "text,label,text\nfine,x,y\n", r"a.csv, line 1: column\(s\) \['text'\] appear more than once"),
+    ("a.csv", 'text,label\nfine,x\n"multi\nline, cell",y,z\n', r"a.csv, line 3: 3 cells, expected 2"),
     ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"\n', r"a.jsonl, line 2: not valid JSON"),
     ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"a.jsonl, line 2: missing column 'label'"),
     ("a.jsonl", '["text"]\n', r"a.jsonl, line 1: expected a JSON object"),
@@ -232,6 +234,7 @@ def test_classify_minilm_on_bbc_learns_and_saves_a_loadable_adapter(tmp_path, ca
     with lorakit.disabled(reloaded):  # the LoRA factors matter, not only the saved head
         assert (logits(reloaded, tok) - expected).abs().max() > 0.1
     # `lorakit predict` gives the same labels and probabilities
+    capsys.readouterr()  # (drop the training's output)
     assert cli(["predict", "--adapter", str(tmp_path / "adapter"), "--json", *texts]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     labels = result["labels"]
@@ -272,6 +275,7 @@ def test_causal_lm_smollm2_learns_and_generate_uses_the_adapter(tmp_path, capsys
     prompts = [BBC.format(h) for h in ("Chelsea win the league title", "Oil price hits a record high",
                                        "Band announces a world tour", "Minister resigns over leaked memo")]
     answers = {}
+    capsys.readouterr()  # (drop the training's output)
     for name, extra in (("adapter", ["--adapter", str(tmp_path / "adapter")]), ("base", [])):
         assert cli(["generate", *extra, "--max-new-tokens", "4", *prompts]) == 0
         answers[name] = capsys.readouterr().out.splitlines()

@@ -59,7 +59,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing")
-    p.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: 128 classify, 96 causal-lm)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="max tokens per example (default: 128 classify, 96 causal-lm)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: no limit)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training examples (default: all; 600 for builtin:bbc-headlines)")

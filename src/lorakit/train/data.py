@@ -57,6 +57,9 @@ def _csv_rows(path: Path, lines: list[str]) -> tuple[list[str], list[tuple[int, 
     """The header and the rows of a CSV file; every row must have exactly the header's cell count."""
     reader = csv.reader(io.StringIO("\n".join(lines)))
     header = next(reader, [])
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}, line 1: column(s) {twice} appear more than once in the header {header}")
     rows, end = [], reader.line_num
     for cells in reader:
         start, end = end + 1, reader.line_num  # a quoted cell may span lines: report where the row starts
@@ -105,8 +108,9 @@ def read_records(path: str | Path, columns: Sequence[str], labels: Sequence[str]
             value = row[c]
             kinds = (str, int) if c in labels else (str,)
             if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                expected = "a string or an integer" if c in labels else "a string"
                 raise DataError(f"{path}, line {number}: column {c!r} is a JSON {type(value).__name__} "
-                                f"({json.dumps(value)[:40]}); expected a string" + (" or an integer" if c in labels else ""))
+                                f"({json.dumps(value)[:40]}); expected {expected}")
             if value is None or str(value).strip() == "":
                 raise DataError(f"{path}, line {number}: column {c!r} is empty")
     if not rows:

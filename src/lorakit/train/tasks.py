@@ -366,6 +366,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
         splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
     torch.manual_seed(train.seed)
     model, tok = load_model(model_spec, "causal-lm", log=log)
+    enc = {k: encode_causal(tok, splits[k], max_length) for k in ("train", "val")}  # (test: prompts only)
     model.eval()
     log(f"evaluating exact match before training: greedy answers to {len(splits['test'])} test prompts "
         "(--eval-limit) ...")
@@ -373,7 +374,6 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
     log(f"test exact match before training: {before:.4f} ({len(splits['test'])} examples)")
     torch.manual_seed(train.seed)
     _prepare(model, lora, ())
-    enc = {k: encode_causal(tok, v, max_length) for k, v in splits.items()}
     pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
 
     def evaluate(m):
@@ -403,7 +403,8 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
     steps = max(r["step"] for r in records)
     result = {"task": "causal-lm", "model": model_spec, "data": data, "test_exact_match_before": before,
               "test_exact_match": after, "val_loss_before": val_before,
-              "val_loss": min(r["loss"] for r in records if r["split"] == "val"), "trainable_params": trainable, "total_params": total,
+              "val_loss": min(r["loss"] for r in records if r["split"] == "val"),
+              "trainable_params": trainable, "total_params": total,
               "train_examples": len(splits["train"]), "test_examples": len(splits["test"]),
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "steps": steps,
               "peak_memory_mb": peak_memory_mb(), "lora": asdict(lora), "train": asdict(train)}

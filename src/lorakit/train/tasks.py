@@ -76,7 +76,8 @@ def _quiet_transformers():
 def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = torch.float32, log=None):
     """``(model, tokenizer)`` from ``builtin:minilm``, ``builtin:smollm2`` or a local HF folder.
 
-    Weights the checkpoint lacks (a new classification head) are named in one line to ``log``, if given.
+    transformers' load report is replaced by one line to ``log`` (if given) naming the weights the
+    checkpoint lacks (a new classification head) and those of the checkpoint the model does not use.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     path = model_path(spec)
@@ -88,9 +89,11 @@ def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = t
         else:
             model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
                                                                output_loading_info=True)
-    missing = sorted(info["missing_keys"])
+    missing, unused = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if log and missing:
         log(f"new weights (not in {spec}, initialised from the seed, trained with the adapter): {', '.join(missing)}")
+    if log and unused:
+        log(f"weights of {spec} that this model does not use: {', '.join(unused)}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -106,12 +109,10 @@ def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) 
     if out.exists() and not out.is_dir():
         raise LoraError(f"output folder {out} is a file")
     present = [name for name in RUN_FILES if (out / name).exists()]
-    if overwrite or resume:
-        pass
-    elif (out / "summary.json").exists():
+    if not (resume or overwrite) and "summary.json" in present:
         raise LoraError(f"{out} holds a finished run (summary.json); pass --overwrite to replace it, or choose "
                         "another --out")
-    elif present:
+    if not (resume or overwrite) and present:
         raise LoraError(f"{out} holds an unfinished run ({', '.join(present)}); continue it with --resume, or "
                         "pass --overwrite to start over")
     return out

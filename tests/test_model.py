@@ -434,3 +434,24 @@ def test_registry_repr_names_adapters_without_dumping_tensors():
     lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"]), adapter="task")
     text = repr(lorakit.registry(model))
     assert "task" in text and "tensor(" not in text and "Parameter" not in text and len(text) < 1500
+
+
+def test_one_adapter_name_rule_for_the_library_and_the_server(net):
+    """inject and the server's check_name accept exactly the same names (they used to differ: the
+    library refused '1st' and accepted 'café' and 200-character names, the server the opposite)."""
+    from lorakit.serve.adapters import AdapterError, check_name
+
+    for name in ("a", "1st", "_x-2", "x" * 128, "café", "x" * 129, "a.b", "a b", "", "a/b"):
+        try:
+            check_name(name)
+            served = True
+        except AdapterError:
+            served = False
+        try:
+            lorakit.inject(net, LoraConfig(targets=["key"]), adapter=name)
+            lorakit.delete(net, name)
+            injected = True
+        except LoraError as e:
+            assert "adapter name" in str(e)
+            injected = False
+        assert served == injected == (name in ("a", "1st", "_x-2", "x" * 128)), name

@@ -10,7 +10,6 @@ transformers model's ``save_pretrained`` (:mod:`lorakit.hf`), removed with the r
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -19,15 +18,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import hf
-from .config import LoraConfig, LoraError
+from .config import LoraConfig, LoraError, check_name
 from .layers import LoraLayer, SavedModule
 from .targets import Site, Wrapper, plan, plan_saved, walk
 
 __all__ = ["Registry", "inject", "set_active", "disabled", "delete", "merge", "unmerge",
            "merge_and_unload", "summary", "Summary", "registry", "lora_layers", "saved_modules", "wrappers"]
-
-_NAME = re.compile(r"[A-Za-z_][\w\-]*")
-
 
 @dataclass
 class Registry:
@@ -79,13 +75,6 @@ def _check_names(reg: Registry, names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in reg.configs]
     if unknown:
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
-
-
-def check_name(adapter: str) -> None:
-    """Adapter names are used as keys of parameter containers: no dots, no spaces."""
-    if not isinstance(adapter, str) or not _NAME.fullmatch(adapter):
-        raise LoraError(f"adapter name {adapter!r} is invalid: use letters, digits, '_' or '-', "
-                        "not starting with a digit")
 
 
 def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple],

@@ -145,8 +145,8 @@ def test_mixed_batch_rows_equal_each_row_alone(batch_first):
     _randomise(net, 3)
     rows, b_dim = ["a", None, "b", "a"], 0 if batch_first else 1
     x = torch.randn(4, 5, E) if batch_first else torch.randn(5, 4, E)
-    pad = torch.zeros(4, 5, dtype=torch.bool)
-    pad[1, 3:] = pad[2, 4:] = True
+    pad = torch.zeros(4, 5)  # float, like attn_mask (mixing bool and float masks is deprecated in torch)
+    pad[1, 3:] = pad[2, 4:] = float("-inf")
     mask = torch.randn(4 * H, 5, 5)  # a per-row (and per-head) float mask
     attn = net.attn
     with torch.no_grad():

@@ -94,7 +94,7 @@ def base_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = Non
 
     ``state_dict``: the model's own ``state_dict()`` (lorakit keys) by default. A weight into which
     adapters are merged is given as it was before the merge (from ``merge``'s exact copy; after
-    ``merge(exact=False)`` there is none, and this raises). ``merged=True``: the state that
+    ``merge(keep_copy=False)`` there is none, and this raises). ``merged=True``: the state that
     :func:`lorakit.merge_and_unload` would leave, for a model whose active adapters are merged."""
     root = _model._root(model)
     state = root.state_dict() if state_dict is None else state_dict
@@ -104,7 +104,7 @@ def base_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = Non
             if layer.merged:
                 if layer._original is None:
                     raise LoraError(f"{path}: adapters {list(layer.merged)} are merged without an exact copy "
-                                    "(merge(exact=False)); unmerge first, or save with merged=True")
+                                    "(merge(keep_copy=False)); unmerge first, or save with merged=True")
                 plain[f"{path}.{layer.param_name}"] = layer._original
     return plain
 

@@ -60,7 +60,7 @@ class LoraLayer(nn.Module):
         self.dropout: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
-        self._original: Tensor | None = None  # exact copy of W while merged (exact mode)
+        self._original: Tensor | None = None  # copy of W while merged (merge's keep_copy)
         self.generation = 0  # bumped when an adapter is added or removed (caches of lorakit.mixed)
 
     @property
@@ -151,8 +151,9 @@ class LoraLayer(nn.Module):
 
     # -- merge ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, names: Sequence[str], exact: bool = True) -> None:
-        """Add the update of ``names`` into W, rounding once. ``exact`` keeps a copy of W."""
+    def merge(self, names: Sequence[str], keep_copy: bool = True) -> None:
+        """Add the update of ``names`` into W, rounding once; ``keep_copy``: keep a copy of W for a
+        bit-exact unmerge."""
         if self.merged:
             raise LoraError(f"already merged ({', '.join(self.merged)}); unmerge first")
         names = tuple(n for n in names if n in self.lora_A)
@@ -163,7 +164,7 @@ class LoraLayer(nn.Module):
         if not torch.isfinite(total).all():
             raise LoraError(f"merging {', '.join(names)} would put non-finite values into the weight "
                             f"({w.dtype} overflows); keep the adapter unmerged")
-        if exact:
+        if keep_copy:
             self._original = w.detach().clone()
         w.copy_(total)  # in place: the Parameter (and anything tied to it) stays the same object
         self.merged = names

@@ -10,6 +10,7 @@ transformers model's ``save_pretrained`` (:mod:`lorakit.hf`), removed with the r
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -144,7 +145,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     reg = registry(model)
     merged, active = reg.merged, reg.active
     layers = [w for _, w in wrappers(model)]
-    exact = all(w._original is not None for _, w in lora_layers(model) if w.merged)
+    keep_copy = all(w._original is not None for _, w in lora_layers(model) if w.merged)
     if merged:
         unmerge(model)
     saved = [layer.active for layer in layers]
@@ -158,7 +159,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.active = act
         reg.active = active
         if merged:
-            merge(model, exact=exact)
+            merge(model, keep_copy=keep_copy)
 
 
 def delete(model: nn.Module, adapter: str) -> None:
@@ -192,14 +193,20 @@ def _tied(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def merge(model: nn.Module, exact: bool = True) -> None:
+def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None) -> None:
     """Merge the active adapters into the base weights; forward then costs what the base costs.
 
-    With ``exact=True`` (default) each merged weight is copied first, so :func:`unmerge` restores
-    it bit for bit (memory: one extra copy of every adapted weight while merged). ``exact=False``
-    skips the copy and unmerges by subtraction, which drifts by rounding errors.
-    Merging twice is an error, as is merging a weight tied to another module.
+    Every merged weight is W + ΣΔW rounded once, whatever ``keep_copy`` says. With ``keep_copy=True``
+    (default) each weight is copied first, so :func:`unmerge` restores it bit for bit (memory: one
+    extra copy of every adapted weight while merged); ``keep_copy=False`` skips the copy and
+    unmerges by subtraction, which drifts by rounding errors. ``exact=`` is the deprecated name of
+    ``keep_copy`` (it named the copy, not the merge's exactness). Merging twice is an error, as is
+    merging a weight tied to another module.
     """
+    if exact is not None:
+        warnings.warn("lorakit.merge(exact=...) is deprecated; use keep_copy=... (the same meaning: keep a "
+                      "copy of each weight for a bit-exact unmerge)", DeprecationWarning, stacklevel=2)
+        keep_copy = exact
     reg = registry(model)
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are already merged; unmerge first")
@@ -227,7 +234,7 @@ def merge(model: nn.Module, exact: bool = True) -> None:
     done = []
     try:
         for _, layer in layers:
-            layer.merge(layer.active, exact=exact)
+            layer.merge(layer.active, keep_copy=keep_copy)
             done.append(layer)
     except LoraError:
         for layer in done:  # all or nothing (bit-exact after an exact merge)
@@ -264,7 +271,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     reg = registry(model)
     if reg.active and not reg.merged:
-        merge(model, exact=False)
+        merge(model, keep_copy=False)
     _unload(model)
     return model
 

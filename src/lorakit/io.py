@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import LoraConfig, LoraError
 from .layers import LoraLayer
-from .model import _apply, _root, check_name, lora_layers, registry, saved_modules, set_active
+from .model import attach, check_name, lora_layers, registry, saved_modules, set_active, unwrap
 from .kinds import Kind
 from .targets import Site, parts, plan, plan_saved, walk
 
@@ -99,18 +99,18 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
     alphas = {p: cfg.alpha_for(p) for p, _ in layers}
     num = lambda x: int(x) if float(x).is_integer() else x  # noqa: E731
     saved = [p for p, w in saved_modules(model) if adapter in w.adapters()]
-    base = getattr(getattr(_root(model), "config", None), "_name_or_path", None)
+    base = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base or None,
         "r": cfg.r, "lora_alpha": num(cfg.alpha), "lora_dropout": cfg.dropout,
-        "target_modules": _target_modules(_root(model), modules) if modules else None,
+        "target_modules": _target_modules(unwrap(model), modules) if modules else None,
         "target_parameters": sorted(params) or None, "exclude_modules": None,
         "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != cfg.r},
         "alpha_pattern": {re.escape(p): num(a) for p, a in alphas.items() if a != cfg.alpha},
         "use_rslora": cfg.use_rslora,
         "fan_in_fan_out": any(layer.kind.fan_in_fan_out for _, layer in layers),
         "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
-        "modules_to_save": _target_modules(_root(model), saved) if saved else None,
+        "modules_to_save": _target_modules(unwrap(model), saved) if saved else None,
     }
 
 
@@ -120,8 +120,8 @@ def _also_selected(model: nn.Module, adapter: str, names: list[str] | None) -> l
     are unchanged by the adapter, and load as a copy of themselves)."""
     held = [p for p, w in saved_modules(model) if adapter in w.adapters()]
     related = lambda p: any(p == h or p.startswith(f"{h}.") or h.startswith(f"{p}.") for h in held)  # noqa: E731
-    loose = _outermost({p for p, *_ in walk(_root(model)) if any(p.endswith(n) for n in names or ())})
-    extra = [(p, m) for p, m, *_ in walk(_root(model)) if p in loose and not related(p)]
+    loose = _outermost({p for p, *_ in walk(unwrap(model)) if any(p.endswith(n) for n in names or ())})
+    extra = [(p, m) for p, m, *_ in walk(unwrap(model)) if p in loose and not related(p)]
     for p, m in extra:
         if any(isinstance(x, LoraLayer) for x in m.modules()) or p in {q for q, _ in lora_layers(model)}:
             raise LoraError(f"modules_to_save {names} also selects {p!r} in PEFT (which matches by plain string "
@@ -392,7 +392,7 @@ def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
     if not directory.is_dir():
         raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     check_name(adapter)
-    reg = _root(model).__dict__.get("lorakit_registry")
+    reg = unwrap(model).__dict__.get("lorakit_registry")
     if reg is not None and reg.merged:
         raise LoraError(f"cannot load {adapter!r} while adapters {list(reg.merged)} are merged; unmerge first")
     config = _read_config(directory)
@@ -403,18 +403,18 @@ def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
     if bad:
         raise LoraError(f"{source}: key {bad[0]!r} (and {len(bad) - 1} more) lacks the prefix {PREFIX!r}; "
                         "expected keys like 'base_model.model.<module path>.lora_A.weight'")
-    modules = {p: m for p, m, *_ in walk(_root(model))}
+    modules = {p: m for p, m, *_ in walk(unwrap(model))}
     paths = {_module_path(k) for k in tensors if ".lora_" in k}
     saved = {_owner(k[len(PREFIX):], modules) for k in tensors if ".lora_" not in k}
     if unknown := sorted(p for p in paths | saved if p not in modules):
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
                         f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
-    selection = _selection(config, _root(model), config_source)
+    selection = _selection(config, unwrap(model), config_source)
     owned = parts(modules)  # planned with their owners, not targets of their own
     cfg = _exact_targets(_to_lora_config(config, config_source), {p for p in paths if owned.get(p) not in paths},
                          saved, selection.params)
     existing = reg is not None and adapter in reg.configs
-    sites, saved_plan = plan(_root(model), cfg), plan_saved(_root(model), cfg)
+    sites, saved_plan = plan(unwrap(model), cfg), plan_saved(unwrap(model), cfg)
     _check(_expected(sites, saved_plan), tensors, source)  # the file is complete in itself ...
     _agree(selection, paths, saved, config, config_source, source)  # ... and is what its config says
     if existing:  # ... and fits the adapter's current modules and shapes
@@ -443,7 +443,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     if prepared.existing:
         reg = registry(model)
     else:
-        _apply(model, adapter, cfg, prepared.sites, prepared.saved, activate)
+        attach(model, adapter, cfg, prepared.sites, prepared.saved, activate)
     with torch.no_grad():
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:

@@ -8,7 +8,7 @@ block of the thread or task that opened it (two threads serving different batche
 other's routing), and it is removed on exit even when the forward raises. There are no hooks.
 Under ``torch.compile`` (compiled code cannot read the ContextVar) each adapted layer leaves the
 graph while any ``mixed`` block is open in the process and runs routed in eager mode: exact, at
-eager speed (see ``layers.MIXED_OPEN``); outside such blocks compiled models have no graph breaks.
+eager speed (see :data:`MIXED_OPEN`); outside such blocks compiled models have no graph breaks.
 
 Kernel: each adapted Linear / Conv1D / Embedding keeps a bank of its adapters' factors (A as
 [slot, r_max, in] — for embeddings [slot, num, r_max] — and B·s as [slot, r_max, out], ranks
@@ -45,17 +45,27 @@ import functools
 import inspect
 import operator
 import threading
-from typing import Iterator, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import LoraError
-from . import layers as _layers
-from .layers import ROUTING, LoraLayer, SavedModule
-from .model import registry, wrappers
 
-__all__ = ["mixed", "Routing"]
+if TYPE_CHECKING:  # layers reads ROUTING / MIXED_OPEN from here: no import of layers or model at load time
+    from .layers import LoraLayer, SavedModule
+
+__all__ = ["mixed", "Routing", "ROUTING", "MIXED_OPEN"]
+
+#: The mixed-adapter routing of the current thread/task; set only inside a ``lorakit.mixed(...)``
+#: block, read by every adapted layer's forward.
+ROUTING: ContextVar = ContextVar("lorakit_routing", default=None)
+
+#: Whether any ``lorakit.mixed`` block is open in this process (any thread). ``torch.compile`` cannot
+#: read the ContextVar, but it guards on this global: code compiled while it was False is recompiled
+#: when a block opens, and then leaves the graph at each adapted layer (``layers._routed_eager``).
+MIXED_OPEN = False
 
 
 class Routing:
@@ -253,7 +263,7 @@ def _groups(label: str, names: list[str | None], x: Tensor, run) -> Tensor:
 
 
 _OPEN_LOCK = threading.Lock()
-_open_blocks = 0  # mixed() blocks open in this process (all threads): sets layers.MIXED_OPEN
+_open_blocks = 0  # mixed() blocks open in this process (all threads): sets MIXED_OPEN
 
 
 @contextlib.contextmanager
@@ -266,7 +276,9 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     rank and in the modules they target. Raises :class:`LoraError` for unknown names, merged
     adapters, or (at forward) a batch whose dim 0 does not match.
     """
-    global _open_blocks
+    global _open_blocks, MIXED_OPEN
+    from .model import registry, wrappers
+
     reg = registry(model)
     adapters = list(adapters)
     if not adapters:
@@ -282,14 +294,14 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     token = ROUTING.set(Routing({id(w): path for path, w in wrappers(model)}, adapters, reg.configs, expand))
     with _OPEN_LOCK:
         _open_blocks += 1
-        _layers.MIXED_OPEN = True
+        MIXED_OPEN = True
     try:
         yield model
     finally:
         ROUTING.reset(token)
         with _OPEN_LOCK:
             _open_blocks -= 1
-            _layers.MIXED_OPEN = _open_blocks > 0
+            MIXED_OPEN = _open_blocks > 0
 
 
 _EXPAND = "_expand_inputs_for_generation"  # transformers' GenerationMixin: repeats rows for beams/samples

@@ -10,31 +10,22 @@ decides how the *unmerged* forward applies B·A to an input without materialisin
 from __future__ import annotations
 
 import copy
-from contextvars import ContextVar
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import batching as _batching  # the mixed routing: ROUTING, MIXED_OPEN
 from .config import LoraError
 from .kinds import Kind
 
 __all__ = ["LoraLayer", "SavedModule"]
 
-#: The mixed-adapter routing of the current thread/task (see :mod:`lorakit.batching`); set only
-#: inside a ``lorakit.mixed(...)`` block.
-ROUTING: ContextVar = ContextVar("lorakit_routing", default=None)
-
-#: Whether any ``lorakit.mixed`` block is open in this process (any thread). ``torch.compile`` cannot
-#: read the ContextVar, but it guards on this global: code compiled while it was False is recompiled
-#: when a block opens, and then leaves the graph at each adapted layer (:func:`_routed_eager`).
-MIXED_OPEN = False
-
-
 @torch.compiler.disable
 def _routed_eager(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
-    """The module's forward run eagerly from compiled code, where the mixed routing is visible."""
+    """The module's forward run eagerly from compiled code, where the mixed routing is visible
+    (see ``batching.MIXED_OPEN``)."""
     return module.forward(x, *args, **kwargs)
 
 
@@ -139,10 +130,10 @@ class LoraLayer(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if torch.compiler.is_compiling():
-            if MIXED_OPEN:  # a guarded global: compiled code never ignores an open routing
+            if _batching.MIXED_OPEN:  # a guarded global: compiled code never ignores an open routing
                 return _routed_eager(self, x, *args, **kwargs)
         else:
-            routing = ROUTING.get()
+            routing = _batching.ROUTING.get()
             if routing is not None and id(self) in routing.layers:
                 return routing.forward(self, x, *args, **kwargs)
         if self.merged or not self.active:
@@ -217,10 +208,10 @@ class SavedModule(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         if torch.compiler.is_compiling():
-            if MIXED_OPEN:  # as in LoraLayer.forward
+            if _batching.MIXED_OPEN:  # as in LoraLayer.forward
                 return _routed_eager(self, x, *args, **kwargs)
         else:
-            routing = ROUTING.get()
+            routing = _batching.ROUTING.get()
             if routing is not None and id(self) in routing.layers:
                 return routing.forward_saved(self, x, *args, **kwargs)
         return self.current()(x, *args, **kwargs)

@@ -166,6 +166,15 @@ def test_mixed_batch_rows_equal_each_row_alone(batch_first):
             assert (weights[i:i + 1] - ref_w).abs().max() < 1e-6
 
 
+def test_mixed_refuses_an_unbatched_query():
+    net = Net()
+    lorakit.inject(net, LoraConfig(r=2, targets=["attn"]))
+    x = torch.randn(4, E)  # (L, E): 4 tokens, not 4 rows
+    with lorakit.mixed(net, ["default", None, "default", None]), \
+            pytest.raises(LoraError, match=r"shape \(4, 8\) is unbatched"):
+        net.attn(x, x, x)
+
+
 def test_out_proj_cannot_be_adapted_alone():
     """The attention reads out_proj.weight and never calls out_proj: an adapter there alone had no
     effect (it was accepted and silently ignored); now it is refused, and all-linear skips it."""

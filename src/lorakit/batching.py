@@ -104,6 +104,9 @@ class Routing:
         k = batch // n
         if batch % n or k not in self.expansions:
             allowed = " or ".join(str(n * m) for m in sorted(self.expansions))
+            if dim is None:
+                raise LoraError(f"{self.label(module)}: input of shape {tuple(x.shape)} is unbatched, so its rows "
+                                f"cannot use the {n} adapters of this routing; give it a batch dim")
             raise LoraError(f"{self.label(module)}: input of shape {tuple(x.shape)}: dim {dim} must be "
                             f"the batch, {allowed} rows for the {n} adapter names of this routing (for other "
                             "expansions of the rows pass lorakit.mixed(..., expand=k); sequence-first "

@@ -84,7 +84,8 @@ def test_merge_rounds_once_and_unmerge_is_bit_exact():
     lorakit.inject(net, LoraConfig(r=2, alpha=6, targets=["attn"]))
     _randomise(net, 2)
     x = torch.randn(3, 5, E)
-    w_in, w_out = net.attn.base_layer.in_proj_weight.detach().clone(), net.attn.base_layer.out_proj.weight.detach().clone()
+    mha = net.attn.base_layer
+    w_in, w_out = mha.in_proj_weight.detach().clone(), mha.out_proj.weight.detach().clone()
     oracle = _oracle(net, "default")
     with torch.no_grad():
         unmerged = net(x)
@@ -105,9 +106,11 @@ def test_files_both_ways_with_peft(tmp_path):
     net = copy.deepcopy(base)
     lorakit.load(net, peft_dir)
     lorakit.save(net, tmp_path / "ours")
-    theirs, ours = load_file(peft_dir / "adapter_model.safetensors"), load_file(tmp_path / "ours/adapter_model.safetensors")
+    theirs = load_file(peft_dir / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ours/adapter_model.safetensors")
     assert sorted(ours) == sorted(theirs) == [
-        "base_model.model.attn.base_layer.out_proj.lora_A.weight", "base_model.model.attn.base_layer.out_proj.lora_B.weight",
+        "base_model.model.attn.base_layer.out_proj.lora_A.weight",
+        "base_model.model.attn.base_layer.out_proj.lora_B.weight",
         "base_model.model.attn.lora_A.weight", "base_model.model.attn.lora_B.weight"]
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # bit-identical round trip
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
@@ -179,8 +182,9 @@ def test_out_proj_cannot_be_adapted_alone():
     """The attention reads out_proj.weight and never calls out_proj: an adapter there alone had no
     effect (it was accepted and silently ignored); now it is refused, and all-linear skips it."""
     net = Net()
+    refused = r"attn.out_proj is read directly by attn \(MultiheadAttention\).*target 'attn'"
     for cfg in (LoraConfig(r=2, targets=["attn.out_proj"]), LoraConfig(r=2, target_parameters=["attn.out_proj.weight"])):
-        with pytest.raises(LoraError, match=r"attn.out_proj is read directly by attn \(MultiheadAttention\).*target 'attn'"):
+        with pytest.raises(LoraError, match=refused):
             lorakit.inject(net, cfg)
     assert not hasattr(net, "lorakit_registry")
     net.ff = nn.Linear(E, E)

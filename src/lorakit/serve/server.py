@@ -50,7 +50,7 @@ def build(model: str = "builtin:smollm2", adapters: str | os.PathLike | None = N
     reason and not served. With ``max_adapters`` > 0, the first ``max_adapters`` good ones (by
     name) are loaded now and the rest on first use. ``quantize``: the base's linear layers in
     "nf4", "fp4" or "int8" (:func:`lorakit.quantize`)."""
-    from ..train.tasks import load_model
+    from ..pretrained import load_model
     net, tok = load_model(model, "causal-lm", quantize=quantize)
     metrics = Metrics()
     root = Path(adapters).resolve() if adapters else None

@@ -153,6 +153,8 @@ def test_gradient_accumulation_equals_the_big_batch():
     ("a.csv", "", r"a.csv: the file is empty"),
     ("a.csv", "text,label\n", r"a.csv: the file has a header but no rows"),
     ("a.csv", "text,label\nfine,x\n,y\n", r"a.csv, line 3: column 'text' is empty"),
+    ("a.csv", "text,label,text\nfine,x,y\n", r"a.csv, line 1: column\(s\) \['text'\] appear more than once"),
+    ("a.csv", 'text,label\nfine,x\n"multi\nline, cell",y,z\n', r"a.csv, line 3: 3 cells, expected 2"),
     ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"\n', r"a.jsonl, line 2: not valid JSON"),
     ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"a.jsonl, line 2: missing column 'label'"),
     ("a.jsonl", '["text"]\n', r"a.jsonl, line 1: expected a JSON object"),
@@ -200,19 +202,45 @@ def test_cli_help_documents_options(capsys):
 
 # -- real models (slow) -------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_classify_minilm_on_bbc_learns_and_saves_a_loadable_adapter(tmp_path):
-    from lorakit.train.tasks import LoraSpec, classify, load_model
-    result = classify(tmp_path, lora=LoraSpec(r=8), train=TrainConfig(epochs=1, batch_size=16, lr=2e-3,
-                      max_steps=40, eval_every=20), max_length=64, progress=False, log=lambda *_: None)
+def test_classify_minilm_on_bbc_learns_and_saves_a_loadable_adapter(tmp_path, capsys):
+    from lorakit.train.loop import load_checkpoint_weights
+    from lorakit.train.tasks import _prepare, LoraSpec, classify, load_model
+    lora = LoraSpec(r=8)
+    # one evaluation, at the last step: the saved adapter is then the last step's weights (= checkpoint/)
+    result = classify(tmp_path, lora=lora, train=TrainConfig(epochs=1, batch_size=16, lr=2e-3, max_steps=40),
+                      max_length=64, progress=False, log=lambda *_: None)
     assert result["test_accuracy"] >= result["test_accuracy_before"] + 0.3, result
     assert result["trainable_params"] == 73_728 + 384 * 5 + 5  # q,v r=8 (6 layers) + classifier head
     for name in ("metrics.jsonl", "curve.png", "summary.json", "adapter/adapter_model.safetensors"):
         assert (tmp_path / name).exists(), name
-    # the saved adapter (with its head) reproduces the trained model's predictions
-    model, tok = load_model("builtin:minilm", "classify", num_labels=5)
-    lorakit.load(model, tmp_path / "adapter")
-    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["modules_to_save"] == ["classifier"]
+    # the saved adapter reproduces the trained model's predictions: a fresh model + lorakit.load gives the
+    # logits of a fresh model holding the trained parameters copied raw from the training checkpoint
+    texts = ["Chelsea win the league on the final day", "Shares fall as the bank cuts its forecast",
+             "The new phone's chip doubles battery life", "MPs vote on the budget tonight",
+             "The film tops the box office for a third week"]
+
+    def logits(model, tok):
+        model.eval()
+        with torch.no_grad():
+            return model(**tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")).logits
+
+    trained, tok = load_model("builtin:minilm", "classify", num_labels=5)
+    _prepare(trained, lora, ["classifier"])
+    load_checkpoint_weights(tmp_path / "checkpoint", trained)
+    reloaded, _ = load_model("builtin:minilm", "classify", num_labels=5)
+    lorakit.load(reloaded, tmp_path / "adapter")
+    expected = logits(trained, tok)
+    torch.testing.assert_close(logits(reloaded, tok), expected, rtol=0, atol=1e-5)
+    with lorakit.disabled(reloaded):  # the LoRA factors matter, not only the saved head
+        assert (logits(reloaded, tok) - expected).abs().max() > 0.1
+    # `lorakit predict` gives the same labels and probabilities
+    capsys.readouterr()  # (drop the training's output)
+    assert cli(["predict", "--adapter", str(tmp_path / "adapter"), "--json", *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    labels = result["labels"]
+    assert [r["label"] for r in rows] == [labels[i] for i in expected.argmax(-1).tolist()]
+    probs = torch.tensor([[r["probabilities"][lab] for lab in labels] for r in rows])
+    torch.testing.assert_close(probs, expected.softmax(-1), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -234,15 +262,30 @@ def test_classify_is_reproducible_from_its_seed(tmp_path):
 
 
 @pytest.mark.slow
-def test_causal_lm_smollm2_runs_and_generate_uses_the_adapter(tmp_path, capsys):
-    from lorakit.train.tasks import LoraSpec, causal_lm
+def test_causal_lm_smollm2_learns_and_generate_uses_the_adapter(tmp_path, capsys):
+    from lorakit.train.tasks import LoraSpec, causal_lm, generate, load_model
     result = causal_lm(tmp_path, lora=LoraSpec(("all-linear",), r=8),
                        train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, max_steps=12), train_limit=96,
                        eval_limit=24, progress=False, log=lambda *_: None)
-    assert result["test_exact_match"] >= result["test_exact_match_before"], result
+    # it learns: the validation loss of the answer tokens falls by more than a third
+    assert result["val_loss"] < 0.67 * result["val_loss_before"], result
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["split"] == "val" and records[-1]["perplexity"] < 50
-    code = cli(["generate", "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "4",
-                "Which topic is this BBC News headline about? Answer with one word: business, entertainment, "
-                "politics, sport or tech.\nHeadline: Chelsea win the league title"])
-    assert code == 0 and capsys.readouterr().out.strip()
+    # `lorakit generate --adapter` answers as the merged model does, and not as the base model does
+    prompts = [BBC.format(h) for h in ("Chelsea win the league title", "Oil price hits a record high",
+                                       "Band announces a world tour", "Minister resigns over leaked memo")]
+    answers = {}
+    capsys.readouterr()  # (drop the training's output)
+    for name, extra in (("adapter", ["--adapter", str(tmp_path / "adapter")]), ("base", [])):
+        assert cli(["generate", *extra, "--max-new-tokens", "4", *prompts]) == 0
+        answers[name] = capsys.readouterr().out.splitlines()
+    model, tok = load_model("builtin:smollm2", "causal-lm")
+    lorakit.load(model, tmp_path / "adapter")
+    lorakit.merge(model)
+    merged = "\n".join(a.strip() for a in generate(model, tok, prompts, max_new_tokens=4)).splitlines()
+    assert answers["adapter"] == merged
+    assert answers["adapter"] != answers["base"], answers
+
+
+BBC = ("Which topic is this BBC News headline about? Answer with one word: business, entertainment, politics, "
+       "sport or tech.\nHeadline: {}")

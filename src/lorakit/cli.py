@@ -1,5 +1,5 @@
-"""``lorakit`` command line: ``train``, ``generate``, ``inspect``, ``serve``. Errors go to stderr with exit 2
-(bad input) or 1 (failure); ``--help`` on every command."""
+"""``lorakit`` command line: ``train``, ``predict``, ``generate``, ``inspect``, ``serve``. Errors go to stderr
+with exit 2 (bad input) or 1 (failure); ``--help`` on every command."""
 
 from __future__ import annotations
 
@@ -10,12 +10,27 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+OUT = {"classify": "runs/classify", "causal-lm": "runs/causal-lm"}  # default output folder per task
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless its help already says it, or there is none (None / a flag)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _UsageError(ValueError):
+    """An option that does not apply to the chosen task (exit 2)."""
+
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with LoRA (default: MiniLM on BBC News topics)",
                        description="Fine-tune a model with LoRA. With no arguments: all-MiniLM-L6-v2 on BBC News "
                                    "(5 topics, fixed split), LoRA r=8 on query/value plus the classifier head.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--task", choices=["classify", "causal-lm"], default="classify",
                    help="sequence classification, or prompt→completion instruction tuning of a causal LM")
     p.add_argument("--model", default=None,
@@ -25,8 +40,8 @@ def _train_parser(sub) -> None:
                    help="builtin:bbc (classify), builtin:bbc-headlines (causal-lm), or a .csv/.jsonl file")
     p.add_argument("--val-data", help="validation file (default: 10%% of --data)")
     p.add_argument("--test-data", help="test file (default: 10%% of --data)")
-    p.add_argument("--text-column", default="text", help="classify: text column")
-    p.add_argument("--label-column", default="label", help="classify: label column")
+    p.add_argument("--text-column", default=None, help="classify: text column (default: text)")
+    p.add_argument("--label-column", default=None, help="classify: label column (default: label)")
     p.add_argument("--targets", default=None,
                    help="comma-separated module names, or all-linear (default: query,value for classify, "
                         "all-linear for causal-lm)")
@@ -44,15 +59,20 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing")
-    p.add_argument("--max-length", type=int, default=None, help="max tokens per example (128 / 96)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="max tokens per example (default: 128 classify, 96 causal-lm)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: no limit)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="use only the first N training examples (default: all; 600 for builtin:bbc-headlines)")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="causal-lm: score exact match before and after training on the first N test examples, "
+                        "and validate on the first N (default: 50; 0: all)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch)")
-    p.add_argument("--out", default="runs/train", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: runs/classify or runs/causal-lm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -61,6 +81,16 @@ def _train(args) -> int:
     from .train.tasks import LoraSpec, causal_lm, classify
 
     lm = args.task == "causal-lm"
+    not_here = [o for o, v in ((("--eval-limit", args.eval_limit),) if not lm else
+                               (("--text-column", args.text_column), ("--label-column", args.label_column)))
+                if v is not None]
+    if not_here:
+        raise _UsageError(f"{', '.join(not_here)} only appl{'y' if len(not_here) > 1 else 'ies'} to --task "
+                          f"{'causal-lm' if not lm else 'classify'}")
+    for name, least in (("train_limit", 0), ("eval_limit", 0), ("max_steps", 0), ("max_length", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise _UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
     lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full)
     train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
@@ -69,17 +99,59 @@ def _train(args) -> int:
                         max_grad_norm=args.max_grad_norm or None, bf16=args.bf16,
                         grad_checkpointing=args.grad_checkpointing, seed=args.seed, eval_every=args.eval_every,
                         max_steps=args.max_steps)
-    common = dict(out=args.out, val_data=args.val_data, test_data=args.test_data, lora=lora, train=train,
-                  resume=args.resume, progress=not args.no_progress)
+    common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
+                  train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if lm:
         data = args.data or "builtin:bbc-headlines"
         limit = args.train_limit if args.train_limit is not None else (600 if data == "builtin:bbc-headlines" else 0)
         causal_lm(model_spec=args.model or "builtin:smollm2", data=data, max_length=args.max_length or 96,
-                  train_limit=limit, **common)
+                  train_limit=limit, eval_limit=50 if args.eval_limit is None else args.eval_limit, **common)
     else:
         classify(model_spec=args.model or "builtin:minilm", data=args.data or "builtin:bbc",
-                 text_column=args.text_column, label_column=args.label_column,
-                 max_length=args.max_length or 128, **common)
+                 text_column=args.text_column or "text", label_column=args.label_column or "label",
+                 max_length=args.max_length or 128, train_limit=args.train_limit or 0, **common)
+    return 0
+
+
+def _adapter_folder(path: str) -> Path:
+    from .io import CONFIG_NAME
+    folder = Path(path)
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder}: not an adapter folder (no {CONFIG_NAME}); a trained adapter is "
+                                f"in OUT/adapter, e.g. {OUT['classify']}/adapter")
+    return folder
+
+
+def _predict(args) -> int:
+    import json
+
+    from . import load
+    from .train.data import read_records
+    from .train.tasks import adapter_task, load_model, predict
+
+    folder = _adapter_folder(args.adapter)
+    task = adapter_task(folder)
+    if task.get("task") != "classify":
+        raise _UsageError(f"{folder} is not a classifier adapter (task: {task.get('task', 'unknown')}); "
+                          "use lorakit generate --adapter for a causal-LM adapter")
+    if not task.get("labels"):
+        raise _UsageError(f"{folder} has no label names ({folder}/lorakit_task.json is missing); "
+                          "retrain it with lorakit train to predict")
+    if bool(args.texts) == bool(args.file):
+        raise _UsageError("give texts or --file FILE (a .csv/.jsonl with a text column), not both or neither")
+    if args.file:
+        texts = [row[args.text_column] for _, row in read_records(args.file, [args.text_column])]
+    else:
+        texts = args.texts
+    model, tok = load_model(args.model or task["model"], "classify", num_labels=len(task["labels"]))
+    load(model, folder)
+    model.eval()
+    for text, probs in zip(texts, predict(model, tok, texts, task["labels"], task.get("max_length", 128))):
+        label = max(probs, key=probs.get)
+        if args.json:
+            print(json.dumps({"text": text, "label": label, "probabilities": probs}))
+        else:
+            print(f"{label}\t{probs[label]:.4f}\t{' '.join(text.split())[:80]}")
     return 0
 
 
@@ -89,15 +161,21 @@ def _generate(args) -> int:
     import torch
 
     from . import load
-    from .train.tasks import generate, load_model
+    from .train.tasks import adapter_task, generate, load_model
 
     model_spec = args.model
-    if model_spec is None:
-        base = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        model_spec = base if base and Path(base).is_dir() else "builtin:smollm2"
-    model, tok = load_model(model_spec, "causal-lm")
     if args.adapter:
-        load(model, args.adapter)
+        folder = _adapter_folder(args.adapter)
+        task = adapter_task(folder)
+        if task.get("task") == "classify":
+            raise _UsageError(f"{folder} is a classifier adapter; use lorakit predict --adapter {folder} TEXT")
+        base = task.get("model") or json.loads((folder / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+        if model_spec is None and base and (base.startswith("builtin:") or Path(base).is_dir()):
+            model_spec = base
+    model, tok = load_model(model_spec or "builtin:smollm2", "causal-lm")
+    if args.adapter:
+        load(model, folder)
     model.eval()
     torch.manual_seed(args.seed)
     for answer in generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens):
@@ -108,10 +186,12 @@ def _generate(args) -> int:
 def _inspect(args) -> int:
     import json
 
-    from .io import CONFIG_NAME, WEIGHTS_NAME
     from safetensors import safe_open
 
-    folder = Path(args.adapter)
+    from .io import CONFIG_NAME, WEIGHTS_NAME
+    from .train.tasks import adapter_task
+
+    folder = _adapter_folder(args.adapter)
     config = json.loads((folder / CONFIG_NAME).read_text())
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -119,6 +199,10 @@ def _inspect(args) -> int:
     print(f"{folder}: r={config['r']} alpha={config['lora_alpha']} targets={config.get('target_modules')} "
           f"modules_to_save={config.get('modules_to_save')}")
     print(f"{len(shapes)} tensors, {n:,} parameters, {(folder / WEIGHTS_NAME).stat().st_size:,} bytes")
+    task = adapter_task(folder)
+    if task:
+        print(f"task {task['task']}, base model {task.get('model', config.get('base_model_name_or_path'))}"
+              + (f", labels: {', '.join(task['labels'])}" if task.get("labels") else ""))
     return 0
 
 
@@ -138,7 +222,7 @@ def _serve_parser(sub) -> None:
                        description="Serve one causal LM and every PEFT-format adapter folder under --adapters, "
                                    "with OpenAI's /v1/completions, /v1/chat/completions and /v1/models; "
                                    "requests for different adapters share each batched decode step.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     p.add_argument("--model", default="builtin:smollm2", help="builtin:smollm2 or a local HF model folder")
     p.add_argument("--adapters", default=None, help="folder whose sub-folders are adapters (also the root for "
                                                     "POST /v1/adapters)")
@@ -180,14 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    g = sub.add_parser("generate", help="answer prompts with a causal LM and an adapter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("predict", help="label texts with a trained classifier adapter",
+                       description="Label texts with a classifier adapter from lorakit train: one line per text "
+                                   "with the label, its probability and the text (or JSON with every label's "
+                                   "probability).", formatter_class=_Help)
+    p.add_argument("texts", nargs="*", help="texts to label")
+    p.add_argument("--adapter", required=True, help="adapter folder, e.g. runs/classify/adapter")
+    p.add_argument("--file", help="label every row of a .csv/.jsonl file instead")
+    p.add_argument("--text-column", default="text", help="--file: the text column")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text, with every probability")
+    g = sub.add_parser("generate", help="answer prompts with a causal LM (and an adapter)",
+                       formatter_class=_Help)
     g.add_argument("prompt", nargs="+", help="one or more prompts (chat template applied)")
-    g.add_argument("--adapter", help="adapter folder (PEFT format)")
+    g.add_argument("--adapter", help="causal-LM adapter folder (PEFT format), e.g. runs/causal-lm/adapter")
     g.add_argument("--model", help="base model (default: the adapter's base, else builtin:smollm2)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
-    i = sub.add_parser("inspect", help="show an adapter folder's config and size")
+    i = sub.add_parser("inspect", help="show an adapter folder's config, size, task and labels")
     i.add_argument("adapter")
     _serve_parser(sub)
     args = parser.parse_args(argv)
@@ -198,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     from .config import LoraError
     from .train.data import DataError
     try:
-        return {"train": _train, "generate": _generate, "inspect": _inspect, "serve": _serve}[args.command](args)
+        return {"train": _train, "predict": _predict, "generate": _generate, "inspect": _inspect,
+                "serve": _serve}[args.command](args)
     except (LoraError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        print(f"lorakit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorakit: interrupted (resume with --resume)", file=sys.stderr)

@@ -8,14 +8,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import torch
 
-__all__ = ["DataError", "read_records", "LabelledText", "PromptCompletion", "check_labels",
-           "encode_classification", "encode_causal", "collate"]
+__all__ = ["DataError", "read_records", "read_labelled", "read_prompts", "LabelledText", "PromptCompletion",
+           "check_labels", "split", "check_split_labels", "encode_classification", "encode_causal", "collate"]
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -50,23 +53,41 @@ def _lines(path: Path) -> list[str]:
     return raw.decode("utf-8").lstrip("\ufeff").splitlines()
 
 
-def read_records(path: str | Path, columns: Sequence[str]) -> list[tuple[int, dict]]:
+def _csv_rows(path: Path, lines: list[str]) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The header and the rows of a CSV file; every row must have exactly the header's cell count."""
+    reader = csv.reader(io.StringIO("\n".join(lines)))
+    header = next(reader, [])
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}, line 1: column(s) {twice} appear more than once in the header {header}")
+    rows, end = [], reader.line_num
+    for cells in reader:
+        start, end = end + 1, reader.line_num  # a quoted cell may span lines: report where the row starts
+        if not cells:
+            continue  # a blank line
+        if len(cells) != len(header):
+            raise DataError(f"{path}, line {start}: {len(cells)} cells, expected {len(header)} like the header "
+                            f"({', '.join(header)}); quote a cell that contains a comma (\"a, b\")")
+        rows.append((start, dict(zip(header, cells))))
+    return header, rows
+
+
+def read_records(path: str | Path, columns: Sequence[str], labels: Sequence[str] = ()) -> list[tuple[int, dict]]:
     """Rows of a ``.csv`` (with a header) or ``.jsonl`` file as ``(line number, row)``.
 
+    ``columns`` must hold non-empty strings; the ``labels`` among them may also be JSON integers.
     Raises :class:`DataError` naming the file and line for: a missing file, an empty file,
-    non-UTF-8 bytes, a malformed JSON line, a missing or empty required column, no rows at all.
+    non-UTF-8 bytes, a CSV row with more or fewer cells than the header, a malformed JSON line,
+    a missing or empty required column, a value of the wrong JSON type, no rows at all.
     """
     path = Path(path)
     lines = _lines(path)
     rows: list[tuple[int, dict]] = []
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO("\n".join(lines)))
-        header = reader.fieldnames or []
+        header, rows = _csv_rows(path, lines)
         missing = [c for c in columns if c not in header]
         if missing:
             raise DataError(f"{path}, line 1: missing column(s) {missing}; the header has {header}")
-        for row in reader:
-            rows.append((reader.line_num, row))
     elif path.suffix.lower() in (".jsonl", ".json"):
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -84,7 +105,13 @@ def read_records(path: str | Path, columns: Sequence[str]) -> list[tuple[int, di
         for c in columns:
             if c not in row:
                 raise DataError(f"{path}, line {number}: missing column {c!r}; the row has {sorted(row)}")
-            if row[c] is None or str(row[c]).strip() == "":
+            value = row[c]
+            kinds = (str, int) if c in labels else (str,)
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                expected = "a string or an integer" if c in labels else "a string"
+                raise DataError(f"{path}, line {number}: column {c!r} is a JSON {type(value).__name__} "
+                                f"({json.dumps(value)[:40]}); expected {expected}")
+            if value is None or str(value).strip() == "":
                 raise DataError(f"{path}, line {number}: column {c!r} is empty")
     if not rows:
         raise DataError(f"{path}: the file has a header but no rows")
@@ -92,12 +119,14 @@ def read_records(path: str | Path, columns: Sequence[str]) -> list[tuple[int, di
 
 
 def read_labelled(path: str | Path, text: str = "text", label: str = "label") -> list[tuple[int, LabelledText]]:
-    return [(n, LabelledText(str(r[text]), str(r[label]))) for n, r in read_records(path, [text, label])]
+    """``(line, LabelledText)`` rows of a CSV/JSONL file (see :func:`read_records`)."""
+    return [(n, LabelledText(r[text], str(r[label]))) for n, r in read_records(path, [text, label], [label])]
 
 
 def read_prompts(path: str | Path, prompt: str = "prompt", completion: str = "completion"
                  ) -> list[tuple[int, PromptCompletion]]:
-    return [(n, PromptCompletion(str(r[prompt]), str(r[completion]))) for n, r in read_records(path, [prompt, completion])]
+    """``(line, PromptCompletion)`` rows of a CSV/JSONL file (see :func:`read_records`)."""
+    return [(n, PromptCompletion(r[prompt], r[completion])) for n, r in read_records(path, [prompt, completion])]
 
 
 def check_labels(labels: Sequence[str], rows: Sequence[tuple[int, LabelledText]], path: str | Path) -> None:
@@ -107,6 +136,41 @@ def check_labels(labels: Sequence[str], rows: Sequence[tuple[int, LabelledText]]
         if row.label not in known:
             raise DataError(f"{path}, line {number}: label {row.label!r} does not occur in the training data; "
                             f"known labels: {sorted(known)}")
+
+
+def split(rows: list[tuple[int, T]], path: str | Path, val: list[tuple[int, T]] | None,
+          test: list[tuple[int, T]] | None, seed: int, fraction: float = 0.1
+          ) -> tuple[list[tuple[int, T]], list[tuple[int, T]], list[tuple[int, T]]]:
+    """``(train, val, test)``: the given validation/test rows, or a seeded ``fraction`` (at least one row)
+    of ``rows`` for each one missing. Raises :class:`DataError` when no training row would be left."""
+    if val is not None and test is not None:
+        return list(rows), val, test
+    carved = (val is None) + (test is None)
+    k = max(1, int(len(rows) * fraction))
+    if len(rows) - carved * k < 1:
+        names = " and ".join(n for n, given in (("validation", val), ("test", test)) if given is None)
+        options = " and ".join(o for o, given in (("--val-data", val), ("--test-data", test)) if given is None)
+        raise DataError(f"{path}: {len(rows)} row(s); the automatic {names} split ({fraction:.0%}, at least one "
+                        f"row each) needs at least {carved + 1} rows to leave one for training; add rows, or "
+                        f"give {options}")
+    train = list(rows)
+    random.Random(seed).shuffle(train)
+    if val is None:
+        val, train = train[:k], train[k:]
+    if test is None:
+        test, train = train[:k], train[k:]
+    return train, val, test
+
+
+def check_split_labels(train: Sequence[tuple[int, LabelledText]], held_out: Sequence[tuple[int, LabelledText]],
+                       path: str | Path) -> None:
+    """After an automatic split: every held-out label must keep a training row (else it cannot be learnt)."""
+    known = {r.label for _, r in train}
+    for label in sorted({r.label for _, r in held_out} - known):
+        lines = sorted(n for n, r in held_out if r.label == label)
+        raise DataError(f"{path}: label {label!r} (line(s) {', '.join(map(str, lines))}) has {len(lines)} row(s), "
+                        "and the automatic validation/test split took them all, so it cannot be learnt; add rows "
+                        "for it, or give --val-data and --test-data")
 
 
 def encode_classification(tokenizer, rows: Sequence[LabelledText], labels: Sequence[str], max_length: int
@@ -125,14 +189,22 @@ def chat_prompt(tokenizer, prompt: str) -> str:
 
 
 def encode_causal(tokenizer, rows: Sequence[PromptCompletion], max_length: int) -> list[dict]:
-    """Prompt + completion + EOS; the prompt's tokens are masked out of the loss (label -100)."""
-    out = []
+    """Prompt + completion + EOS; the prompt's tokens are masked out of the loss (label -100).
+
+    Raises :class:`DataError` if ``max_length`` leaves an example no completion token to learn from."""
+    out, cut = [], []
     for r in rows:
         p = tokenizer(chat_prompt(tokenizer, r.prompt), add_special_tokens=False)["input_ids"]
         c = tokenizer(r.completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids = (p + c)[:max_length]
         labels = ([-100] * len(p) + c)[:max_length]
+        if len(p) >= max_length:
+            cut.append(len(p))
         out.append({"input_ids": ids, "labels": labels})
+    if cut:
+        raise DataError(f"{len(cut)} of {len(rows)} examples keep no completion token within max length "
+                        f"{max_length} (their prompts take up to {max(cut)} tokens with the chat template); "
+                        f"raise --max-length above {max(cut)}")
     return out
 
 

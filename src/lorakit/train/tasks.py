@@ -6,10 +6,10 @@ before and after, and writes the adapter, ``metrics.jsonl``, ``summary.json`` an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,15 +19,20 @@ import torch
 from torch import nn
 
 from .. import builtin
-from ..config import LoraConfig
+from ..config import LoraConfig, LoraError
 from ..io import load as load_adapter
 from ..io import save as save_adapter
 from ..model import inject, summary
-from .data import (LabelledText, PromptCompletion, check_labels, collate, encode_causal, encode_classification,
-                   read_labelled, read_prompts, chat_prompt)
+from .data import (DataError, LabelledText, PromptCompletion, chat_prompt, check_labels, check_split_labels, collate,
+                   encode_causal, encode_classification, read_labelled, read_prompts, split)
 from .loop import TrainConfig, fit, peak_memory_mb
 
-__all__ = ["LoraSpec", "classify", "causal_lm", "load_model", "generate", "bbc_headline_task"]
+__all__ = ["LoraSpec", "classify", "causal_lm", "load_model", "generate", "predict", "bbc_headline_task",
+           "prepare_out", "adapter_task", "TASK_NAME"]
+
+TASK_NAME = "lorakit_task.json"  # beside the PEFT files of a trained adapter: its task, base model and labels
+RUN_FILES = ("summary.json", "metrics.jsonl", "curve.png", "checkpoint", "checkpoint.old", "checkpoint.tmp",
+             "best", "adapter")
 
 TOPICS = {"sports": "sport"}  # the corpus's folder names -> the words the LM should say
 
@@ -43,23 +48,99 @@ class LoraSpec:
     full: bool = False
 
 
-def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from ``builtin:minilm``, ``builtin:smollm2`` or a local HF folder."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def model_path(spec: str) -> Path:
+    """The folder of ``builtin:minilm``, ``builtin:smollm2`` or a local Hugging Face model folder."""
     path = {"builtin:minilm": builtin.minilm_path, "builtin:smollm2": builtin.smollm2_path}.get(spec)
     path = Path(path() if path else spec)
     if not path.is_dir():
         raise FileNotFoundError(f"model {spec!r}: not a folder; use builtin:minilm, builtin:smollm2 or a "
                                 "local Hugging Face model folder")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if task == "classify":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                   local_files_only=True, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report and progress bars (lorakit says what matters in one line)."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = torch.float32, log=None):
+    """``(model, tokenizer)`` from ``builtin:minilm``, ``builtin:smollm2`` or a local HF folder.
+
+    transformers' load report is replaced by one line to ``log`` (if given) naming the weights the
+    checkpoint lacks (a new classification head) and those of the checkpoint the model does not use.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    path = model_path(spec)
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if task == "classify":
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, local_files_only=True, dtype=dtype, output_loading_info=True)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                               output_loading_info=True)
+    missing, unused = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if log and missing:
+        log(f"new weights (not in {spec}, initialised from the seed, trained with the adapter): {', '.join(missing)}")
+    if log and unused:
+        log(f"weights of {spec} that this model does not use: {', '.join(unused)}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check the output folder before any work: a finished run (``summary.json``) or an unfinished one
+    (``checkpoint/``) there is refused (:class:`LoraError`) unless ``resume`` (continue it) or ``overwrite``
+    (replace it: :func:`_clear_run` deletes lorakit's run files, nothing else, once training starts)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise LoraError("--resume continues the run in the output folder and --overwrite deletes it; pass one")
+    if out.exists() and not out.is_dir():
+        raise LoraError(f"output folder {out} is a file")
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if not (resume or overwrite) and "summary.json" in present:
+        raise LoraError(f"{out} holds a finished run (summary.json); pass --overwrite to replace it, or choose "
+                        "another --out")
+    if not (resume or overwrite) and present:
+        raise LoraError(f"{out} holds an unfinished run ({', '.join(present)}); continue it with --resume, or "
+                        "pass --overwrite to start over")
+    return out
+
+
+def _clear_run(out: Path) -> None:
+    """Delete the files of an earlier run in ``out`` (``--overwrite``), just before training starts."""
+    for name in RUN_FILES:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        elif (out / name).exists():
+            (out / name).unlink()
+
+
+def _write_task(folder: Path, task: str, model_spec: str, **fields) -> None:
+    spec = model_spec if model_spec.startswith("builtin:") else str(Path(model_spec).resolve())
+    (folder / TASK_NAME).write_text(json.dumps({"task": task, "model": spec, **fields}, indent=2))
+
+
+def adapter_task(folder: str | Path) -> dict:
+    """What an adapter folder was trained for: ``lorakit_task.json`` if present (task, model, labels, ...),
+    else ``{"task": "classify"}`` for a folder that saves a ``classifier``/``score`` head, else ``{}``."""
+    folder = Path(folder)
+    if (folder / TASK_NAME).is_file():
+        return json.loads((folder / TASK_NAME).read_text())
+    config = folder / "adapter_config.json"
+    saved = (json.loads(config.read_text()).get("modules_to_save") or []) if config.is_file() else []
+    return {"task": "classify"} if {"classifier", "score"} & set(saved) else {}
 
 
 def _prepare(model: nn.Module, lora: LoraSpec, saved: Sequence[str]) -> None:
@@ -135,13 +216,17 @@ def _restore_best(model: nn.Module, out: Path, save_best, lora: LoraSpec) -> Non
 def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "builtin:bbc",
              val_data: str | None = None, test_data: str | None = None, text_column: str = "text",
              label_column: str = "label", lora: LoraSpec = LoraSpec(), train: TrainConfig = TrainConfig(),
-             max_length: int = 128, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Fine-tune a sequence classifier; default: all-MiniLM-L6-v2 on BBC News (5 topics)."""
-    out = Path(out)
-    splits = _classification_data(data, val_data, test_data, text_column, label_column, train.seed)
+             max_length: int = 128, train_limit: int = 0, resume: bool = False, overwrite: bool = False,
+             progress: bool = True, log=print) -> dict:
+    """Fine-tune a sequence classifier; default: all-MiniLM-L6-v2 on BBC News (5 topics).
+
+    The output folder and the data are checked before the model loads (:func:`prepare_out`,
+    :class:`~lorakit.train.data.DataError`)."""
+    out = prepare_out(out, resume, overwrite)
+    splits = _classification_data(data, val_data, test_data, text_column, label_column, train.seed, train_limit)
     labels = sorted({r.label for r in splits["train"]})
     torch.manual_seed(train.seed)  # the new head's init comes from the global RNG: seed it first
-    model, tok = load_model(model_spec, "classify", num_labels=len(labels))
+    model, tok = load_model(model_spec, "classify", num_labels=len(labels), log=log)
     enc = {k: encode_classification(tok, v, labels, max_length) for k, v in splits.items()}
     pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
@@ -152,6 +237,7 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
         return evaluate_classifier(m, items, tok.pad_token_id)
 
     model.eval()
+    log(f"evaluating test accuracy before training ({len(enc['test'])} examples) ...")
     with torch.no_grad():
         before = evaluate(model, enc["test"])
     log(f"test accuracy before training: {before['accuracy']:.4f} ({len(enc['test'])} examples, "
@@ -159,12 +245,15 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
     trainable, total = _trainable(model), sum(p.numel() for p in model.parameters())
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     save_best = _save_best(lora)
+    if overwrite:
+        _clear_run(out)
     t0 = time.perf_counter()
     records = fit(model, enc["train"], collate=pad, loss_fn=lambda m, b: m(**b).loss, cfg=train,
                   evaluate=evaluate, metric="accuracy", higher_is_better=True, out_dir=out, resume=resume,
                   on_best=save_best, progress=progress)
     seconds = time.perf_counter() - t0
     _restore_best(model, out, save_best, lora)
+    log(f"evaluating test accuracy after training ({len(enc['test'])} examples) ...")
     with torch.no_grad():
         after = evaluate(model, enc["test"])
     steps = max(r["step"] for r in records)
@@ -176,6 +265,7 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
               "peak_memory_mb": peak_memory_mb(), "steps": steps, "lora": asdict(lora), "train": asdict(train)}
     if not lora.full:
         save_adapter(model, out / "adapter")
+        _write_task(out / "adapter", "classify", model_spec, labels=labels, max_length=max_length)
         result["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
     log(f"test accuracy after training: {after['accuracy']:.4f}  (before {before['accuracy']:.4f})")
     log(f"time {seconds:.0f} s ({result['seconds_per_step']:.2f} s/step), peak memory {result['peak_memory_mb']:.0f} MB")
@@ -195,26 +285,30 @@ def evaluate_classifier(model: nn.Module, items: Sequence, pad_id: int, batch_si
     return {"loss": loss / n, "accuracy": correct / n}
 
 
-def _classification_data(data, val_data, test_data, text_col, label_col, seed) -> dict[str, list[LabelledText]]:
+def _classification_data(data, val_data, test_data, text_col, label_col, seed, train_limit=0
+                         ) -> dict[str, list[LabelledText]]:
+    """Train/val/test rows; refuses (DataError) any held-out label that no training row has."""
     if data == "builtin:bbc":
         parts = builtin.bbc_split(seed=0)  # a fixed split: the same test set for every run
-        return {k: [LabelledText(t, lab) for t, lab in v] for k, v in zip(("train", "val", "test"), parts)}
-    rows = read_labelled(data, text_col, label_col)
-    labels = sorted({r.label for _, r in rows})
-    loaded = {name: read_labelled(path, text_col, label_col) for name, path in (("val", val_data), ("test", test_data))
-              if path}
-    for name, path in (("val", val_data), ("test", test_data)):
-        if path:
-            check_labels(labels, loaded[name], path)
-    train = [r for _, r in rows]
-    if "val" not in loaded or "test" not in loaded:  # carve the missing splits out of the training file
-        rng = random.Random(seed)
-        rng.shuffle(train)
-        k = max(1, len(train) // 10)
-        for name in ("val", "test"):
-            if name not in loaded:
-                loaded[name], train = [(0, r) for r in train[:k]], train[k:]
-    return {"train": train, "val": [r for _, r in loaded["val"]], "test": [r for _, r in loaded["test"]]}
+        train, val, test = ([(0, LabelledText(t, lab)) for t, lab in part] for part in parts)
+        given = {"val": val, "test": test}
+    else:
+        given = {name: read_labelled(path, text_col, label_col) if path else None
+                 for name, path in (("val", val_data), ("test", test_data))}
+        train, val, test = split(read_labelled(data, text_col, label_col), data, given["val"], given["test"], seed)
+        check_split_labels(train, [r for name, part in (("val", val), ("test", test)) if given[name] is None
+                                   for r in part], data)
+    if train_limit:
+        train = train[:train_limit]
+    labels = sorted({r.label for _, r in train})
+    for name, path in (("val", val_data or data), ("test", test_data or data)):
+        rows = given[name] if given[name] is not None else (val if name == "val" else test)
+        missing = sorted({r.label for _, r in rows} - set(labels))
+        if missing and train_limit:
+            raise DataError(f"label(s) {missing} of the {name} split have no row among the first {train_limit} "
+                            f"training rows (--train-limit {train_limit}); raise the limit")
+        check_labels(labels, rows, path)
+    return {"train": [r for _, r in train], "val": [r for _, r in val], "test": [r for _, r in test]}
 
 
 # -- causal LM ----------------------------------------------------------------------------------
@@ -253,36 +347,34 @@ def exact_match(model, tok, rows: Sequence[PromptCompletion], max_new_tokens: in
 def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = "builtin:bbc-headlines",
               val_data: str | None = None, test_data: str | None = None, lora: LoraSpec = LoraSpec(("all-linear",)),
               train: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=1e-3), max_length: int = 96,
-              train_limit: int = 0, eval_limit: int = 200, resume: bool = False, progress: bool = True,
-              log=print) -> dict:
+              train_limit: int = 0, eval_limit: int = 50, resume: bool = False, overwrite: bool = False,
+              progress: bool = True, log=print) -> dict:
     """Instruction-tune a causal LM on prompt/completion pairs (prompt tokens masked out of the loss);
-    scores exact match of greedy answers on the test set before and after."""
-    out = Path(out)
+    scores exact match of greedy answers on (the first ``eval_limit`` of) the test set before and after.
+    ``eval_limit`` also bounds the validation set; 0: no limit."""
+    out = prepare_out(out, resume, overwrite)
+    if eval_limit < 0 or train_limit < 0:
+        raise LoraError(f"train_limit and eval_limit must be >= 0 (0: no limit), got {train_limit}, {eval_limit}")
     if data == "builtin:bbc-headlines":
         splits = bbc_headline_task()
     else:
-        rows = [r for _, r in read_prompts(data)]
-        splits = {"train": rows}
-        for name, path in (("val", val_data), ("test", test_data)):
-            splits[name] = [r for _, r in read_prompts(path)] if path else []
-        if not splits["val"] or not splits["test"]:
-            rng = random.Random(train.seed)
-            rng.shuffle(rows)
-            k = max(1, len(rows) // 10)
-            splits["val"] = splits["val"] or rows[:k]
-            splits["test"] = splits["test"] or rows[k:2 * k]
-            splits["train"] = rows[2 * k:]
+        given = [read_prompts(path) if path else None for path in (val_data, test_data)]
+        parts = split(read_prompts(data), data, *given, seed=train.seed)
+        splits = {name: [r for _, r in part] for name, part in zip(("train", "val", "test"), parts)}
     if train_limit:
         splits["train"] = splits["train"][:train_limit]
-    splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
+    if eval_limit:
+        splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
     torch.manual_seed(train.seed)
-    model, tok = load_model(model_spec, "causal-lm")
+    model, tok = load_model(model_spec, "causal-lm", log=log)
+    enc = {k: encode_causal(tok, splits[k], max_length) for k in ("train", "val")}  # (test: prompts only)
     model.eval()
+    log(f"evaluating exact match before training: greedy answers to {len(splits['test'])} test prompts "
+        "(--eval-limit) ...")
     before = exact_match(model, tok, splits["test"])
     log(f"test exact match before training: {before:.4f} ({len(splits['test'])} examples)")
     torch.manual_seed(train.seed)
     _prepare(model, lora, ())
-    enc = {k: encode_causal(tok, v, max_length) for k, v in splits.items()}
     pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
 
     def evaluate(m):
@@ -296,21 +388,46 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
 
     trainable, total = _trainable(model), sum(p.numel() for p in model.parameters())
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    with torch.no_grad():
+        val_before = evaluate(model)["loss"]  # a new adapter starts as the base model (B = 0)
+    log(f"validation loss before training: {val_before:.4f} ({len(enc['val'])} examples)")
     save_best = _save_best(lora)
+    if overwrite:
+        _clear_run(out)
     t0 = time.perf_counter()
     records = fit(model, enc["train"], collate=pad, loss_fn=lambda m, b: m(**b).loss, cfg=train, evaluate=evaluate,
                   metric="loss", out_dir=out, resume=resume, on_best=save_best, progress=progress)
     seconds = time.perf_counter() - t0
     _restore_best(model, out, save_best, lora)
+    log(f"evaluating exact match after training: greedy answers to {len(splits['test'])} test prompts ...")
     after = exact_match(model, tok, splits["test"])
     steps = max(r["step"] for r in records)
     result = {"task": "causal-lm", "model": model_spec, "data": data, "test_exact_match_before": before,
-              "test_exact_match": after, "trainable_params": trainable, "total_params": total,
+              "test_exact_match": after, "val_loss_before": val_before,
+              "val_loss": min(r["loss"] for r in records if r["split"] == "val"),
+              "trainable_params": trainable, "total_params": total,
               "train_examples": len(splits["train"]), "test_examples": len(splits["test"]),
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "steps": steps,
               "peak_memory_mb": peak_memory_mb(), "lora": asdict(lora), "train": asdict(train)}
     if not lora.full:
         save_adapter(model, out / "adapter")
+        _write_task(out / "adapter", "causal-lm", model_spec)
     log(f"test exact match after training: {after:.4f}  (before {before:.4f})")
     log(f"time {seconds:.0f} s, peak memory {result['peak_memory_mb']:.0f} MB; wrote {out}/adapter")
     return _finish(out, model, lora, records, result, f"{model_spec} on {data}")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tok, texts: Sequence[str], labels: Sequence[str], max_length: int = 128,
+            batch_size: int = 64) -> list[dict[str, float]]:
+    """Each text's probability per label (softmax of a sequence classifier's logits)."""
+    rows = [LabelledText(t, labels[0]) for t in texts]
+    items = encode_classification(tok, rows, labels, max_length)
+    probs = []
+    for chunk in _batches(items, batch_size):
+        batch = collate(chunk, tok.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if logits.shape[-1] != len(labels):
+            raise LoraError(f"the model has {logits.shape[-1]} outputs but the adapter names {len(labels)} labels")
+        probs += [dict(zip(labels, p)) for p in logits.float().softmax(-1).tolist()]
+    return probs

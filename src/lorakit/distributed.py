@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .config import LoraError
 
 __all__ = ["DEVICES", "RankFailure", "resolve_device", "setup", "teardown", "rank", "world_size", "is_main", "shard",
-           "all_reduce_grads", "reduce_sums", "gather", "barrier", "DEFAULT_TIMEOUT_S"]
+           "all_reduce_grads", "broadcast_from_main", "reduce_sums", "gather", "barrier", "DEFAULT_TIMEOUT_S"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Seconds a collective waits for the other ranks before the job stops (``init_process_group``'s timeout).
@@ -180,6 +180,24 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
                 p.grad = g.clone()
             else:
                 p.grad.copy_(g)
+
+
+def broadcast_from_main(params: Sequence[torch.nn.Parameter]) -> None:
+    """Give every rank rank 0's values of ``params`` (one flat buffer per dtype)."""
+    if not dist.is_initialized():
+        return
+    buckets: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        buckets.setdefault(p.dtype, []).append(p)
+    dev = _comm_device()
+    with torch.no_grad():
+        for ps in buckets.values():
+            flat = torch.cat([p.detach().reshape(-1).to(dev) for p in ps])
+            _collective("the start-up broadcast", dist.broadcast, flat, 0)
+            offset = 0
+            for p in ps:
+                p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
 
 
 def gather(t: torch.Tensor) -> list[torch.Tensor]:

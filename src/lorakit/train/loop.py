@@ -211,8 +211,9 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
             must already be there.
 
     Under torchrun, every rank calls ``fit`` with the same arguments; ``evaluate`` runs on every
-    rank (it may compute on its own share and reduce, see :func:`lorakit.distributed.shard`) and
-    ``on_best`` on rank 0 only.
+    rank (it may compute on its own share and reduce, see :func:`lorakit.distributed.shard`), and so
+    does ``on_best`` (which should write files on rank 0 only: :func:`lorakit.distributed.is_main`).
+    The trainable parameters start as rank 0's (broadcast), as in ``DistributedDataParallel``.
     """
     dev = torch.device(device) if device is not None else _model_device(model)
     torch.manual_seed(_rank_seed(cfg.seed))
@@ -230,6 +231,7 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
     eval_every = cfg.eval_every or per_epoch
     save_every = cfg.save_every or eval_every
     step, best, records = 0, None, []
+    params = [p for g in opt.param_groups for p in g["params"]]
     ckpt = out / "checkpoint" if out else None
     if resume and ckpt and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         meta = _load_checkpoint(ckpt, model, opt, dev)
@@ -241,12 +243,12 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
             print(f"lorakit: resuming a run of {saved_world} process(es) with {D.world_size()}: the data order, "
                   "batches and optimizer state continue as saved (the batch is global); dropout draws new "
                   "random numbers", file=sys.stderr)
+    D.broadcast_from_main(params)  # every rank starts from rank 0's adapters (a no-op in one process)
     D.barrier()  # every rank has read the checkpoint and metrics before rank 0 rewrites them
     if out and main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     bar = _progress(total, step, progress and main)
-    params = [p for g in opt.param_groups for p in g["params"]]
     micro = cfg.batch_size
     model.train()
     t0, seen, running = time.perf_counter(), 0, []
@@ -299,7 +301,7 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
             value = metrics[metric]
             if best is None or (value > best if higher_is_better else value < best):
                 best = value
-                if out and on_best and main:
+                if out and on_best:
                     on_best(model, out / "best")
             _record(records, rec, out)
             if main:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from lorakit import LoraError
 from lorakit import distributed as D
 from lorakit.cli import main as cli
+from test_cli import tiny_llama  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "dist_job.py"
@@ -141,3 +142,50 @@ def test_a_rank_that_dies_stops_the_job_and_resume_ends_where_an_uninterrupted_r
     got, _ = _result(other)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+# -- the command line ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_bert_no_dropout(tmp_path_factory):
+    """test_cli's 1-layer BERT without dropout (BERT's default 0.1 draws per-rank random numbers)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from lorakit import builtin
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(builtin.minilm_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("task", ["classify", pytest.param("causal-lm", marks=pytest.mark.slow)])
+def test_cli_nproc_2_trains_like_one_process(tmp_path, task, request):
+    """`lorakit train --nproc 2` (torchrun, 2 gloo ranks) against the same command in one process: the same
+    adapter (tolerance as above: partial gradient sums added in another order; here also batches padded to
+    each rank's longest example), every file written once, each log line printed once."""
+    from test_cli import FAST, labelled_csv, lorakit, prompts_jsonl
+
+    model = request.getfixturevalue("tiny_bert_no_dropout" if task == "classify" else "tiny_llama")
+    data = labelled_csv(tmp_path / "d.csv") if task == "classify" else prompts_jsonl(tmp_path / "p.jsonl")
+    opts = ["--task", task, "--model", model, "--data", data, *FAST, "--max-length", 64, "--max-steps", 3]
+    code1, out1, err1 = lorakit("train", *opts, "--out", tmp_path / "one", cwd=tmp_path)
+    assert code1 == 0, err1
+    code2, out2, err2 = lorakit("train", *opts, "--nproc", 2, "--out", tmp_path / "two", cwd=tmp_path)
+    assert code2 == 0, err2
+    assert "torch.distributed.run --standalone --nproc-per-node=2 -m lorakit.cli train" in err2
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)  # trained (B starts at 0)
+    first = "test accuracy after training:" if task == "classify" else "test exact match after training:"
+    assert out2.count(first) == 1 and out2.count("trainable parameters:") == 1, out2
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    key = "test_accuracy" if task == "classify" else "test_exact_match"
+    assert s1[key] == s2[key] and s1["steps"] == s2["steps"] == 3
+    assert [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["step"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]

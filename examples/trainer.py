@@ -9,6 +9,7 @@ base model as it was before injection, and ``out/adapters/default/`` the adapter
 which ``lorakit.load`` and ``peft.PeftModel.from_pretrained`` both read.
 
     python examples/trainer.py --max-steps 60      # MiniLM on BBC News, ~1 minute on 2 cores
+    torchrun --nproc-per-node 2 examples/trainer.py --max-steps 30   # the same under DDP (2 ranks)
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ def train(model_path: str | Path, out: str | Path, max_steps: int = 60, batch_si
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=batch_size,
                              learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.06, logging_steps=10,
                              save_strategy="no", report_to=[], seed=seed, disable_tqdm=not log,
-                             dataloader_num_workers=0)
+                             dataloader_num_workers=0,
+                             use_cpu=not torch.cuda.is_available())  # on CPU, torchrun's ranks need it to use DDP
     trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows),
                       data_collator=DataCollatorWithPadding(tok))
     trainer.train()
     trainer.save_model(str(out))  # base model in out/, adapter in out/adapters/default/ (PEFT format)
-    if log:
+    if log and trainer.is_world_process_zero():
         model.eval()
         enc = encode(test_rows)
         correct = 0

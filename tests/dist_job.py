@@ -3,8 +3,9 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_job.py OUT '{"batch_size": 7}'
 
 Trains LoRA on a small MLP with :func:`lorakit.train.fit`; rank 0 writes OUT/final.safetensors (the
-trained parameters) and OUT/records.json. ``fail_rank``/``fail_step`` make that rank raise in its
-loss function at that optimizer step (a rank that dies mid-run)."""
+trained parameters) and OUT/records.json, and lorakit.save's adapter to OUT/adapter. ``fail_rank``/``fail_step``
+make that rank raise in its loss function at that optimizer step (a rank that dies mid-run); ``fsdp`` shards
+the model with FSDP2 (each LoRA layer one unit, then the root)."""
 
 import json
 import sys
@@ -33,9 +34,12 @@ def collate(items):
 
 def main(out: str, options: dict) -> None:
     fail_rank, fail_step = options.pop("fail_rank", None), options.pop("fail_step", None)
-    resume = options.pop("resume", False)
+    resume, fsdp = options.pop("resume", False), options.pop("fsdp", False)
     D.setup(torch.device("cpu"), timeout_s=options.pop("timeout_s", 60))
     model, data = problem()
+    if fsdp:
+        model._no_split_modules = ["LoraLayer"]
+        D.fully_shard_model(model)
     calls = {"n": 0}
 
     def loss_fn(m, b):
@@ -53,9 +57,12 @@ def main(out: str, options: dict) -> None:
     cfg = TrainConfig(**{"epochs": 2, "lr": 1e-2, "log_every": 1, "save_every": 3, "eval_every": 5, **options})
     records = fit(model, data, collate=collate, loss_fn=loss_fn, cfg=cfg, evaluate=evaluate, out_dir=out,
                   resume=resume, progress=False)
+    final = D.trainable_state(model)  # gathered from the shards under FSDP2
     if D.is_main():
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  f"{out}/final.safetensors")
+        save_file(final, f"{out}/final.safetensors")
+        plain, _ = problem()  # an unsharded copy takes the trained state, and lorakit saves it
+        plain.load_state_dict(final, strict=False)
+        lorakit.save(plain, f"{out}/adapter")
         with open(f"{out}/records.json", "w") as f:
             json.dump(records, f)
     D.teardown()

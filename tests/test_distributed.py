@@ -144,6 +144,36 @@ def test_a_rank_that_dies_stops_the_job_and_resume_ends_where_an_uninterrupted_r
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_saved_adapter_equals_the_one_process_adapter(tmp_path, fsdp):
+    """The PEFT-format adapter written after a 2-rank run (plain data parallel, or FSDP2 with each LoRA layer
+    and the root sharded on dim 0: frozen base and adapters alike) equals the 1-process run's file within the
+    tolerance above; under FSDP2 the trained state is gathered from the shards (`trainable_state`)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1, p2 = _run(one, OPTS), _run(two, {**OPTS, "fsdp": fsdp}, nproc=2)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 4
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    (_, r1), (_, r2) = _result(one), _result(two)
+    for x, y in zip(r1, r2, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_fsdp2_resume_after_a_failed_rank_ends_where_an_uninterrupted_run_ends(tmp_path):
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert _run(full, {**OPTS, "fsdp": True}, nproc=2).returncode == 0
+    assert _run(broken, {**OPTS, "fsdp": True, "fail_rank": 0, "fail_step": 9}, nproc=2).returncode != 0
+    resumed = _run(broken, {**OPTS, "fsdp": True, "resume": True}, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (want, _), (got, _) = _result(full), _result(broken)
+    for k in want:  # the checkpoint holds whole tensors; each rank takes its shards back: bit for bit
+        assert torch.equal(got[k], want[k]), k
+
+
 # -- the command line ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_bert_no_dropout(tmp_path_factory):
@@ -189,3 +219,20 @@ def test_cli_nproc_2_trains_like_one_process(tmp_path, task, request):
     assert s1[key] == s2[key] and s1["steps"] == s2["steps"] == 3
     assert [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()] == \
         [json.loads(x)["step"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_readme_distributed_commands_on_minilm(tmp_path):
+    """README's `lorakit train --nproc 2 --threads 1` and `--nproc 2 --resume` on the builtin MiniLM (quick-try
+    limits), then the single-process `predict` on the adapter rank 0 wrote."""
+    from test_cli import lorakit
+
+    quick = ["--max-steps", 2, "--train-limit", 32, "--no-progress"]
+    code, out, err = lorakit("train", "--nproc", 2, "--threads", 1, *quick, cwd=tmp_path)
+    assert code == 0 and (tmp_path / "runs/classify/adapter/lorakit_task.json").exists(), err
+    assert out.count("test accuracy after training:") == 1, out
+    code, out, err = lorakit("train", "--nproc", 2, "--resume", *quick, cwd=tmp_path)
+    assert code == 0, err
+    code, out, err = lorakit("predict", "--device", "cpu", "--adapter", "runs/classify/adapter",
+                             "Chelsea win the league on the final day", cwd=tmp_path)
+    assert code == 0 and out.split("\t")[0] in {"business", "entertainment", "politics", "sports", "tech"}, err

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from .config import LoraError
 
 __all__ = ["DEVICES", "RankFailure", "resolve_device", "setup", "teardown", "rank", "world_size", "is_main", "shard",
-           "all_reduce_grads", "broadcast_from_main", "reduce_sums", "gather", "barrier", "DEFAULT_TIMEOUT_S"]
+           "all_reduce_grads", "broadcast_from_main", "reduce_sums",
+           "fully_shard_model", "is_sharded", "full_tensor", "trainable_state", "gather", "barrier", "DEFAULT_TIMEOUT_S"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Seconds a collective waits for the other ranks before the job stops (``init_process_group``'s timeout).
@@ -208,3 +209,53 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(t, device=dev) for _ in range(world_size())]
     _collective("a gather", dist.all_gather, out, t.to(dev))
     return [o.to(t.device) for o in out]
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------------
+def fully_shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Shard ``model`` across the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place.
+
+    Each block named by a transformers model's ``_no_split_modules`` becomes one FSDP unit (its
+    frozen base weights and its adapters sharded together on dim 0), then the root. FSDP averages
+    gradients over the ranks; :func:`lorakit.train.fit` scales each rank's loss by the world size
+    to sum them (gloo has no pre-multiplied sum for ``set_gradient_divide_factor``). ``param_dtype`` (e.g. bf16) is FSDP's mixed-precision compute dtype; gradients are
+    reduced in fp32. Call after ``inject`` and before :func:`~lorakit.train.fit`."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not dist.is_initialized():
+        raise LoraError("fully_shard_model needs torchrun's process group (call lorakit.distributed.setup first)")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True if ``model``'s parameters are FSDP2's ``DTensor`` shards."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a ``DTensor`` is gathered from every rank (a collective), a tensor returned as is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_param(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor ``t`` laid out like ``param``: this rank's shard of it if ``param`` is a ``DTensor``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(param, DTensor):
+        return distribute_tensor(t.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+    return t
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter of ``model`` whole, by name, on every rank (a collective under FSDP2).
+
+    FSDP2 keeps re-registering its sharded parameters on the modules, so a sharded model cannot be
+    saved in place: load this state into an unsharded copy of the model (``load_state_dict(...,
+    strict=False)``) on rank 0 and ``lorakit.save`` that (``tests/test_distributed.py`` does)."""
+    return {n: full_tensor(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -123,17 +123,18 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
                      device: torch.device) -> None:
     """Write the checkpoint atomically (rank 0; every rank must call it, to gather the RNG states)."""
     rng = _rng_states(device)
+    tensors = {f"model.{n}": D.full_tensor(p.detach()).contiguous().cpu()
+               for n, p in model.named_parameters() if p.requires_grad}
+    opt_state = opt.state_dict()
+    for idx, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = D.full_tensor(v if torch.is_tensor(v) else torch.tensor(v)).cpu()
+    tensors.update(rng)
     if not D.is_main():
         return
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {f"model.{n}": p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    opt_state = opt.state_dict()
-    for idx, st in opt_state["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).cpu()
-    tensors.update(rng)
     save_file(tensors, str(tmp / "state.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
     py_rng = random.getstate()
@@ -162,17 +163,20 @@ def load_checkpoint_weights(path: str | Path, model: nn.Module) -> tuple[dict, d
     with torch.no_grad():
         for key, t in tensors.items():
             if key.startswith("model."):
-                params[key[len("model."):]].copy_(t)
+                p = params[key[len("model."):]]
+                p.copy_(D.like_param(t, p))  # a sharded parameter takes its shard
     return meta, tensors
 
 
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> dict:
     meta, tensors = load_checkpoint_weights(path, model)
     state: dict = {}
+    params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's numbering
     for key, t in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = t
+            p = params[int(idx)]
+            state.setdefault(int(idx), {})[name] = D.like_param(t, p) if t.shape == p.shape else t
     opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})  # moves state to the params
     suffix = f".rank{D.rank()}" if D.rank() else ""
     if f"rng.torch{suffix}" in tensors:
@@ -243,7 +247,9 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
             print(f"lorakit: resuming a run of {saved_world} process(es) with {D.world_size()}: the data order, "
                   "batches and optimizer state continue as saved (the batch is global); dropout draws new "
                   "random numbers", file=sys.stderr)
-    D.broadcast_from_main(params)  # every rank starts from rank 0's adapters (a no-op in one process)
+    sharded = D.is_sharded(model)  # FSDP2: gradients are reduce-scattered by FSDP itself
+    if not sharded:
+        D.broadcast_from_main(params)  # every rank starts from rank 0's adapters (a no-op in one process)
     D.barrier()  # every rank has read the checkpoint and metrics before rank 0 rewrites them
     if out and main:
         out.mkdir(parents=True, exist_ok=True)
@@ -265,21 +271,25 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
         for i in range(n_micro):
             part = chunk[i * micro:(i + 1) * micro]
             mine = D.shard(part)  # all of it in a single process
+            weight = len(mine) / len(part)  # this rank's share of the micro-batch's mean
             if not mine:
-                continue
+                if not sharded:
+                    continue
+                mine = part[:1]  # FSDP: every rank runs every forward/backward (collectives), this one weighs 0
             batch = _to_device(collate([train[j] for j in mine]), dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = loss_fn(model, batch)
-            if len(mine) != len(part):  # this rank's share of the micro-batch's mean
-                loss = loss * (len(mine) / len(part))
+            if weight != 1:
+                loss = loss * weight
             loss = loss / n_micro
-            loss.backward()
+            (loss * D.world_size() if sharded else loss).backward()  # FSDP averages the ranks' gradients
             loss_sum += loss.item()
         if D.world_size() > 1:
-            D.all_reduce_grads(params)
+            if not sharded:
+                D.all_reduce_grads(params)
             loss_sum = D.reduce_sums([loss_sum])[0]
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # DTensor grads: the norm over all shards
         opt.step()
         step += 1
         seen += len(chunk)

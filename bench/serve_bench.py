@@ -162,7 +162,7 @@ def routing_cost(model, tok, rows: int, adapters: int, steps: int = 5) -> dict:
     from transformers import DynamicCache
 
     import lorakit
-    from lorakit.serve.batch import Batch, cache_tensors
+    from lorakit.serve.decode_batch import Batch, cache_tensors
     names = [f"a{i % adapters}" for i in range(rows)]
     batch = Batch(model.config)
     with torch.no_grad():

@@ -251,7 +251,7 @@ def test_merge_and_subtractive_unmerge_round_once(net, weight_dtype, factor_dtyp
     before = {k: l.weight.detach().clone() for k, l in layers.items()}
     fac = lambda l: (l.lora_A["default"].detach(), l.lora_B["default"].detach(), 6.0 / 4,  # noqa: E731
                      isinstance(l.base_layer, nn.Embedding))
-    lorakit.merge(net, exact=False)
+    lorakit.merge(net, keep_copy=False)
     merged = {k: l.weight.detach().clone() for k, l in layers.items()}
     for k, layer in layers.items():
         expected = _one_rounding(before[k], *fac(layer))
@@ -269,11 +269,20 @@ def test_inexact_merge_is_an_explicit_option(net):
     _randomise(net, std=1.0)
     w0 = net.layers[0].query.base_layer.weight.clone()
     for _ in range(20):
-        lorakit.merge(net, exact=False)
+        lorakit.merge(net, keep_copy=False)
         assert net.layers[0].query._original is None  # no copy kept
         lorakit.unmerge(net)
     drift = (net.layers[0].query.base_layer.weight.double() - w0.double()).abs().max().item()
-    assert drift > 0  # documented: subtraction drifts in bf16 (why exact=True is the default)
+    assert drift > 0  # documented: subtraction drifts in bf16 (why keep_copy=True is the default)
+
+
+def test_merge_exact_is_the_deprecated_name_of_keep_copy(net):
+    lorakit.inject(net, LoraConfig(r=4, targets=["query"]))
+    for exact in (True, False):
+        with pytest.warns(DeprecationWarning, match=r"merge\(exact=...\) is deprecated; use keep_copy"):
+            lorakit.merge(net, exact=exact)
+        assert (net.layers[0].query._original is not None) is exact
+        lorakit.unmerge(net)
 
 
 def test_merge_misuse_is_refused(net):
@@ -434,3 +443,24 @@ def test_registry_repr_names_adapters_without_dumping_tensors():
     lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"]), adapter="task")
     text = repr(lorakit.registry(model))
     assert "task" in text and "tensor(" not in text and "Parameter" not in text and len(text) < 1500
+
+
+def test_one_adapter_name_rule_for_the_library_and_the_server(net):
+    """inject and the server's check_name accept exactly the same names (they used to differ: the
+    library refused '1st' and accepted 'café' and 200-character names, the server the opposite)."""
+    from lorakit.serve.adapters import AdapterError, check_name
+
+    for name in ("a", "1st", "_x-2", "x" * 128, "café", "x" * 129, "a.b", "a b", "", "a/b"):
+        try:
+            check_name(name)
+            served = True
+        except AdapterError:
+            served = False
+        try:
+            lorakit.inject(net, LoraConfig(targets=["key"]), adapter=name)
+            lorakit.delete(net, name)
+            injected = True
+        except LoraError as e:
+            assert "adapter name" in str(e)
+            injected = False
+        assert served == injected == (name in ("a", "1st", "_x-2", "x" * 128)), name

@@ -43,7 +43,7 @@ def test_merge_refuses_an_update_that_overflows_fp16_and_merges_nothing():
         model[2].lora_B["default"].fill_(300.0)
     before = _state(model)
     with pytest.raises(LoraError, match="non-finite"):
-        lorakit.merge(model, exact=True)
+        lorakit.merge(model, keep_copy=True)
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert lorakit.registry(model).merged == ()

@@ -104,8 +104,8 @@ def test_save_pretrained_while_merged_saves_the_unmerged_base(base, tmp_path):
     _assert_base_checkpoint(tmp_path, base)
     _assert_adapter_beside(tmp_path, base, expected)
     lorakit.unmerge(model)
-    lorakit.merge(model, exact=False)  # no exact copy of the base weight: refuse rather than guess
-    with pytest.raises(LoraError, match=r"merge\(exact=False\).*unmerge first, or save with merged=True"):
+    lorakit.merge(model, keep_copy=False)  # no exact copy of the base weight: refuse rather than guess
+    with pytest.raises(LoraError, match=r"merge\(keep_copy=False\).*unmerge first, or save with merged=True"):
         model.save_pretrained(tmp_path / "inexact")
 
 

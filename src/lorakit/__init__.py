@@ -10,6 +10,7 @@ from .config import INITS, LoraConfig, LoraError
 from .hf import save_pretrained
 from .io import load, save
 from .kinds import Kind, LinearKind, kind_of, register_kind
+from . import mha  # noqa: F401  (registers nn.MultiheadAttention's kind)
 from .layers import LoraLayer
 from .model import (Summary, delete, disabled, inject, lora_layers, merge, merge_and_unload, registry,
                     set_active, summary, unmerge)

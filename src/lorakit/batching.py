@@ -8,7 +8,7 @@ block of the thread or task that opened it (two threads serving different batche
 other's routing), and it is removed on exit even when the forward raises. There are no hooks.
 Under ``torch.compile`` (compiled code cannot read the ContextVar) each adapted layer leaves the
 graph while any ``mixed`` block is open in the process and runs routed in eager mode: exact, at
-eager speed (see ``layers.MIXED_OPEN``); outside such blocks compiled models have no graph breaks.
+eager speed (see :data:`MIXED_OPEN`); outside such blocks compiled models have no graph breaks.
 
 Kernel: each adapted Linear / Conv1D / Embedding keeps a bank of its adapters' factors (A as
 [slot, r_max, in] — for embeddings [slot, num, r_max] — and B·s as [slot, r_max, out], ranks
@@ -45,17 +45,27 @@ import functools
 import inspect
 import operator
 import threading
-from typing import Iterator, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import LoraError
-from . import layers as _layers
-from .layers import ROUTING, LoraLayer, SavedModule
-from .model import registry, wrappers
 
-__all__ = ["mixed", "Routing"]
+if TYPE_CHECKING:  # layers reads ROUTING / MIXED_OPEN from here: no import of layers or model at load time
+    from .layers import LoraLayer, SavedModule
+
+__all__ = ["mixed", "Routing", "ROUTING", "MIXED_OPEN"]
+
+#: The mixed-adapter routing of the current thread/task; set only inside a ``lorakit.mixed(...)``
+#: block, read by every adapted layer's forward.
+ROUTING: ContextVar = ContextVar("lorakit_routing", default=None)
+
+#: Whether any ``lorakit.mixed`` block is open in this process (any thread). ``torch.compile`` cannot
+#: read the ContextVar, but it guards on this global: code compiled while it was False is recompiled
+#: when a block opens, and then leaves the graph at each adapted layer (``layers._routed_eager``).
+MIXED_OPEN = False
 
 
 class Routing:
@@ -87,13 +97,17 @@ class Routing:
                             f"{sorted(self.registered - self.known.keys())} inside an open lorakit.mixed block; "
                             "open a new block after changing the model's adapters")
 
-    def rows(self, module: nn.Module, x: Tensor) -> tuple[str | None, ...]:
-        """Adapter per row of ``x`` (dim 0): n rows, or k·n for a known expansion k (each name k times)."""
-        n, batch = len(self.adapters), x.shape[0] if x.dim() else 0
+    def rows(self, module: nn.Module, x: Tensor, dim: int | None = 0) -> tuple[str | None, ...]:
+        """Adapter per row of ``x`` (its batch dim ``dim``, None if it has none): n rows, or k·n for a
+        known expansion k (each name k times)."""
+        n, batch = len(self.adapters), x.shape[dim] if dim is not None and x.dim() > dim else 0
         k = batch // n
         if batch % n or k not in self.expansions:
             allowed = " or ".join(str(n * m) for m in sorted(self.expansions))
-            raise LoraError(f"{self.label(module)}: input of shape {tuple(x.shape)}: dim 0 must be "
+            if dim is None:
+                raise LoraError(f"{self.label(module)}: input of shape {tuple(x.shape)} is unbatched, so its rows "
+                                f"cannot use the {n} adapters of this routing; give it a batch dim")
+            raise LoraError(f"{self.label(module)}: input of shape {tuple(x.shape)}: dim {dim} must be "
                             f"the batch, {allowed} rows for the {n} adapter names of this routing (for other "
                             "expansions of the rows pass lorakit.mixed(..., expand=k); sequence-first "
                             "inputs are not supported)")
@@ -115,8 +129,11 @@ class Routing:
         if how == "plain":
             return layer.kind.forward(layer, data, x, *args, **kwargs)
         if how == "group":
-            return _groups(self.label(layer), data, x,
-                           lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
+            out = layer.kind.forward_groups(layer, data, x, *args, **kwargs)
+            if out is NotImplemented:  # the kind's rows are x's dim 0, its other arguments shared
+                out = _groups(self.label(layer), data, x,
+                              lambda n, rows: layer.kind.forward(layer, (n,) if n else (), rows, *args, **kwargs))
+            return out
         a_rows, b_rows, fresh = data  # "bmm": each row's own factors, gathered from the bank
         result = layer.base_layer(x)
         if layer.kind.mixed == "lookup":
@@ -139,7 +156,8 @@ class Routing:
         adapters, B=16/16; MiniLM prefill 32x128 with 4 or 16): one GEMM per adapter group (0.17-0.82x
         of a merged model vs bmm's 0.87-0.94x) and two GEMMs over the used adapters' concatenated
         factors with a per-row block mask (0.57-0.90x)."""
-        names = [a if a in layer.lora_A else None for a in self.rows(layer, x)]
+        rows = self.rows(layer, x, layer.kind.batch_dim(layer.base_layer, x))
+        names = [a if a in layer.lora_A else None for a in rows]
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
             return "plain", tuple(distinct), layer.generation, None
@@ -248,7 +266,7 @@ def _groups(label: str, names: list[str | None], x: Tensor, run) -> Tensor:
 
 
 _OPEN_LOCK = threading.Lock()
-_open_blocks = 0  # mixed() blocks open in this process (all threads): sets layers.MIXED_OPEN
+_open_blocks = 0  # mixed() blocks open in this process (all threads): sets MIXED_OPEN
 
 
 @contextlib.contextmanager
@@ -261,7 +279,9 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     rank and in the modules they target. Raises :class:`LoraError` for unknown names, merged
     adapters, or (at forward) a batch whose dim 0 does not match.
     """
-    global _open_blocks
+    global _open_blocks, MIXED_OPEN
+    from .model import registry, wrappers
+
     reg = registry(model)
     adapters = list(adapters)
     if not adapters:
@@ -277,14 +297,14 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     token = ROUTING.set(Routing({id(w): path for path, w in wrappers(model)}, adapters, reg.configs, expand))
     with _OPEN_LOCK:
         _open_blocks += 1
-        _layers.MIXED_OPEN = True
+        MIXED_OPEN = True
     try:
         yield model
     finally:
         ROUTING.reset(token)
         with _OPEN_LOCK:
             _open_blocks -= 1
-            _layers.MIXED_OPEN = _open_blocks > 0
+            MIXED_OPEN = _open_blocks > 0
 
 
 _EXPAND = "_expand_inputs_for_generation"  # transformers' GenerationMixin: repeats rows for beams/samples

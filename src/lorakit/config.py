@@ -30,6 +30,18 @@ class LoraError(ValueError):
     """Raised for invalid configurations, unmatched targets, bad adapter files and misuse."""
 
 
+#: The one rule for adapter names (library, files, server): they are keys of parameter containers,
+#: folder names and URL path segments, so ASCII letters, digits, '_' and '-' only, 1-128 of them.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def check_name(adapter: object) -> str:
+    """Return ``adapter`` if it is a valid adapter name (:data:`ADAPTER_NAME`), else raise :class:`LoraError`."""
+    if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter):
+        raise LoraError(f"adapter name {adapter!r} is invalid: use 1-128 letters, digits, '_' or '-'")
+    return adapter
+
+
 def _as_tuple(value: Any, what: str) -> tuple:
     if value is None:
         return ()

@@ -94,9 +94,9 @@ def base_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = Non
 
     ``state_dict``: the model's own ``state_dict()`` (lorakit keys) by default. A weight into which
     adapters are merged is given as it was before the merge (from ``merge``'s exact copy; after
-    ``merge(exact=False)`` there is none, and this raises). ``merged=True``: the state that
+    ``merge(keep_copy=False)`` there is none, and this raises). ``merged=True``: the state that
     :func:`lorakit.merge_and_unload` would leave, for a model whose active adapters are merged."""
-    root = _model._root(model)
+    root = _model.unwrap(model)
     state = root.state_dict() if state_dict is None else state_dict
     plain = {k2: v for k, v in state.items() if (k2 := _plain_key(root, k, merged)) is not None}
     if not merged:
@@ -104,7 +104,7 @@ def base_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = Non
             if layer.merged:
                 if layer._original is None:
                     raise LoraError(f"{path}: adapters {list(layer.merged)} are merged without an exact copy "
-                                    "(merge(exact=False)); unmerge first, or save with merged=True")
+                                    "(merge(keep_copy=False)); unmerge first, or save with merged=True")
                 plain[f"{path}.{layer.param_name}"] = layer._original
     return plain
 
@@ -122,7 +122,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     """
     from .io import save  # io imports model, which imports this module
 
-    root = _model._root(model)
+    root = _model.unwrap(model)
     reg = _model.registry(root)
     if kwargs.get("push_to_hub"):
         raise LoraError("save_pretrained(push_to_hub=True) is not supported for a model with lorakit adapters "

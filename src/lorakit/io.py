@@ -34,8 +34,9 @@ from torch import nn
 
 from .config import LoraConfig, LoraError
 from .layers import LoraLayer
-from .model import _apply, _root, check_name, lora_layers, registry, saved_modules, set_active
-from .targets import Site, plan, plan_saved, walk
+from .model import attach, check_name, lora_layers, registry, saved_modules, set_active, unwrap
+from .kinds import Kind
+from .targets import Site, parts, plan, plan_saved, walk
 
 __all__ = ["save", "load", "check", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 
@@ -66,6 +67,20 @@ class _Selection:
     saved_loose: set[str]  # by PEFT's plain string suffix ("pre_classifier" for "classifier"): these may be
 
 
+def _keys(path: str, kind: Kind) -> tuple[str, str]:
+    """The file keys of the factors A and B at ``path``. A kind's part (``attn.out_proj`` of an
+    ``nn.MultiheadAttention``) sits inside its owner's wrapper in PEFT, so PEFT names it through
+    the owner's ``base_layer`` (``attn.base_layer.out_proj``)."""
+    if kind.selected_by is None:
+        path = ".base_layer.".join(path.rsplit(".", 1))
+    return f"{PREFIX}{path}.{kind.a_key}", f"{PREFIX}{path}.{kind.b_key}"
+
+
+def _module_path(key: str) -> str:
+    """The module path (lorakit's, the original model's naming) of a factor's file key."""
+    return key[len(PREFIX):].rsplit(".lora_", 1)[0].replace(".base_layer.", ".")
+
+
 # -- save ---------------------------------------------------------------------------------------
 def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
     """Shortest explicit list: leaf names if they select exactly ``paths`` (PEFT's dotted-suffix rule)."""
@@ -76,25 +91,26 @@ def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
 
 def _peft_config(model: nn.Module, adapter: str) -> dict:
     cfg = registry(model).configs[adapter]
-    layers = [(p, layer) for p, layer in lora_layers(model) if adapter in layer.lora_A]
+    layers = [(p, layer) for p, layer in lora_layers(model)
+              if adapter in layer.lora_A and layer.kind.selected_by is not None]  # parts come with their owner
     modules = [p for p, layer in layers if layer.kind.selected_by == "target_modules"]
     params = [f"{p}.{layer.param_name}" for p, layer in layers if layer.kind.selected_by == "target_parameters"]
     ranks = {p: layer.rank(adapter) for p, layer in layers}
     alphas = {p: cfg.alpha_for(p) for p, _ in layers}
     num = lambda x: int(x) if float(x).is_integer() else x  # noqa: E731
     saved = [p for p, w in saved_modules(model) if adapter in w.adapters()]
-    base = getattr(getattr(_root(model), "config", None), "_name_or_path", None)
+    base = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None)
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base or None,
         "r": cfg.r, "lora_alpha": num(cfg.alpha), "lora_dropout": cfg.dropout,
-        "target_modules": _target_modules(_root(model), modules) if modules else None,
+        "target_modules": _target_modules(unwrap(model), modules) if modules else None,
         "target_parameters": sorted(params) or None, "exclude_modules": None,
         "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != cfg.r},
         "alpha_pattern": {re.escape(p): num(a) for p, a in alphas.items() if a != cfg.alpha},
         "use_rslora": cfg.use_rslora,
         "fan_in_fan_out": any(layer.kind.fan_in_fan_out for _, layer in layers),
         "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
-        "modules_to_save": _target_modules(_root(model), saved) if saved else None,
+        "modules_to_save": _target_modules(unwrap(model), saved) if saved else None,
     }
 
 
@@ -104,8 +120,8 @@ def _also_selected(model: nn.Module, adapter: str, names: list[str] | None) -> l
     are unchanged by the adapter, and load as a copy of themselves)."""
     held = [p for p, w in saved_modules(model) if adapter in w.adapters()]
     related = lambda p: any(p == h or p.startswith(f"{h}.") or h.startswith(f"{p}.") for h in held)  # noqa: E731
-    loose = _outermost({p for p, *_ in walk(_root(model)) if any(p.endswith(n) for n in names or ())})
-    extra = [(p, m) for p, m, *_ in walk(_root(model)) if p in loose and not related(p)]
+    loose = _outermost({p for p, *_ in walk(unwrap(model)) if any(p.endswith(n) for n in names or ())})
+    extra = [(p, m) for p, m, *_ in walk(unwrap(model)) if p in loose and not related(p)]
     for p, m in extra:
         if any(isinstance(x, LoraLayer) for x in m.modules()) or p in {q for q, _ in lora_layers(model)}:
             raise LoraError(f"modules_to_save {names} also selects {p!r} in PEFT (which matches by plain string "
@@ -138,8 +154,8 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     tensors = {}
     for path, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            for key, t in ((layer.kind.a_key, layer.lora_A[adapter]), (layer.kind.b_key, layer.lora_B[adapter])):
-                tensors[f"{PREFIX}{path}.{key}"] = t.detach().to("cpu", dtype).contiguous()
+            for key, t in zip(_keys(path, layer.kind), (layer.lora_A[adapter], layer.lora_B[adapter])):
+                tensors[key] = t.detach().to("cpu", dtype).contiguous()
     config = _peft_config(model, adapter)
     whole = [(p, w.modules_to_save[adapter]) for p, w in saved_modules(model) if adapter in w.adapters()]
     for path, module in whole + _also_selected(model, adapter, config["modules_to_save"]):
@@ -268,6 +284,7 @@ def _selection(config: dict, model: nn.Module, source: Path) -> _Selection:
         raise LoraError(f"{source}: target_modules/exclude_modules is not a valid regex: {e}") from None
     chosen = {p for p in chosen if not (isinstance(excluded, list) and _in_list(excluded, p))
               and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", p) for m in to_save)}
+    chosen |= {part for part, owner in parts(modules).items() if owner in chosen}  # they come with their owner
     wanted = _names(config, "target_parameters", source) or []
     wanted = [wanted] if isinstance(wanted, str) else wanted
     params = {f"{p}.{n}" for p, m in modules.items() for n, _ in m.named_parameters(recurse=False)
@@ -310,8 +327,8 @@ def _expected(sites: list[Site], saved: list[tuple]) -> dict[str, tuple]:
     expected = {f"{PREFIX}{e[0]}.{k}": tuple(v.shape) for e in saved for k, v in e[1].state_dict().items()}
     for s in sites:
         a_shape, b_shape = s.kind.shapes(s.module, s.weight, s.r)
-        expected[f"{PREFIX}{s.path}.{s.kind.a_key}"] = tuple(a_shape)
-        expected[f"{PREFIX}{s.path}.{s.kind.b_key}"] = tuple(b_shape)
+        a_key, b_key = _keys(s.path, s.kind)
+        expected[a_key], expected[b_key] = tuple(a_shape), tuple(b_shape)
     return expected
 
 
@@ -321,8 +338,8 @@ def _expected_existing(model: nn.Module, adapter: str) -> dict[str, tuple]:
                 for k, v in w.modules_to_save[adapter].state_dict().items()}
     for p, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            expected[f"{PREFIX}{p}.{layer.kind.a_key}"] = tuple(layer.lora_A[adapter].shape)
-            expected[f"{PREFIX}{p}.{layer.kind.b_key}"] = tuple(layer.lora_B[adapter].shape)
+            a_key, b_key = _keys(p, layer.kind)
+            expected[a_key], expected[b_key] = tuple(layer.lora_A[adapter].shape), tuple(layer.lora_B[adapter].shape)
     return expected
 
 
@@ -375,7 +392,7 @@ def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
     if not directory.is_dir():
         raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     check_name(adapter)
-    reg = _root(model).__dict__.get("lorakit_registry")
+    reg = unwrap(model).__dict__.get("lorakit_registry")
     if reg is not None and reg.merged:
         raise LoraError(f"cannot load {adapter!r} while adapters {list(reg.merged)} are merged; unmerge first")
     config = _read_config(directory)
@@ -386,16 +403,18 @@ def _prepare(model: nn.Module, directory: Path, adapter: str) -> _Prepared:
     if bad:
         raise LoraError(f"{source}: key {bad[0]!r} (and {len(bad) - 1} more) lacks the prefix {PREFIX!r}; "
                         "expected keys like 'base_model.model.<module path>.lora_A.weight'")
-    modules = {p: m for p, m, *_ in walk(_root(model))}
-    paths = {k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k}
+    modules = {p: m for p, m, *_ in walk(unwrap(model))}
+    paths = {_module_path(k) for k in tensors if ".lora_" in k}
     saved = {_owner(k[len(PREFIX):], modules) for k in tensors if ".lora_" not in k}
     if unknown := sorted(p for p in paths | saved if p not in modules):
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
                         f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
-    selection = _selection(config, _root(model), config_source)
-    cfg = _exact_targets(_to_lora_config(config, config_source), paths, saved, selection.params)
+    selection = _selection(config, unwrap(model), config_source)
+    owned = parts(modules)  # planned with their owners, not targets of their own
+    cfg = _exact_targets(_to_lora_config(config, config_source), {p for p in paths if owned.get(p) not in paths},
+                         saved, selection.params)
     existing = reg is not None and adapter in reg.configs
-    sites, saved_plan = plan(_root(model), cfg), plan_saved(_root(model), cfg)
+    sites, saved_plan = plan(unwrap(model), cfg), plan_saved(unwrap(model), cfg)
     _check(_expected(sites, saved_plan), tensors, source)  # the file is complete in itself ...
     _agree(selection, paths, saved, config, config_source, source)  # ... and is what its config says
     if existing:  # ... and fits the adapter's current modules and shapes
@@ -424,12 +443,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     if prepared.existing:
         reg = registry(model)
     else:
-        _apply(model, adapter, cfg, prepared.sites, prepared.saved, activate)
+        attach(model, adapter, cfg, prepared.sites, prepared.saved, activate)
     with torch.no_grad():
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
-                layer.lora_A[adapter].copy_(tensors[f"{PREFIX}{path}.{layer.kind.a_key}"])
-                layer.lora_B[adapter].copy_(tensors[f"{PREFIX}{path}.{layer.kind.b_key}"])
+                a_key, b_key = _keys(path, layer.kind)
+                layer.lora_A[adapter].copy_(tensors[a_key])
+                layer.lora_B[adapter].copy_(tensors[b_key])
         for path, wrapper in saved_modules(model):
             if adapter in wrapper.adapters():
                 prefix = f"{PREFIX}{path}."

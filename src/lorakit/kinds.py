@@ -49,7 +49,9 @@ class Kind:
         all_linear: selected by ``targets="all-linear"``.
         fan_in_fan_out: PEFT's config flag this kind implies when saved.
         selected_by: the PEFT config field that lists such weights (``"target_modules"``, or
-            ``"target_parameters"`` for raw parameters).
+            ``"target_parameters"`` for raw parameters); None for a kind used only as another
+            kind's part (not listed: it comes with its owner, and PEFT names it through the
+            owner's ``base_layer``).
         mixed: how :func:`lorakit.mixed` runs rows with different adapters: ``"matmul"`` (gathered
             x·Aᵀ·Bᵀ per row, for layers computing x·Wᵀ), ``"lookup"`` (A's columns looked up by
             integer inputs) or None (the plain forward once per adapter group).
@@ -64,7 +66,7 @@ class Kind:
     supports_dropout = False
     all_linear = False
     fan_in_fan_out = False
-    selected_by = "target_modules"
+    selected_by: str | None = "target_modules"
     mixed: str | None = None
     parts: dict[str, "Kind"] = {}
 
@@ -128,6 +130,18 @@ class Kind:
         w = layer.weight
         delta = sum(layer.delta(name, w.dtype) for name in names)
         return functional_call(layer.base_layer, {layer.param_name: w + delta}, (x, *args), kwargs)
+
+    def batch_dim(self, base: nn.Module, x: Tensor) -> int | None:
+        """The dim of the input ``x`` that holds a batch's rows, for :func:`lorakit.mixed` (None: ``x``
+        is unbatched)."""
+        return 0 if x.dim() else None
+
+    def forward_groups(self, layer: "LoraLayer", names: Sequence[str | None], x: Tensor, *args, **kwargs):
+        """Forward where row i (along :meth:`batch_dim`) uses adapter ``names[i]`` (None: the base), for
+        mixed batches that do not take the batched path. ``NotImplemented`` (the default):
+        :func:`lorakit.mixed` runs :meth:`forward` once per adapter group on those rows of ``x``
+        (dim 0), with the other arguments shared, and puts the output's rows back in order."""
+        return NotImplemented
 
 
 # -- the registry ---------------------------------------------------------------------------------

@@ -10,31 +10,22 @@ decides how the *unmerged* forward applies B·A to an input without materialisin
 from __future__ import annotations
 
 import copy
-from contextvars import ContextVar
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import batching as _batching  # the mixed routing: ROUTING, MIXED_OPEN
 from .config import LoraError
 from .kinds import Kind
 
 __all__ = ["LoraLayer", "SavedModule"]
 
-#: The mixed-adapter routing of the current thread/task (see :mod:`lorakit.batching`); set only
-#: inside a ``lorakit.mixed(...)`` block.
-ROUTING: ContextVar = ContextVar("lorakit_routing", default=None)
-
-#: Whether any ``lorakit.mixed`` block is open in this process (any thread). ``torch.compile`` cannot
-#: read the ContextVar, but it guards on this global: code compiled while it was False is recompiled
-#: when a block opens, and then leaves the graph at each adapted layer (:func:`_routed_eager`).
-MIXED_OPEN = False
-
-
 @torch.compiler.disable
 def _routed_eager(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
-    """The module's forward run eagerly from compiled code, where the mixed routing is visible."""
+    """The module's forward run eagerly from compiled code, where the mixed routing is visible
+    (see ``batching.MIXED_OPEN``)."""
     return module.forward(x, *args, **kwargs)
 
 
@@ -60,12 +51,18 @@ class LoraLayer(nn.Module):
         self.dropout: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
-        self._original: Tensor | None = None  # exact copy of W while merged (exact mode)
+        self._original: Tensor | None = None  # copy of W while merged (merge's keep_copy)
         self.generation = 0  # bumped when an adapter is added or removed (caches of lorakit.mixed)
 
     @property
     def weight(self) -> Tensor:
         return getattr(self.base_layer, self.param_name)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's ``bias``, for code that reads it through the wrapper
+        (``nn.MultiheadAttention`` reads ``out_proj.weight`` and ``out_proj.bias``)."""
+        return self.base_layer.bias
 
     # -- adapters -------------------------------------------------------------------------------
     def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
@@ -133,10 +130,10 @@ class LoraLayer(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if torch.compiler.is_compiling():
-            if MIXED_OPEN:  # a guarded global: compiled code never ignores an open routing
+            if _batching.MIXED_OPEN:  # a guarded global: compiled code never ignores an open routing
                 return _routed_eager(self, x, *args, **kwargs)
         else:
-            routing = ROUTING.get()
+            routing = _batching.ROUTING.get()
             if routing is not None and id(self) in routing.layers:
                 return routing.forward(self, x, *args, **kwargs)
         if self.merged or not self.active:
@@ -145,8 +142,9 @@ class LoraLayer(nn.Module):
 
     # -- merge ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, names: Sequence[str], exact: bool = True) -> None:
-        """Add the update of ``names`` into W, rounding once. ``exact`` keeps a copy of W."""
+    def merge(self, names: Sequence[str], keep_copy: bool = True) -> None:
+        """Add the update of ``names`` into W, rounding once; ``keep_copy``: keep a copy of W for a
+        bit-exact unmerge."""
         if self.merged:
             raise LoraError(f"already merged ({', '.join(self.merged)}); unmerge first")
         names = tuple(n for n in names if n in self.lora_A)
@@ -157,7 +155,7 @@ class LoraLayer(nn.Module):
         if not torch.isfinite(total).all():
             raise LoraError(f"merging {', '.join(names)} would put non-finite values into the weight "
                             f"({w.dtype} overflows); keep the adapter unmerged")
-        if exact:
+        if keep_copy:
             self._original = w.detach().clone()
         w.copy_(total)  # in place: the Parameter (and anything tied to it) stays the same object
         self.merged = names
@@ -210,10 +208,10 @@ class SavedModule(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         if torch.compiler.is_compiling():
-            if MIXED_OPEN:  # as in LoraLayer.forward
+            if _batching.MIXED_OPEN:  # as in LoraLayer.forward
                 return _routed_eager(self, x, *args, **kwargs)
         else:
-            routing = ROUTING.get()
+            routing = _batching.ROUTING.get()
             if routing is not None and id(self) in routing.layers:
                 return routing.forward_saved(self, x, *args, **kwargs)
         return self.current()(x, *args, **kwargs)

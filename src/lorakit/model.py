@@ -10,7 +10,7 @@ transformers model's ``save_pretrained`` (:mod:`lorakit.hf`), removed with the r
 from __future__ import annotations
 
 import contextlib
-import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -19,15 +19,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import hf
-from .config import LoraConfig, LoraError
+from .config import LoraConfig, LoraError, check_name
 from .layers import LoraLayer, SavedModule
 from .targets import Site, Wrapper, plan, plan_saved, walk
 
 __all__ = ["Registry", "inject", "set_active", "disabled", "delete", "merge", "unmerge",
-           "merge_and_unload", "summary", "Summary", "registry", "lora_layers", "saved_modules", "wrappers"]
-
-_NAME = re.compile(r"[A-Za-z_][\w\-]*")
-
+           "merge_and_unload", "summary", "Summary", "registry", "lora_layers", "saved_modules", "wrappers",
+           "attach", "unwrap"]
 
 @dataclass
 class Registry:
@@ -40,13 +38,14 @@ class Registry:
     frozen: list = field(default_factory=list, repr=False)  # (param, requires_grad before inject), restored on unload
 
 
-def _root(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)  # see through torch.compile's wrapper
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, seen through ``torch.compile``'s wrapper (which holds the registry's owner)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def registry(model: nn.Module) -> Registry:
     """The model's adapter registry; raises if the model has no lorakit adapters."""
-    reg = _root(model).__dict__.get("lorakit_registry")
+    reg = unwrap(model).__dict__.get("lorakit_registry")
     if reg is None:
         raise LoraError("this model has no lorakit adapters; call lorakit.inject(model, config) first")
     return reg
@@ -54,7 +53,7 @@ def registry(model: nn.Module) -> Registry:
 
 def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
     """``(path, wrapper)`` for every LoraLayer and SavedModule, in the original model's naming."""
-    for path, _, _, _, wrapper in walk(_root(model)):
+    for path, _, _, _, wrapper in walk(unwrap(model)):
         if wrapper is not None:
             yield path, wrapper
 
@@ -81,18 +80,12 @@ def _check_names(reg: Registry, names: Sequence[str]) -> None:
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
 
 
-def check_name(adapter: str) -> None:
-    """Adapter names are used as keys of parameter containers: no dots, no spaces."""
-    if not isinstance(adapter, str) or not _NAME.fullmatch(adapter):
-        raise LoraError(f"adapter name {adapter!r} is invalid: use letters, digits, '_' or '-', "
-                        "not starting with a digit")
-
-
-def _apply(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple],
+def attach(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple],
            activate: bool = True) -> None:
     """Wrap (or reuse) a LoraLayer at every site and a SavedModule at every ``saved`` entry,
-    add adapter ``name`` to them, then make it the active adapter (or leave it inactive, frozen)."""
-    root = _root(model)
+    add adapter ``name`` to them, then make it the active adapter (or leave it inactive, frozen).
+    The mutating half of :func:`inject` and :func:`lorakit.io.load`, which plan and check first."""
+    root = unwrap(model)
     reg = root.__dict__.get("lorakit_registry")
     if reg is None:
         reg = Registry(frozen=[(p, p.requires_grad) for p in root.parameters()])
@@ -125,13 +118,13 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activ
     All targets are resolved before anything changes, so an error leaves the model untouched.
     """
     check_name(adapter)
-    reg = _root(model).__dict__.get("lorakit_registry")
+    reg = unwrap(model).__dict__.get("lorakit_registry")
     if reg is not None:
         if adapter in reg.configs:
             raise LoraError(f"adapter {adapter!r} already exists; delete it first or pick another name "
                             f"(existing: {sorted(reg.configs)})")
         _require_unmerged(reg, "add an adapter")
-    _apply(model, adapter, config, plan(_root(model), config), plan_saved(_root(model), config), activate)
+    attach(model, adapter, config, plan(unwrap(model), config), plan_saved(unwrap(model), config), activate)
     return model
 
 
@@ -155,7 +148,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     reg = registry(model)
     merged, active = reg.merged, reg.active
     layers = [w for _, w in wrappers(model)]
-    exact = all(w._original is not None for _, w in lora_layers(model) if w.merged)
+    keep_copy = all(w._original is not None for _, w in lora_layers(model) if w.merged)
     if merged:
         unmerge(model)
     saved = [layer.active for layer in layers]
@@ -169,7 +162,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.active = act
         reg.active = active
         if merged:
-            merge(model, exact=exact)
+            merge(model, keep_copy=keep_copy)
 
 
 def delete(model: nn.Module, adapter: str) -> None:
@@ -181,7 +174,7 @@ def delete(model: nn.Module, adapter: str) -> None:
         if adapter in wrapper.adapters():
             wrapper.remove(adapter)
             if not wrapper.adapters():
-                _replace(_root(model), path, wrapper.base_layer)
+                _replace(unwrap(model), path, wrapper.base_layer)
     del reg.configs[adapter], reg.paths[adapter]
     reg.active = tuple(n for n in reg.active if n != adapter)
     if not reg.configs:
@@ -198,19 +191,25 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
 
 def _tied(model: nn.Module) -> dict[int, list[str]]:
     owners: dict[int, list[str]] = {}
-    for name, p in _root(model).named_parameters(remove_duplicate=False):
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     return owners
 
 
-def merge(model: nn.Module, exact: bool = True) -> None:
+def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None) -> None:
     """Merge the active adapters into the base weights; forward then costs what the base costs.
 
-    With ``exact=True`` (default) each merged weight is copied first, so :func:`unmerge` restores
-    it bit for bit (memory: one extra copy of every adapted weight while merged). ``exact=False``
-    skips the copy and unmerges by subtraction, which drifts by rounding errors.
-    Merging twice is an error, as is merging a weight tied to another module.
+    Every merged weight is W + ΣΔW rounded once, whatever ``keep_copy`` says. With ``keep_copy=True``
+    (default) each weight is copied first, so :func:`unmerge` restores it bit for bit (memory: one
+    extra copy of every adapted weight while merged); ``keep_copy=False`` skips the copy and
+    unmerges by subtraction, which drifts by rounding errors. ``exact=`` is the deprecated name of
+    ``keep_copy`` (it named the copy, not the merge's exactness). Merging twice is an error, as is
+    merging a weight tied to another module.
     """
+    if exact is not None:
+        warnings.warn("lorakit.merge(exact=...) is deprecated; use keep_copy=... (the same meaning: keep a "
+                      "copy of each weight for a bit-exact unmerge)", DeprecationWarning, stacklevel=2)
+        keep_copy = exact
     reg = registry(model)
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are already merged; unmerge first")
@@ -238,7 +237,7 @@ def merge(model: nn.Module, exact: bool = True) -> None:
     done = []
     try:
         for _, layer in layers:
-            layer.merge(layer.active, exact=exact)
+            layer.merge(layer.active, keep_copy=keep_copy)
             done.append(layer)
     except LoraError:
         for layer in done:  # all or nothing (bit-exact after an exact merge)
@@ -258,7 +257,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 def _unload(model: nn.Module) -> None:
-    root = _root(model)
+    root = unwrap(model)
     for path, wrapper in list(wrappers(root)):
         _replace(root, path, wrapper.current() if isinstance(wrapper, SavedModule) else wrapper.base_layer)
     reg = root.__dict__.pop("lorakit_registry")
@@ -275,7 +274,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     reg = registry(model)
     if reg.active and not reg.merged:
-        merge(model, exact=False)
+        merge(model, keep_copy=False)
     _unload(model)
     return model
 
@@ -304,7 +303,7 @@ class Summary:
 def summary(model: nn.Module) -> Summary:
     """Trainable/total parameters, adapters and per-module ranks (print it for a table)."""
     reg = registry(model)
-    params = list(_root(model).parameters())
+    params = list(unwrap(model).parameters())
     modules = {path: {n: layer.rank(n) for n in layer.lora_A} for path, layer in lora_layers(model)}
     saved = {path: w.adapters() for path, w in saved_modules(model)}
     return Summary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params),

@@ -20,7 +20,7 @@ from .config import LoraConfig, LoraError, Target
 from .kinds import Kind, kind_of, parameter_kind, supported
 from .layers import LoraLayer, SavedModule
 
-__all__ = ["Site", "plan", "plan_saved", "walk", "Wrapper"]
+__all__ = ["Site", "plan", "plan_saved", "parts", "walk", "Wrapper"]
 
 Wrapper = LoraLayer | SavedModule
 
@@ -101,12 +101,13 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
     excluded = [_matcher(e) for e in cfg.exclude]
     is_excluded = lambda p: any(m(p) for m in excluded)  # noqa: E731
     chosen: dict[str, tuple[Kind, str]] = {}
+    owners = parts(modules)
 
     for target in cfg.targets:
         if target == "all-linear":
             heads = _output_heads(model, modules)
             hits = [p for p, m in modules.items()
-                    if getattr(kind_of(m), "all_linear", False) and p not in heads]
+                    if getattr(kind_of(m), "all_linear", False) and p not in heads and p not in owners]
         elif isinstance(target, type):
             hits = [p for p, m in modules.items() if isinstance(m, target)]
         else:
@@ -121,6 +122,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                     f"target {target!r} matches {p} of type {type(modules[p]).__name__}, which is not a "
                     f"supported layer ({supported()}; others: lorakit.register_kind); narrow the pattern, "
                     f"or adapt a raw weight with target_parameters=['{p}.weight']")
+            _check_not_part(owners, modules, p)
             if not is_excluded(p):
                 chosen[p] = (kind, kind.param)
 
@@ -142,11 +144,15 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                 raise LoraError(f"target_parameters {target!r} matches {full} of shape "
                                 f"{tuple(getattr(modules[path], name).shape)}; only weights with >= 2 dims "
                                 "can take a low-rank update")
+            _check_not_part(owners, modules, path)
             if path in chosen and chosen[path][1] != name:
                 raise LoraError(f"{path}: an adapter can adapt one weight per module, but both "
                                 f"{path}.{chosen[path][1]} and {full} are targeted")
             if not is_excluded(path):
                 chosen[path] = (parameter_kind(modules[path], name), name)
+
+    for path, (kind, _) in list(chosen.items()):  # a kind's parts come with it (same rank and alpha)
+        chosen.update({f"{path}.{attr}": (part, part.param) for attr, part in kind.parts.items()})
 
     sites = []
     saved = {p for p, *_ in plan_saved(model, cfg, entries)}
@@ -166,12 +172,28 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
             what = "raw parameters" if kind.selected_by == "target_parameters" else f"{kind.name} layers"
             raise LoraError(f"{path}.{param}: dropout is not supported on {what} (the adapter sees no input "
                             "of its own); use dropout=0")
-        sites.append(Site(path, module, kind, param, cfg.rank_for(path), cfg.scale_for(path),
+        owner = owners.get(path, path)
+        sites.append(Site(path, module, kind, param, cfg.rank_for(owner), cfg.scale_for(owner),
                           parent, attr, layer))
     if not sites and not saved:
         raise LoraError(f"every module matched by {list(cfg.targets) + list(cfg.target_parameters)} "
                         f"is excluded by {list(cfg.exclude)}")
     return sites
+
+
+def parts(modules: dict[str, nn.Module]) -> dict[str, str]:
+    """``{part path: owner path}`` for every submodule that its owner's kind lists in ``parts``
+    (e.g. ``attn.out_proj`` of an ``nn.MultiheadAttention`` at ``attn``)."""
+    return {f"{p}.{attr}": p for p, m in modules.items() if (kind := kind_of(m)) is not None
+            for attr in kind.parts if f"{p}.{attr}" in modules}
+
+
+def _check_not_part(owners: dict[str, str], modules: dict[str, nn.Module], path: str) -> None:
+    if path in owners:
+        owner = owners[path]
+        raise LoraError(f"{path} is read directly by {owner} ({type(modules[owner]).__name__}), whose forward "
+                        f"does not call it, so an adapter on it alone would have no effect; target {owner!r} "
+                        f"instead (it adapts {path} too)")
 
 
 def _check_not_parametrized(entries: list, path: str, module: nn.Module, param: str) -> None:

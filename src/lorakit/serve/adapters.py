@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,11 +28,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config import LoraError
+from ..config import ADAPTER_NAME, LoraError, check_name as _check_name
 
 __all__ = ["AdapterError", "Entry", "Adapters", "check_name", "resolve_under", "discover", "shown"]
 
-NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 log = logging.getLogger("lorakit.serve")
 
 
@@ -59,11 +57,11 @@ class Entry:
 
 
 def check_name(name: object, param: str = "name") -> str:
-    """A public adapter name: letters, digits, '_' and '-' only (no path separators, no dots)."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise AdapterError(400, f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'",
-                           param=param)
-    return name
+    """A public adapter name, by lorakit's one rule (:func:`lorakit.config.check_name`); else a 400."""
+    try:
+        return _check_name(name)
+    except LoraError as e:
+        raise AdapterError(400, str(e), param=param) from None
 
 
 def shown(root: Path, path: Path | str) -> str:
@@ -108,7 +106,7 @@ def discover(root: Path, log=log.warning) -> dict[str, Path]:
     every other entry is reported through ``log`` with the reason."""
     found = {}
     for sub in sorted(root.iterdir()) if root.is_dir() else ():
-        if not NAME.fullmatch(sub.name):
+        if not ADAPTER_NAME.fullmatch(sub.name):
             log(f"lorakit serve: skipping {sub.name!r}: not a valid adapter name (letters, digits, '_', '-')")
             continue
         try:

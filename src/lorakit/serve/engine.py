@@ -20,7 +20,7 @@ exactly once, in ``_finish`` (its one final event; its batch pin and adapter hol
 failure cannot leave rows behind or counts negative. A row whose logits are not finite (e.g. a
 broken adapter) ends alone with an error; a failed forward ends the rows it ran. Internal errors
 are logged with the request ids; clients get a message naming only their id. The KV cache scheme
-is in :mod:`lorakit.serve.batch`. Results go back through each request's ``emit`` callback
+is in :mod:`lorakit.serve.decode_batch`. Results go back through each request's ``emit`` callback
 (called on the worker thread; the HTTP layer forwards them into its event loop).
 """
 
@@ -42,7 +42,7 @@ from torch import nn
 import lorakit
 
 from .adapters import Adapters, Entry
-from .batch import Batch, cache_tensors, sample
+from .decode_batch import Batch, cache_tensors, sample
 from .metrics import Metrics
 from .text import TextStream
 

@@ -49,7 +49,7 @@ def build(model: str = "builtin:smollm2", adapters: str | os.PathLike | None = N
     values), whatever ``max_adapters`` is; one that fails is reported through ``log`` with the
     reason and not served. With ``max_adapters`` > 0, the first ``max_adapters`` good ones (by
     name) are loaded now and the rest on first use."""
-    from ..train.tasks import load_model
+    from ..pretrained import load_model
     net, tok = load_model(model, "causal-lm")
     metrics = Metrics()
     root = Path(adapters).resolve() if adapters else None

@@ -76,11 +76,40 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _device_option(p)
+    p.add_argument("--nproc", type=_positive(int), default=1,
+                   help="data-parallel processes on this machine: runs torchrun --standalone --nproc-per-node N "
+                        "with these options (under torchrun itself, leave it out)")
+    p.add_argument("--dist-timeout", type=_positive(float), default=300.0,
+                   help="under torchrun: seconds a rank waits for the others before the job stops")
+
+
+def _device_option(p) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="where the model runs; auto: CUDA (under torchrun cuda:LOCAL_RANK), else MPS, else CPU")
+
+
+def _launch(n: int, argv: list[str]) -> int:
+    """``lorakit train --nproc N ...``: the same command under torchrun, one process per rank."""
+    import subprocess
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "lorakit.cli", *rest]
+    print(f"lorakit train: starting {n} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    return 0 if subprocess.run(cmd).returncode == 0 else 1
 
 
 def _train(args) -> int:
+    from . import distributed as D
     from .train.loop import TrainConfig
-    from .train.tasks import LoraSpec, causal_lm, classify
+    from .train.tasks import LoraSpec
 
     lm = args.task == "causal-lm"
     if args.full and args.quantize:
@@ -95,6 +124,11 @@ def _train(args) -> int:
         value = getattr(args, name)
         if value is not None and value < least:
             raise _UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if args.nproc > 1:
+        if "RANK" in os.environ:
+            raise _UsageError("--nproc starts torchrun; under torchrun leave it out (--nproc-per-node sets it)")
+        return _launch(args.nproc, args.argv)
+    device = D.resolve_device(args.device)
     targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
     lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full)
     train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
@@ -105,7 +139,17 @@ def _train(args) -> int:
                         max_steps=args.max_steps)
     common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
                   train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                  quantize=args.quantize)
+                  quantize=args.quantize, device=device)
+    D.setup(device, args.dist_timeout)
+    try:
+        _run_task(args, lm, common)
+    finally:
+        D.teardown()
+    return 0
+
+
+def _run_task(args, lm: bool, common: dict) -> None:
+    from .train.tasks import causal_lm, classify
     if lm:
         data = args.data or "builtin:bbc-headlines"
         limit = args.train_limit if args.train_limit is not None else (600 if data == "builtin:bbc-headlines" else 0)
@@ -115,7 +159,6 @@ def _train(args) -> int:
         classify(model_spec=args.model or "builtin:minilm", data=args.data or "builtin:bbc",
                  text_column=args.text_column or "text", label_column=args.label_column or "label",
                  max_length=args.max_length or 128, train_limit=args.train_limit or 0, **common)
-    return 0
 
 
 def _adapter_folder(path: str) -> Path:
@@ -148,8 +191,11 @@ def _predict(args) -> int:
         texts = [row[args.text_column] for _, row in read_records(args.file, [args.text_column])]
     else:
         texts = args.texts
+    from .distributed import resolve_device
+    device = resolve_device(args.device)
     model, tok = load_model(args.model or task["model"], "classify", num_labels=len(task["labels"]))
     load(model, folder)
+    model.to(device)
     model.eval()
     for text, probs in zip(texts, predict(model, tok, texts, task["labels"], task.get("max_length", 128))):
         label = max(probs, key=probs.get)
@@ -178,9 +224,12 @@ def _generate(args) -> int:
             "base_model_name_or_path")
         if model_spec is None and base and (base.startswith("builtin:") or Path(base).is_dir()):
             model_spec = base
+    from .distributed import resolve_device
+    device = resolve_device(args.device)
     model, tok = load_model(model_spec or "builtin:smollm2", "causal-lm")
     if args.adapter:
         load(model, folder)
+    model.to(device)
     model.eval()
     torch.manual_seed(args.seed)
     for answer in generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens):
@@ -281,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-column", default="text", help="--file: the text column")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--json", action="store_true", help="one JSON object per text, with every probability")
+    _device_option(p)
     g = sub.add_parser("generate", help="answer prompts with a causal LM (and an adapter)",
                        formatter_class=_Help)
     g.add_argument("prompt", nargs="+", help="one or more prompts (chat template applied)")
@@ -288,15 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", help="base model (default: the adapter's base, else builtin:smollm2)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
+    _device_option(g)
     i = sub.add_parser("inspect", help="show an adapter folder's config, size, task and labels")
     i.add_argument("adapter")
     _serve_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .config import LoraError
+    from .distributed import RankFailure
     from .train.data import DataError
     try:
         return {"train": _train, "predict": _predict, "generate": _generate, "inspect": _inspect,
@@ -304,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LoraError, DataError, FileNotFoundError, ValueError) as e:
         print(f"lorakit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except RankFailure as e:
+        print(f"lorakit {args.command}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lorakit: interrupted (resume with --resume)", file=sys.stderr)
         return 130

@@ -6,6 +6,12 @@ linear decay, gradient accumulation and clipping, optional bf16 autocast and gra
 checkpointing. Checkpoints hold the trainable weights, the optimizer, the RNG states and the
 position in the data (safetensors + JSON, written atomically, never pickled), so a killed run
 resumed with ``resume=True`` ends with exactly the weights of an uninterrupted one.
+
+Under torchrun (see :mod:`lorakit.distributed`) the same loop is data-parallel: ``batch_size`` is
+the global batch of one optimizer step (before accumulation), the data order is the
+single-process one, and each rank computes a contiguous share of every batch; the gradients are
+summed across ranks, so N ranks take the steps one process would take (up to the order of the
+floating-point sums). Only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +30,8 @@ from typing import Callable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .. import distributed as D
 
 __all__ = ["TrainConfig", "fit", "peak_memory_mb"]
 
@@ -34,7 +43,7 @@ class TrainConfig:
     """Hyper-parameters of :func:`fit` (all have sensible defaults for LoRA)."""
 
     epochs: float = 3.0
-    batch_size: int = 16
+    batch_size: int = 16          # examples per optimizer step and micro-batch, over all ranks together
     lr: float = 5e-4
     lora_plus_ratio: float = 1.0
     weight_decay: float = 0.0
@@ -98,20 +107,39 @@ def _order(n: int, epoch: int, seed: int) -> list[int]:
 
 
 # -- checkpoints (safetensors + JSON; nothing is ever unpickled) ----------------------------------
-def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {f"model.{n}": p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG states (CPU, and CUDA when training there), gathered on every rank."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for kind, t in mine.items():
+        for r, state in enumerate(D.gather(t)):
+            out[f"rng.{kind}" + (f".rank{r}" if r else "")] = state
+    return out
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict,
+                     device: torch.device) -> None:
+    """Write the checkpoint atomically (rank 0; every rank must call it, to gather the RNG states)."""
+    rng = _rng_states(device)
+    tensors = {f"model.{n}": D.full_tensor(p.detach()).contiguous().cpu()
+               for n, p in model.named_parameters() if p.requires_grad}
     opt_state = opt.state_dict()
     for idx, st in opt_state["state"].items():
         for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    tensors["rng.torch"] = torch.get_rng_state()
+            tensors[f"opt.{idx}.{k}"] = D.full_tensor(v if torch.is_tensor(v) else torch.tensor(v)).cpu()
+    tensors.update(rng)
+    if not D.is_main():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
     groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
     py_rng = random.getstate()
-    meta = {**state, "param_groups": groups, "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]]}
+    meta = {**state, "param_groups": groups, "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
+            "world_size": D.world_size()}
     (tmp / "state.json").write_text(json.dumps(meta))
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -122,7 +150,10 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
 
 
 def load_checkpoint_weights(path: str | Path, model: nn.Module) -> tuple[dict, dict]:
-    """Copy a checkpoint's trained parameters into ``model``; returns (its JSON state, all its tensors)."""
+    """Copy a checkpoint's trained parameters into ``model``; returns (its JSON state, all its tensors).
+
+    The file is read onto the CPU and each tensor copied into its parameter, which converts it to
+    the parameter's device and dtype."""
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".old").exists():
         path = path.with_name(path.name + ".old")  # killed between the two renames
@@ -132,22 +163,36 @@ def load_checkpoint_weights(path: str | Path, model: nn.Module) -> tuple[dict, d
     with torch.no_grad():
         for key, t in tensors.items():
             if key.startswith("model."):
-                params[key[len("model."):]].copy_(t)
+                p = params[key[len("model."):]]
+                p.copy_(D.like_param(t, p))  # a sharded parameter takes its shard
     return meta, tensors
 
 
-def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> dict:
     meta, tensors = load_checkpoint_weights(path, model)
     state: dict = {}
+    params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's numbering
     for key, t in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = t
-    opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
-    torch.set_rng_state(tensors["rng.torch"])
+            p = params[int(idx)]
+            state.setdefault(int(idx), {})[name] = D.like_param(t, p) if t.shape == p.shape else t
+    opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})  # moves state to the params
+    suffix = f".rank{D.rank()}" if D.rank() else ""
+    if f"rng.torch{suffix}" in tensors:
+        torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        if device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], device)
+    else:  # a rank the saving run did not have: a fresh stream of its own (only dropout draws from it)
+        torch.manual_seed(_rank_seed(meta["config"]["seed"]) + meta["step"])
     v, internal, gauss = meta.pop("python_rng")
     random.setstate((v, tuple(internal), gauss))
     return meta
+
+
+def _rank_seed(seed: int) -> int:
+    """The torch seed of this rank: ``seed`` on rank 0 (the single-process run), distinct on others."""
+    return seed + 7919 * D.rank()
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -155,7 +200,8 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
         loss_fn: Callable[[nn.Module, dict], torch.Tensor], cfg: TrainConfig = TrainConfig(),
         evaluate: Callable[[nn.Module], dict] | None = None, metric: str = "loss", higher_is_better: bool = False,
         out_dir: str | Path | None = None, resume: bool = False,
-        on_best: Callable[[nn.Module, Path], None] | None = None, progress: bool = True) -> list[dict]:
+        on_best: Callable[[nn.Module, Path], None] | None = None, progress: bool = True,
+        device: torch.device | str | None = None) -> list[dict]:
     """Train ``model``'s trainable parameters on ``train``; returns the metric records.
 
     Args:
@@ -165,9 +211,18 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
             among them ``metric``. The best value so far triggers ``on_best(model, out_dir/"best")``.
         out_dir: where ``metrics.jsonl`` and ``checkpoint/`` go (nothing is written if None).
         resume: continue from ``out_dir/checkpoint`` if there is one.
+        device: where batches go (default: the device of the model's first parameter); the model
+            must already be there.
+
+    Under torchrun, every rank calls ``fit`` with the same arguments; ``evaluate`` runs on every
+    rank (it may compute on its own share and reduce, see :func:`lorakit.distributed.shard`), and so
+    does ``on_best`` (which should write files on rank 0 only: :func:`lorakit.distributed.is_main`).
+    The trainable parameters start as rank 0's (broadcast), as in ``DistributedDataParallel``.
     """
-    torch.manual_seed(cfg.seed)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    torch.manual_seed(_rank_seed(cfg.seed))
     random.seed(cfg.seed)
+    main = D.is_main()
     out = Path(out_dir) if out_dir is not None else None
     if cfg.grad_checkpointing:
         _enable_checkpointing(model)
@@ -180,16 +235,26 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
     eval_every = cfg.eval_every or per_epoch
     save_every = cfg.save_every or eval_every
     step, best, records = 0, None, []
+    params = [p for g in opt.param_groups for p in g["params"]]
     ckpt = out / "checkpoint" if out else None
     if resume and ckpt and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
-        meta = _load_checkpoint(ckpt, model, opt)
+        meta = _load_checkpoint(ckpt, model, opt, dev)
         step, best = meta["step"], meta["best"]
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                    if json.loads(line)["step"] <= step] if (out / "metrics.jsonl").exists() else []
-    if out:
+        saved_world = meta.get("world_size", 1)
+        if saved_world != D.world_size() and main:
+            print(f"lorakit: resuming a run of {saved_world} process(es) with {D.world_size()}: the data order, "
+                  "batches and optimizer state continue as saved (the batch is global); dropout draws new "
+                  "random numbers", file=sys.stderr)
+    sharded = D.is_sharded(model)  # FSDP2: gradients are reduce-scattered by FSDP itself
+    if not sharded:
+        D.broadcast_from_main(params)  # every rank starts from rank 0's adapters (a no-op in one process)
+    D.barrier()  # every rank has read the checkpoint and metrics before rank 0 rewrites them
+    if out and main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    bar = _progress(total, step, progress)
+    bar = _progress(total, step, progress and main)
     micro = cfg.batch_size
     model.train()
     t0, seen, running = time.perf_counter(), 0, []
@@ -204,18 +269,32 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
         n_micro = math.ceil(len(chunk) / micro)
         loss_sum = 0.0
         for i in range(n_micro):
-            batch = collate([train[j] for j in chunk[i * micro:(i + 1) * micro]])
-            with torch.autocast("cuda" if _on_cuda(model) else "cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = loss_fn(model, batch) / n_micro
-            loss.backward()
+            part = chunk[i * micro:(i + 1) * micro]
+            mine = D.shard(part)  # all of it in a single process
+            weight = len(mine) / len(part)  # this rank's share of the micro-batch's mean
+            if not mine:
+                if not sharded:
+                    continue
+                mine = part[:1]  # FSDP: every rank runs every forward/backward (collectives), this one weighs 0
+            batch = _to_device(collate([train[j] for j in mine]), dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = loss_fn(model, batch)
+            if weight != 1:
+                loss = loss * weight
+            loss = loss / n_micro
+            (loss * D.world_size() if sharded else loss).backward()  # FSDP averages the ranks' gradients
             loss_sum += loss.item()
+        if D.world_size() > 1:
+            if not sharded:
+                D.all_reduce_grads(params)
+            loss_sum = D.reduce_sums([loss_sum])[0]
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # DTensor grads: the norm over all shards
         opt.step()
         step += 1
         seen += len(chunk)
         running.append(loss_sum)
-        rate = seen / (time.perf_counter() - t0)
+        rate = seen / (time.perf_counter() - t0)  # examples/s of the whole job
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", ex_s=f"{rate:.1f}")
         if step % cfg.log_every == 0 or step == total:
@@ -235,9 +314,10 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
                 if out and on_best:
                     on_best(model, out / "best")
             _record(records, rec, out)
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if main:
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if ckpt and (step % save_every == 0 or step == total):
-            _save_checkpoint(ckpt, model, opt, {"step": step, "best": best, "config": asdict(cfg)})
+            _save_checkpoint(ckpt, model, opt, {"step": step, "best": best, "config": asdict(cfg)}, dev)
     bar.close()
     model.eval()
     return records
@@ -245,14 +325,25 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
 
 def _record(records: list, rec: dict, out: Path | None) -> None:
     records.append(rec)
-    if out:
+    if out and D.is_main():
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
 
-def _on_cuda(model: nn.Module) -> bool:
+def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
-    return p is not None and p.device.type == "cuda"
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to_device(batch, device: torch.device):
+    """``batch`` (a tensor, or a dict / list / tuple of them) on ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
 
 
 def _enable_checkpointing(model: nn.Module) -> None:

@@ -2,6 +2,10 @@
 instruction tuning of a causal LM. Each loads a model and data, injects LoRA (or trains fully,
 for comparison), trains with :func:`~lorakit.train.loop.fit`, evaluates on a held-out test set
 before and after, and writes the adapter, ``metrics.jsonl``, ``summary.json`` and ``curve.png``.
+
+Both run on ``device`` and, under torchrun, data-parallel: every rank loads the same model, trains
+on its share of each batch and evaluates its share of each held-out set (the sums are reduced);
+rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import builtin
+from .. import distributed as D
 from ..config import LoraConfig, LoraError
 from ..io import load as load_adapter
 from ..io import save as save_adapter
@@ -25,7 +30,7 @@ from ..model import inject, summary
 from ..pretrained import load_model, model_path  # noqa: F401  (model_path: re-exported)
 from .data import (DataError, LabelledText, PromptCompletion, chat_prompt, check_labels, check_split_labels, collate,
                    encode_causal, encode_classification, read_labelled, read_prompts, split)
-from .loop import TrainConfig, fit, peak_memory_mb
+from .loop import TrainConfig, _to_device, fit, peak_memory_mb
 
 __all__ = ["LoraSpec", "classify", "causal_lm", "load_model", "generate", "predict", "bbc_headline_task",
            "prepare_out", "adapter_task", "TASK_NAME"]
@@ -139,9 +144,19 @@ def _plot(records: list[dict], path: Path, title: str) -> None:
 
 
 def _finish(out: Path, model: nn.Module, lora: LoraSpec, records: list, result: dict, title: str) -> dict:
-    _plot(records, out / "curve.png", title)
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    if D.is_main():
+        _plot(records, out / "curve.png", title)
+        (out / "summary.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _main_log(log):
+    """``log`` on rank 0, silence on the other ranks."""
+    return log if D.is_main() else (lambda *args, **kwargs: None)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _save_best(lora: LoraSpec) -> Callable[[nn.Module, Path], None]:
@@ -150,7 +165,7 @@ def _save_best(lora: LoraSpec) -> Callable[[nn.Module, Path], None]:
             keep.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         keep.state = None
         return keep
-    return lambda model, path: save_adapter(model, path)
+    return lambda model, path: save_adapter(model, path) if D.is_main() else None
 
 
 def _restore_best(model: nn.Module, out: Path, save_best, lora: LoraSpec) -> None:
@@ -166,18 +181,21 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
              val_data: str | None = None, test_data: str | None = None, text_column: str = "text",
              label_column: str = "label", lora: LoraSpec = LoraSpec(), train: TrainConfig = TrainConfig(),
              max_length: int = 128, train_limit: int = 0, resume: bool = False, overwrite: bool = False,
-             progress: bool = True, log=print, quantize: str | None = None) -> dict:
+             progress: bool = True, log=print, quantize: str | None = None,
+             device: torch.device | str = "cpu") -> dict:
     """Fine-tune a sequence classifier; default: all-MiniLM-L6-v2 on BBC News (5 topics).
     ``quantize``: hold the frozen base in "nf4", "fp4" or "int8" (QLoRA, :func:`lorakit.quantize`).
 
     The output folder and the data are checked before the model loads (:func:`prepare_out`,
     :class:`~lorakit.train.data.DataError`)."""
+    log = _main_log(log)
     out = prepare_out(out, resume, overwrite)
     splits = _classification_data(data, val_data, test_data, text_column, label_column, train.seed, train_limit)
     labels = sorted({r.label for r in splits["train"]})
     torch.manual_seed(train.seed)  # the new head's init comes from the global RNG: seed it first
     model, tok = load_model(model_spec, "classify", num_labels=len(labels), log=log,
                           quantize=quantize)
+    model.to(device)
     enc = {k: encode_classification(tok, v, labels, max_length) for k, v in splits.items()}
     pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
@@ -196,13 +214,14 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
     trainable, total = _trainable(model), sum(p.numel() for p in model.parameters())
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     save_best = _save_best(lora)
-    if overwrite:
+    if overwrite and D.is_main():
         _clear_run(out)
     t0 = time.perf_counter()
     records = fit(model, enc["train"], collate=pad, loss_fn=lambda m, b: m(**b).loss, cfg=train,
                   evaluate=evaluate, metric="accuracy", higher_is_better=True, out_dir=out, resume=resume,
                   on_best=save_best, progress=progress)
     seconds = time.perf_counter() - t0
+    D.barrier()  # rank 0 has written best/ before the others read it
     _restore_best(model, out, save_best, lora)
     log(f"evaluating test accuracy after training ({len(enc['test'])} examples) ...")
     with torch.no_grad():
@@ -214,7 +233,7 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
               "test_loss": after["loss"], "trainable_params": trainable, "total_params": total,
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
               "peak_memory_mb": peak_memory_mb(), "steps": steps, "lora": asdict(lora), "train": asdict(train)}
-    if not lora.full:
+    if not lora.full and D.is_main():
         save_adapter(model, out / "adapter")
         _write_task(out / "adapter", "classify", model_spec, labels=labels, max_length=max_length)
         result["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
@@ -225,14 +244,17 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
 
 
 def evaluate_classifier(model: nn.Module, items: Sequence, pad_id: int, batch_size: int = 64) -> dict:
-    """Mean loss and accuracy of a sequence classifier over encoded ``items`` (call under no_grad)."""
+    """Mean loss and accuracy of a sequence classifier over encoded ``items`` (call under no_grad).
+
+    Under torchrun each rank scores its share and the sums are reduced: every rank gets the totals."""
     correct, loss, n = 0, 0.0, 0
-    for chunk in _batches(items, batch_size):
-        batch = collate(chunk, pad_id)
+    for chunk in _batches(D.shard(items), batch_size):
+        batch = _to_device(collate(chunk, pad_id), _model_device(model))
         result = model(**batch)
         loss += result.loss.item() * len(chunk)
         correct += (result.logits.argmax(-1) == batch["labels"]).sum().item()
         n += len(chunk)
+    loss, correct, n = D.reduce_sums([loss, correct, n])
     return {"loss": loss / n, "accuracy": correct / n}
 
 
@@ -283,26 +305,33 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int 
     answers = []
     for chunk in _batches(list(prompts), batch_size):
         enc = tok([chat_prompt(tok, p) for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = _to_device(dict(enc), _model_device(model))
         outs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         answers += tok.batch_decode(outs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers
 
 
 def exact_match(model, tok, rows: Sequence[PromptCompletion], max_new_tokens: int = 6) -> float:
-    """Share of rows whose answer's first word equals the completion (case and punctuation ignored)."""
+    """Share of rows whose answer's first word equals the completion (case and punctuation ignored).
+
+    Under torchrun each rank answers its share of the rows; the counts are reduced."""
     norm = lambda s: (s.strip().split() or [""])[0].strip(".,:;!\"'").lower()  # noqa: E731
-    answers = generate(model, tok, [r.prompt for r in rows], max_new_tokens)
-    return sum(norm(a) == norm(r.completion) for a, r in zip(answers, rows)) / len(rows)
+    mine = D.shard(rows)
+    answers = generate(model, tok, [r.prompt for r in mine], max_new_tokens) if mine else []
+    hits, n = D.reduce_sums([sum(norm(a) == norm(r.completion) for a, r in zip(answers, mine)), len(mine)])
+    return hits / n
 
 
 def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = "builtin:bbc-headlines",
               val_data: str | None = None, test_data: str | None = None, lora: LoraSpec = LoraSpec(("all-linear",)),
               train: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=1e-3), max_length: int = 96,
               train_limit: int = 0, eval_limit: int = 50, resume: bool = False, overwrite: bool = False,
-              progress: bool = True, log=print, quantize: str | None = None) -> dict:
+              progress: bool = True, log=print, quantize: str | None = None,
+              device: torch.device | str = "cpu") -> dict:
     """Instruction-tune a causal LM on prompt/completion pairs (prompt tokens masked out of the loss);
     scores exact match of greedy answers on (the first ``eval_limit`` of) the test set before and after.
     ``eval_limit`` also bounds the validation set; 0: no limit."""
+    log = _main_log(log)
     out = prepare_out(out, resume, overwrite)
     if eval_limit < 0 or train_limit < 0:
         raise LoraError(f"train_limit and eval_limit must be >= 0 (0: no limit), got {train_limit}, {eval_limit}")
@@ -318,6 +347,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
         splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
     torch.manual_seed(train.seed)
     model, tok = load_model(model_spec, "causal-lm", log=log, quantize=quantize)
+    model.to(device)
     enc = {k: encode_causal(tok, splits[k], max_length) for k in ("train", "val")}  # (test: prompts only)
     model.eval()
     log(f"evaluating exact match before training: greedy answers to {len(splits['test'])} test prompts "
@@ -330,11 +360,12 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
 
     def evaluate(m):
         losses, tokens = 0.0, 0
-        for chunk in _batches(enc["val"], 16):
-            batch = pad(chunk)
+        for chunk in _batches(D.shard(enc["val"]), 16):
+            batch = _to_device(pad(chunk), _model_device(m))
             n = (batch["labels"][:, 1:] != -100).sum().item()
             losses += m(**batch).loss.item() * n
             tokens += n
+        losses, tokens = D.reduce_sums([losses, tokens])
         return {"loss": losses / tokens, "perplexity": math.exp(losses / tokens)}
 
     trainable, total = _trainable(model), sum(p.numel() for p in model.parameters())
@@ -343,12 +374,13 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
         val_before = evaluate(model)["loss"]  # a new adapter starts as the base model (B = 0)
     log(f"validation loss before training: {val_before:.4f} ({len(enc['val'])} examples)")
     save_best = _save_best(lora)
-    if overwrite:
+    if overwrite and D.is_main():
         _clear_run(out)
     t0 = time.perf_counter()
     records = fit(model, enc["train"], collate=pad, loss_fn=lambda m, b: m(**b).loss, cfg=train, evaluate=evaluate,
                   metric="loss", out_dir=out, resume=resume, on_best=save_best, progress=progress)
     seconds = time.perf_counter() - t0
+    D.barrier()  # rank 0 has written best/ before the others read it
     _restore_best(model, out, save_best, lora)
     log(f"evaluating exact match after training: greedy answers to {len(splits['test'])} test prompts ...")
     after = exact_match(model, tok, splits["test"])
@@ -360,7 +392,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
               "train_examples": len(splits["train"]), "test_examples": len(splits["test"]),
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "steps": steps,
               "peak_memory_mb": peak_memory_mb(), "lora": asdict(lora), "train": asdict(train)}
-    if not lora.full:
+    if not lora.full and D.is_main():
         save_adapter(model, out / "adapter")
         _write_task(out / "adapter", "causal-lm", model_spec)
     log(f"test exact match after training: {after:.4f}  (before {before:.4f})")
@@ -376,7 +408,7 @@ def predict(model: nn.Module, tok, texts: Sequence[str], labels: Sequence[str], 
     items = encode_classification(tok, rows, labels, max_length)
     probs = []
     for chunk in _batches(items, batch_size):
-        batch = collate(chunk, tok.pad_token_id)
+        batch = _to_device(collate(chunk, tok.pad_token_id), _model_device(model))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if logits.shape[-1] != len(labels):
             raise LoraError(f"the model has {logits.shape[-1]} outputs but the adapter names {len(labels)} labels")

@@ -1,0 +1,72 @@
+"""A tiny training job for tests/test_distributed.py, run by torchrun (or directly as one process).
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist_job.py OUT '{"batch_size": 7}'
+
+Trains LoRA on a small MLP with :func:`lorakit.train.fit`; rank 0 writes OUT/final.safetensors (the
+trained parameters) and OUT/records.json, and lorakit.save's adapter to OUT/adapter. ``fail_rank``/``fail_step``
+make that rank raise in its loss function at that optimizer step (a rank that dies mid-run); ``fsdp`` shards
+the model with FSDP2 (each LoRA layer one unit, then the root)."""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import lorakit
+from lorakit import distributed as D
+from lorakit.train import TrainConfig, fit
+
+
+def problem(n: int = 100):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["0"], modules_to_save=["2"]))
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(12, generator=g), int(i % 3)) for i in range(n)]
+    return model, data
+
+
+def collate(items):
+    return {"x": torch.stack([x for x, _ in items]), "y": torch.tensor([y for _, y in items])}
+
+
+def main(out: str, options: dict) -> None:
+    fail_rank, fail_step = options.pop("fail_rank", None), options.pop("fail_step", None)
+    resume, fsdp = options.pop("resume", False), options.pop("fsdp", False)
+    D.setup(torch.device("cpu"), timeout_s=options.pop("timeout_s", 60))
+    model, data = problem()
+    if fsdp:
+        model._no_split_modules = ["LoraLayer"]
+        D.fully_shard_model(model)
+    calls = {"n": 0}
+
+    def loss_fn(m, b):
+        calls["n"] += 1
+        if D.rank() == fail_rank and calls["n"] > fail_step:
+            raise RuntimeError(f"injected failure on rank {D.rank()}")
+        return nn.functional.cross_entropy(m(b["x"]), b["y"])
+
+    def evaluate(m):  # sharded: each rank its share, sums reduced
+        mine = D.shard(data)
+        b = collate(mine)
+        loss, n = D.reduce_sums([nn.functional.cross_entropy(m(b["x"]), b["y"], reduction="sum").item(), len(mine)])
+        return {"loss": loss / n}
+
+    cfg = TrainConfig(**{"epochs": 2, "lr": 1e-2, "log_every": 1, "save_every": 3, "eval_every": 5, **options})
+    records = fit(model, data, collate=collate, loss_fn=loss_fn, cfg=cfg, evaluate=evaluate, out_dir=out,
+                  resume=resume, progress=False)
+    final = D.trainable_state(model)  # gathered from the shards under FSDP2
+    if D.is_main():
+        save_file(final, f"{out}/final.safetensors")
+        plain, _ = problem()  # an unsharded copy takes the trained state, and lorakit saves it
+        plain.load_state_dict(final, strict=False)
+        lorakit.save(plain, f"{out}/adapter")
+        with open(f"{out}/records.json", "w") as f:
+            json.dump(records, f)
+    D.teardown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]))

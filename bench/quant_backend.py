@@ -2,6 +2,7 @@
 grads for x, A, B) through a SmolLM2-sized MLP stack (576 -> 1536 -> 576, 8 blocks, 1024 tokens,
 r=8), fp32 activations, 1 thread; rounds interleaved, medians; weight bytes as stored.
 
+    pip install -c requirements/constraints.txt torchao==0.18.0   # not a lorakit dependency (see README)
     python bench/quant_backend.py         # writes bench/results/quant_backend.{md,json}
 """
 
@@ -64,7 +65,9 @@ def nbytes(kind, weights) -> int:
 
 def main() -> None:
     common.setup(1)
-    variants = {k: build(k) for k in ("fp32", "bnb", "torchao")}
+    import importlib.util
+    kinds = ("fp32", "bnb", "torchao") if importlib.util.find_spec("torchao") else ("fp32", "bnb")
+    variants = {k: build(k) for k in kinds}
     shapes = [(H, D), (D, H)] * BLOCKS
     factors = {k: _factors(shapes) for k in variants}
     x0 = torch.randn(TOKENS, D)

@@ -20,6 +20,7 @@ base's format and returns the error that introduced.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -41,11 +42,16 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 def _bnb():
     """bitsandbytes, or a LoraError that says how to get it."""
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")  # an optional faster CPU kernel it lacks here
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise LoraError("quantized bases need bitsandbytes: pip install 'lorakit[quant]' "
                         f"(bitsandbytes==0.50.2); import failed: {e}") from None
+    finally:
+        quiet.setLevel(level)
     return bitsandbytes
 
 

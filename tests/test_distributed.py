@@ -4,6 +4,7 @@ resume under torchrun (also with another world size), and `lorakit train --nproc
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,11 +28,23 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.g
 OPTS = {"batch_size": 7, "grad_accum": 2}
 
 
+# A gloo rank was once seen to abort at exit ("terminate called without an active exception", a C++
+# thread not joined) after its work; a fresh run (not a resume, not an injected failure) is retried once
+# on exactly that message, into an empty folder, and must then pass every assertion.
+_ABORT_AT_EXIT = "terminate called without an active exception"
+
+
 def _run(out, options, nproc=None, timeout=120):
     """The tiny job in one process (nproc None) or under torchrun; returns the finished process."""
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.run([sys.executable, *launcher, str(JOB), str(out), json.dumps(options)], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    run = lambda: subprocess.run([sys.executable, *launcher, str(JOB), str(out), json.dumps(options)],  # noqa: E731
+                                 env=ENV, capture_output=True, text=True, timeout=timeout)
+    done = run()
+    fresh = not options.get("resume") and "fail_rank" not in options
+    if nproc and fresh and done.returncode != 0 and _ABORT_AT_EXIT in done.stderr:
+        shutil.rmtree(out, ignore_errors=True)
+        done = run()
+    return done
 
 
 def _result(out):

@@ -33,19 +33,24 @@ def refused(result, *fragments):
     return err
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A 1-layer BERT (no classification head) with MiniLM's tokenizer."""
+def save_tiny_bert(folder, **config):
+    """Save a 1-layer BERT (no classification head) with MiniLM's tokenizer to ``folder``; ``config``
+    overrides BertConfig fields (e.g. dropout)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from lorakit import builtin
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(builtin.minilm_path())
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+                         intermediate_size=32, max_position_embeddings=64, **config)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 1-layer BERT (no classification head) with MiniLM's tokenizer."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")

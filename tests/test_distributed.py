@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from lorakit import LoraError
 from lorakit import distributed as D
 from lorakit.cli import main as cli
-from test_cli import tiny_llama  # noqa: F401  (a fixture)
+from test_cli import save_tiny_bert, tiny_llama  # noqa: F401  (tiny_llama: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "dist_job.py"
@@ -195,17 +195,8 @@ def test_fsdp2_resume_after_a_failed_rank_ends_where_an_uninterrupted_run_ends(t
 @pytest.fixture(scope="module")
 def tiny_bert_no_dropout(tmp_path_factory):
     """test_cli's 1-layer BERT without dropout (BERT's default 0.1 draws per-rank random numbers)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from lorakit import builtin
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(builtin.minilm_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
 
 
 @pytest.mark.parametrize("task", ["classify", pytest.param("causal-lm", marks=pytest.mark.slow)])

@@ -15,6 +15,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, LoraError
+from test_layers import _randomise  # every factor non-zero, seeded
 
 
 class ScaledLinear(nn.Module):
@@ -56,14 +57,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.out(torch.tanh(self.proj(x)))
-
-
-def _randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
 def _oracle(net, x, adapters):

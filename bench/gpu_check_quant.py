@@ -82,10 +82,15 @@ def tiny_checks(fmt: str) -> None:
     check(f"{fmt}: forward vs float64 formula", rel(y, oracle(model, x)) < tol, rel(y, oracle(model, x)))
     y.sum().backward()
     x64 = x.detach().double().requires_grad_()
-    factors = [p for p in model.parameters() if p.requires_grad]
+    layers = list(lorakit.lora_layers(model))
+    factors = [t for _, layer in layers for t in (layer.lora_A["default"], layer.lora_B["default"])]
+    names = ["x"] + [f"{path}.{ab}" for path, _ in layers for ab in ("A", "B")]
     ref = torch.autograd.grad(oracle(model, x64).sum(), [x64, *factors])
-    worst = max(rel(g, r) for g, r in zip([x.grad] + [p.grad for p in factors], ref))
-    check(f"{fmt}: grads x, A, B vs float64", worst < 5e-2, worst)
+    ours = [x.grad] + [p.grad for p in factors]
+    err_ours = [rel(g, r) for g, r in zip(ours, ref)]
+    # A figure: with bf16 compute (4-bit) or fp16 activations (int8) the gradients differ from the
+    # float64 formula by those formats' rounding; the pass/fail is against PEFT on the same base below.
+    print(f"     {fmt}: grads vs float64, per tensor: " + ", ".join(f"{n} {e:.2g}" for n, e in zip(names, err_ours)))
     check(f"{fmt}: no grad for the quantized weight",
           all(p.grad is None for n, p in model.named_parameters() if "base_layer" in n))
     model.eval()
@@ -112,7 +117,17 @@ def tiny_checks(fmt: str) -> None:
         lorakit.save(model, d, adapter="default")
         flagged = copy.deepcopy(base)
         setattr(flagged, "is_loaded_in_8bit" if fmt == "int8" else "is_loaded_in_4bit", True)
-        pm = peft.PeftModel.from_pretrained(flagged, d).eval()
+        pm = peft.PeftModel.from_pretrained(flagged, d, is_trainable=True).eval()
+        xp = x.detach().clone().requires_grad_()
+        pm(xp).sum().backward()
+        inner = pm.base_model.model
+        theirs = [xp.grad] + [getattr(inner.get_submodule(path), f"lora_{ab}")["default"].weight.grad
+                              for path, _ in layers for ab in ("A", "B")]
+        err_theirs = [rel(g, r) for g, r in zip(theirs, ref)]
+        print(f"     {fmt}: PEFT's grads vs float64, per tensor: "
+              + ", ".join(f"{n} {e:.2g}" for n, e in zip(names, err_theirs)))
+        worst = max(e / (t + 1e-3) for e, t in zip(err_ours, err_theirs))
+        check(f"{fmt}: grads x, A, B no further from float64 than PEFT's (x1.5)", worst <= 1.5, worst)
         lorakit.delete(model, "b")
         with torch.no_grad():
             check(f"{fmt}: PEFT loads lorakit's file, same outputs", rel(pm(x), model(x)) < 1e-2, rel(pm(x), model(x)))
@@ -139,9 +154,12 @@ def smollm2_steps(config_dir: str | None) -> None:
 
     ids = torch.randint(100, 49000, (8, 512), device=DEV)
     rows = {}
+    import gc
     for variant in ("fp32-lorakit", "bf16-lorakit", "int8-lorakit", "nf4-lorakit", "nf4-peft",
                     "fp32-lorakit-gc", "nf4-lorakit-gc", "nf4-peft-gc"):
+        gc.collect()
         torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()  # what earlier variants left (should be ~0), subtracted
         torch.cuda.reset_peak_memory_stats()
         base, library = variant.split("-")[:2]
         model = load().to(DEV, torch.bfloat16 if base == "bf16" else torch.float32)
@@ -152,7 +170,7 @@ def smollm2_steps(config_dir: str | None) -> None:
         if variant.endswith("-gc"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        loaded = torch.cuda.memory_allocated()
+        loaded = torch.cuda.memory_allocated() - before
         torch.cuda.reset_peak_memory_stats()
         if library == "lorakit":
             lorakit.inject(model, lorakit.LoraConfig(r=8, targets="all-linear"))
@@ -170,7 +188,8 @@ def smollm2_steps(config_dir: str | None) -> None:
             torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-        rows[variant] = {"loaded_mb": loaded / 2**20, "train_peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+        rows[variant] = {"left_by_earlier_mb": before / 2**20, "loaded_mb": loaded / 2**20,
+                         "train_peak_mb": (torch.cuda.max_memory_allocated() - before) / 2**20,
                          "step_s": statistics.median(times)}
         print(variant, json.dumps(rows[variant]), flush=True)
         del model, opt

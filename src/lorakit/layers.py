@@ -142,8 +142,9 @@ class LoraLayer(nn.Module):
 
         float64 holds every product of two fp32 (or bf16/fp16) factor elements exactly, so W + s·B·A
         is rounded once, to W's dtype (an fp32 product would round B·A, then the sum, then W's
-        dtype). Costs a transient float64 copy of this one weight."""
-        total = self.weight.to(torch.float64)
+        dtype). Costs a transient float64 copy of this one weight (a copy also when W is float64:
+        it is added to in place)."""
+        total = self.weight.to(torch.float64, copy=True)
         for n in names:
             total.add_(self.delta(n, compute=torch.float64), alpha=sign)
         return total

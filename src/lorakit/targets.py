@@ -173,9 +173,11 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
             raise LoraError(f"{path}.{param}: dropout is not supported on {what} (the adapter sees no input "
                             "of its own); use dropout=0")
         if cfg.use_dora and not kind.dora:
-            raise LoraError(f"{path}: DoRA (use_dora=True) is not defined for {kind.name} layers "
-                            f"({type(module).__name__}); it works on nn.Linear, transformers' Conv1D, "
-                            "nn.Embedding and nn.Conv1d/2d/3d: keep this module out of the targets")
+            what = "raw parameters" if kind.selected_by == "target_parameters" else \
+                f"{kind.name} layers ({type(module).__name__})"
+            raise LoraError(f"{path}.{param}: DoRA (use_dora=True) is not defined for {what}; it works on "
+                            "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv1d/2d/3d: keep this "
+                            "module out of the targets")
         owner = owners.get(path, path)
         sites.append(Site(path, module, kind, param, cfg.rank_for(owner), cfg.scale_for(owner),
                           parent, attr, layer))

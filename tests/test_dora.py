@@ -401,3 +401,60 @@ def test_bad_input_is_refused_naming_the_module(tmp_path):
     with pytest.raises(LoraError, match="unexpected key base_model.model.lin.lora_magnitude_vector"):
         lorakit.load(target, tmp_path / "d")
     assert "lorakit_registry" not in target.__dict__
+
+
+# -- a real model ---------------------------------------------------------------------------------
+def test_minilm_dora_both_directions(tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from lorakit import builtin
+
+    path = builtin.minilm_path()
+    base = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    enc = dict(AutoTokenizer.from_pretrained(path, local_files_only=True)(
+        ["DoRA rescales each output.", "The quick brown fox jumps over the lazy dog."], padding=True, return_tensors="pt"))
+    run = lambda m: m(**enc).last_hidden_state  # noqa: E731
+    targets = ["query", "value", "word_embeddings"]
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=targets, use_dora=True, init_lora_weights=False)).eval()
+    _peft_randomise(pm)
+    with torch.no_grad():
+        expected = run(pm)
+        assert (expected - run(base)).abs().max() > 0.1
+    pm.save_pretrained(str(tmp_path / "peft"))
+    lk = lorakit.load(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        _close(run(lk), expected)
+    assert lorakit.summary(lk).trainable == pm.get_nb_trainable_parameters()[0]
+
+    lk = lorakit.inject(copy.deepcopy(base), LoraConfig(r=8, alpha=16, targets=targets, use_dora=True)).eval()
+    _randomise(lk)
+    with torch.no_grad():
+        expected = run(lk)
+    lorakit.save(lk, tmp_path / "lk")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "lk")).eval()
+    with torch.no_grad():
+        _close(run(pm), expected)
+
+
+# -- the command line -----------------------------------------------------------------------------
+def test_cli_train_dora(tmp_path):
+    from safetensors import safe_open
+    from test_cli import FAST, labelled_csv, refused, save_tiny_bert
+    from test_cli import lorakit as cli
+
+    bert, data = save_tiny_bert(tmp_path / "bert"), labelled_csv(tmp_path / "d.csv")
+    code, out, err = cli("train", "--model", bert, "--data", data, *FAST, "--dora", "--out", tmp_path / "run")
+    assert code == 0, err
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["lora"]["dora"] is True
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        m = f.get_tensor("base_model.model.bert.encoder.layer.0.attention.self.query.lora_magnitude_vector")
+    assert m.shape == (16,)
+    code, out, err = cli("predict", "--adapter", adapter, "win money now 3")
+    assert code == 0 and out.split("\t")[0] in {"eggs", "ham", "spam"}, err
+    refused(cli("train", "--model", bert, "--data", data, *FAST, "--dora", "--full", "--out", tmp_path / "r2"),
+            "--dora is a LoRA variant")

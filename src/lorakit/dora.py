@@ -17,7 +17,8 @@ The unmerged forward is PEFT's, with x̃ = dropout(x) (integer inputs get none):
 
     y = base(x) + (f − 1) ⊙ W·x̃ + f ⊙ s·B·A·x̃
 
-so without dropout (eval, p = 0) y = f ⊙ (W x + s·B·A·x) + bias, the merged layer's output.
+so without dropout (eval, p = 0) y = f ⊙ (W x + s·B·A·x) + bias, the merged layer's output; that
+case is computed as written, from the kind's own LoRA forward (its fast paths included).
 A DoRA adapter is applied alone: it cannot be active together with another adapter on a layer
 (:meth:`LoraLayer.check_active`), because the combination has no single W' (PEFT chains them in
 order of activation).
@@ -76,14 +77,17 @@ def _on_output(layer: "LoraLayer", v: Tensor) -> Tensor:
 def forward(layer: "LoraLayer", name: str, x: Tensor, *args, **kwargs) -> Tensor:
     """The layer's output with DoRA adapter ``name`` (PEFT's formula, see the module docstring)."""
     base = layer.base_layer
-    result = base(x, *args, **kwargs)
-    dropped = x.is_floating_point() and layer.training and layer.dropout[name] > 0
-    xd = layer.dropped(x, name) if dropped else x
-    wx = base(xd, *args, **kwargs) if dropped else result  # W·x̃ (+ bias)
     bias = getattr(base, "bias", None)
-    if isinstance(bias, Tensor):
-        wx = wx - _on_output(layer, bias)
+    bias = _on_output(layer, bias) if isinstance(bias, Tensor) else 0
     f = _on_output(layer, factor(layer, name))
+    if not (x.is_floating_point() and layer.training and layer.dropout[name] > 0):
+        # y = f ⊙ (W x + s·B·A·x) + bias from the kind's own (fast) LoRA forward: autograd keeps one
+        # output-sized tensor for m's gradient (PEFT's form keeps two)
+        out = layer.kind.forward(layer, (name,), x, *args, **kwargs)
+        return out + ((f - 1) * (out - bias).to(f.dtype)).to(out.dtype)  # exactly out when f = 1
+    result = base(x, *args, **kwargs)
+    xd = layer.dropped(x, name)
+    wx = base(xd, *args, **kwargs) - bias  # W·x̃
     update = layer.kind.update(layer, name, xd)  # s·B·A·x̃
     return result + ((f - 1) * wx.to(f.dtype) + f * update).to(result.dtype)
 

@@ -140,16 +140,18 @@ def test_forward_and_merge_match_the_textbook_formula():
         torch.testing.assert_close(layer.weight, weights[path], rtol=1e-12, atol=1e-12)
 
 
-def test_fp32_merge_rounds_once_and_unmerge_is_bit_exact():
-    base, ids = _toy(torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_rounds_once_and_unmerge_is_bit_exact(dtype):
+    base, ids = _toy(dtype)
     model = lorakit.inject(copy.deepcopy(base), LoraConfig(r=3, targets=list(PATHS), use_dora=True))
     _randomise(model)
     before = {p: layer.weight.detach().clone() for p, layer in lorakit.lora_layers(model)}
     unmerged = model(ids)
     lorakit.merge(model)
     for path, w in _oracle_weights(model, base.double()).items():
-        assert torch.equal(model.get_submodule(path.replace(".weight", "")).weight, w.float())  # rounded once
-    torch.testing.assert_close(model(ids), unmerged, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.get_submodule(path.replace(".weight", "")).weight, w.to(dtype))  # rounded once
+    tol = 1e-5 if dtype == torch.float32 else 5e-2  # the unmerged forward rounds the base output to bf16 too
+    torch.testing.assert_close(model(ids), unmerged, rtol=tol, atol=tol)
     lorakit.unmerge(model)
     assert all(torch.equal(layer.weight, before[p]) for p, layer in lorakit.lora_layers(model))
 

@@ -213,7 +213,8 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.lora_A}
-        return f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}, active={list(self.active)}"
+        dora = f", dora={list(self.lora_magnitude_vector)}" if self.lora_magnitude_vector else ""
+        return f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}{dora}, active={list(self.active)}"
 
 
 class SavedModule(nn.Module):

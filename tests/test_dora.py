@@ -383,6 +383,20 @@ def test_bad_input_is_refused_naming_the_module(tmp_path):
     assert "lorakit_registry" not in raw.__dict__
     with pytest.raises(LoraError, match="use_dora must be True or False"):
         LoraConfig(targets=["lin"], use_dora="yes")
+    zero_row = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        zero_row[0].weight[1] = 0
+    with pytest.raises(LoraError, match=r"0.weight: output unit\(s\) \[1\] of this weight are all zero"):
+        lorakit.inject(zero_row, LoraConfig(targets=["0"], use_dora=True))
+    assert "lorakit_registry" not in zero_row.__dict__
+    lorakit.inject(zero_row, LoraConfig(targets=["0"]))  # plain LoRA is fine there
+    nan_m = lorakit.inject(nn.Sequential(nn.Linear(4, 3)), LoraConfig(targets=["0"], use_dora=True))
+    with torch.no_grad():
+        dict(lorakit.lora_layers(nan_m))["0"].lora_magnitude_vector["default"][0] = float("nan")
+    weight = nan_m[0].weight.detach().clone()
+    with pytest.raises(LoraError, match=r"0.lora_magnitude_vector.default holds NaN"):
+        lorakit.merge(nan_m)
+    assert torch.equal(nan_m[0].weight, weight) and not lorakit.registry(nan_m).merged
 
     # a DoRA file without its magnitudes, and a plain file with them, are refused before any change
     base, ids = _toy(torch.float32, gconv=False)

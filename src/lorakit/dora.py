@@ -31,16 +31,33 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .config import LoraError
+
 if TYPE_CHECKING:
     from .kinds import Kind
     from .layers import LoraLayer
 
-__all__ = ["magnitude_shape", "weight_norm", "factor", "forward", "merged", "unmerged"]
+__all__ = ["check", "magnitude_shape", "weight_norm", "factor", "forward", "merged", "unmerged"]
 
 
 def _axis(layer: "LoraLayer") -> int:
     """W's output axis: 1 for a transposed kind (Conv1D, Embedding), else 0."""
     return 1 if layer.kind.transposed else 0
+
+
+def check(kind: Kind, weight: Tensor, path: str) -> None:
+    """Raise :class:`LoraError` if an output unit of ``weight`` is all zeros: its ‖W + ΔW‖ starts at 0
+    and f = m/‖W + ΔW‖ would be 0/0 (PEFT's output is NaN there)."""
+    if weight.device.type == "meta":
+        return
+    axis = 1 if kind.transposed else 0
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(weight.float(), dim=[d for d in range(weight.dim()) if d != axis])
+    zero = (norm == 0).nonzero().flatten().tolist()
+    if zero:
+        raise LoraError(f"{path}: output unit(s) {zero[:8]}{' …' if len(zero) > 8 else ''} of this weight are all "
+                        "zero, so DoRA's m/‖W + ΔW‖ is 0/0 there (PEFT gives NaN); use plain LoRA (use_dora=False) "
+                        "on this module")
 
 
 def magnitude_shape(kind: Kind, weight: Tensor) -> tuple[int, ...]:

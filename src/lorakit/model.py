@@ -233,7 +233,9 @@ def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None
                             "(merging would change all of them); keep this adapter unmerged")
     for path, layer in layers:
         for name in layer.active:
-            for key, t in (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name])):
+            factors = (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name]),
+                       ("lora_magnitude_vector", layer.lora_magnitude_vector.get(name)))
+            for key, t in ((k, t) for k, t in factors if t is not None):
                 if not torch.isfinite(t).all():
                     raise LoraError(f"cannot merge adapter {name!r}: {path}.{key}.{name} holds NaN or inf "
                                     "values; nothing was merged")

@@ -40,9 +40,14 @@ if TYPE_CHECKING:
 __all__ = ["check", "magnitude_shape", "weight_norm", "factor", "forward", "merged", "unmerged"]
 
 
-def _axis(layer: "LoraLayer") -> int:
+def _axis(kind: Kind) -> int:
     """W's output axis: 1 for a transposed kind (Conv1D, Embedding), else 0."""
-    return 1 if layer.kind.transposed else 0
+    return 1 if kind.transposed else 0
+
+
+def _norm(kind: Kind, v: Tensor) -> Tensor:
+    """‖v‖ per output unit of a tensor in W's layout, as a vector (out,)."""
+    return torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != _axis(kind)])
 
 
 def check(kind: Kind, weight: Tensor, path: str) -> None:
@@ -50,9 +55,8 @@ def check(kind: Kind, weight: Tensor, path: str) -> None:
     and f = m/‖W + ΔW‖ would be 0/0 (PEFT's output is NaN there)."""
     if weight.device.type == "meta":
         return
-    axis = 1 if kind.transposed else 0
     with torch.no_grad():
-        norm = torch.linalg.vector_norm(weight.float(), dim=[d for d in range(weight.dim()) if d != axis])
+        norm = _norm(kind, weight.float())
     zero = (norm == 0).nonzero().flatten().tolist()
     if zero:
         raise LoraError(f"{path}: output unit(s) {zero[:8]}{' …' if len(zero) > 8 else ''} of this weight are all "
@@ -63,21 +67,15 @@ def check(kind: Kind, weight: Tensor, path: str) -> None:
 def magnitude_shape(kind: Kind, weight: Tensor) -> tuple[int, ...]:
     """m's shape (PEFT's) for ``weight`` of a ``kind`` layer: (out,), or (1, out, 1, …) for a
     convolution's W (dim > 2)."""
-    out = weight.shape[1 if kind.transposed else 0]
+    out = weight.shape[_axis(kind)]
     return (1, out, *([1] * (weight.dim() - 2))) if weight.dim() > 2 else (out,)
-
-
-def _norm(layer: "LoraLayer", v: Tensor) -> Tensor:
-    """‖v‖ per output unit of a tensor in W's layout, as a vector (out,)."""
-    axis = _axis(layer)
-    return torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != axis])
 
 
 def weight_norm(layer: "LoraLayer", name: str) -> Tensor:
     """‖W + ΔW‖ per output unit (out,), in the factors' dtype, without gradient."""
     with torch.no_grad():
         delta = layer.delta(name)
-        return _norm(layer, layer.weight.to(delta.dtype) + delta)
+        return _norm(layer.kind, layer.weight.to(delta.dtype) + delta)
 
 
 def factor(layer: "LoraLayer", name: str) -> Tensor:
@@ -112,7 +110,7 @@ def forward(layer: "LoraLayer", name: str, x: Tensor, *args, **kwargs) -> Tensor
 def _broadcast_on_weight(layer: "LoraLayer", v: Tensor) -> Tensor:
     """A per-output vector shaped to broadcast over W's layout."""
     shape = [1] * layer.weight.dim()
-    shape[_axis(layer)] = -1
+    shape[_axis(layer.kind)] = -1
     return v.view(shape)
 
 
@@ -120,7 +118,7 @@ def merged(layer: "LoraLayer", name: str) -> tuple[Tensor, Tensor]:
     """``(W', ‖W + ΔW‖)`` in float64: W' = m/‖W + ΔW‖ ⊙ (W + ΔW), for one rounding to W's dtype by the
     caller; the norm is what :func:`unmerged` needs to take W' apart again."""
     v = layer._shifted((name,), +1)
-    norm = _norm(layer, v)
+    norm = _norm(layer.kind, v)
     m = layer.lora_magnitude_vector[name].detach().flatten().to(torch.float64)
     return v * _broadcast_on_weight(layer, m / norm), norm
 

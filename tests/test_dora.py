@@ -259,7 +259,7 @@ def test_lorakit_dora_file_loads_in_peft_with_matching_outputs(tmp_path):
         _close(pm(ids), expected)
 
 
-def test_training_with_dropout_matches_peft():
+def test_training_with_dropout_matches_peft_outputs_and_gradients():
     """PEFT's dropout handling: y = base(x) + (f − 1)·W·x̃ + f·s·B·A·x̃, x̃ = dropout(x) (none on token ids)."""
     base, ids = _toy(torch.float32, gconv=False)
     x = torch.randn(3, 5, 8)
@@ -285,6 +285,17 @@ def test_training_with_dropout_matches_peft():
     torch.manual_seed(7)
     got = lk(ids, x)
     _close(got, expected)
+    g = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
+    (expected * g).sum().backward()
+    (got * g).sum().backward()
+    for path, layer in lorakit.lora_layers(lk):  # the same gradients for A, B and m
+        theirs = pm.base_model.model.get_submodule(path)
+        a, b = ((theirs.lora_embedding_A["default"], theirs.lora_embedding_B["default"]) if path == "emb" else
+                (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight))
+        for mine, ref in ((layer.lora_A["default"], a), (layer.lora_B["default"], b),
+                          (layer.lora_magnitude_vector["default"], theirs.lora_magnitude_vector["default"].weight)):
+            assert mine.grad.abs().max() > 0
+            _close(mine.grad, ref.grad)
     with torch.no_grad():
         assert (got - lk.eval()(ids, x)).abs().max() > 1e-3  # dropout did act
 

@@ -485,3 +485,23 @@ def test_cli_train_dora(tmp_path):
     assert code == 0 and out.split("\t")[0] in {"eggs", "ham", "spam"}, err
     refused(cli("train", "--model", bert, "--data", data, *FAST, "--dora", "--full", "--out", tmp_path / "r2"),
             "--dora is a LoRA variant")
+
+
+def test_save_pretrained_writes_the_base_and_the_dora_adapter(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    base = GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).eval()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = lorakit.inject(base, LoraConfig(r=2, targets=["c_attn"], use_dora=True))
+    _randomise(model)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids).last_hidden_state
+    model.save_pretrained(tmp_path)
+    again = GPT2Model.from_pretrained(tmp_path).eval()
+    assert again.state_dict().keys() == original.keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in original.items())
+    lorakit.load(again, tmp_path / "adapters" / "default")
+    with torch.no_grad():
+        assert torch.equal(again(ids).last_hidden_state, out)

@@ -165,9 +165,10 @@ class LoraLayer(nn.Module):
     def run(self, names: Sequence[str], x: Tensor, *args, **kwargs) -> Tensor:
         """The unmerged forward with the updates of ``names`` (the base alone if there are none): a DoRA
         adapter through :func:`lorakit.dora.forward`, plain ones through the kind's forward."""
-        if len(names) == 1 and names[0] in self.lora_magnitude_vector:
-            return _dora.forward(self, names[0], x, *args, **kwargs)
-        self.check_active(names, "this layer")
+        if self.lora_magnitude_vector:
+            if len(names) == 1 and names[0] in self.lora_magnitude_vector:
+                return _dora.forward(self, names[0], x, *args, **kwargs)
+            self.check_active(names, "this layer")
         return self.kind.forward(self, names, x, *args, **kwargs)
 
     # -- merge ----------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Staleness). Inside a routing each layer decides once per input shape how to run 
 cached for the routing, so every decode step of ``generate`` reuses it): the rows' factors are
 gathered from the bank (two ``index_select``) and applied with two batched matmuls, the first as
 (A·xᵀ)ᵀ (the layout BLAS runs fast for thin r), the second added in place to the base output.
-Batches that use one adapter take the plain single-adapter path. Other layer kinds
+Batches that use one adapter take the plain single-adapter path. Layers with a DoRA adapter
+(per-row magnitudes: each row is scaled by its own adapter's m/‖W + ΔW‖), other layer kinds
 (convolutions, raw parameters), ``modules_to_save`` copies, training with dropout, and any forward
 that needs gradients for the factors run per adapter group through the plain (differentiable)
 path; they reassemble rows only from one output tensor whose dim 0 is the batch (a module returning
@@ -117,6 +118,11 @@ class Routing:
         if layer.merged:
             raise LoraError(f"adapters {list(layer.merged)} were merged inside a lorakit.mixed block; unmerge first")
         self.check_alive()
+        if layer.lora_magnitude_vector:  # DoRA: each adapter's rows through the layer's own forward (exact)
+            rows = self.adapters[:1] if self.uniform else self.rows(layer, x, layer.kind.batch_dim(layer.base_layer, x))
+            names = [a if a in layer.lora_A else None for a in rows]
+            run = lambda n, rows: layer.run((n,) if n else (), rows, *args, **kwargs)  # noqa: E731
+            return run(names[0], x) if len(set(names)) == 1 else _groups(self.label(layer), names, x, run)
         if self.uniform:  # the plain single-adapter path, without per-row bookkeeping
             name = self.adapters[0]
             return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)

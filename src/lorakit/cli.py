@@ -49,6 +49,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    p.add_argument("--dora", action="store_true", help="DoRA: LoRA plus a trained magnitude per output (PEFT's use_dora)")
     p.add_argument("--epochs", type=float, default=None, help="epochs (default 3 classify, 1 causal-lm)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 16 classify, 8 causal-lm)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
@@ -114,6 +115,8 @@ def _train(args) -> int:
     lm = args.task == "causal-lm"
     if args.full and args.quantize:
         raise _UsageError("--full trains every weight; a quantized (--quantize) weight cannot be trained: use LoRA")
+    if args.full and args.dora:
+        raise _UsageError("--dora is a LoRA variant; --full trains every weight instead: use one of them")
     not_here = [o for o, v in ((("--eval-limit", args.eval_limit),) if not lm else
                                (("--text-column", args.text_column), ("--label-column", args.label_column)))
                 if v is not None]
@@ -130,7 +133,8 @@ def _train(args) -> int:
         return _launch(args.nproc, args.argv)
     device = D.resolve_device(args.device)
     targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
-    lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full)
+    lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
+                    dora=args.dora)
     train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
                         lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,
                         schedule=args.schedule, warmup=args.warmup, grad_accum=args.grad_accum,

@@ -2,7 +2,7 @@
 
 A config says *which* weights get an adapter (``targets``, ``target_parameters``, ``exclude``)
 and *how* it is shaped and initialised (``r``, ``alpha``, ``rank_pattern``, ``alpha_pattern``,
-``init``, ``use_rslora``, ``dropout``). It never changes after construction; use
+``init``, ``use_rslora``, ``use_dora``, ``dropout``). It never changes after construction; use
 :func:`dataclasses.replace` to derive a variant.
 """
 
@@ -101,6 +101,8 @@ class LoraConfig:
         alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
         init: one of :data:`INITS`.
         use_rslora: scale by ``alpha / √r`` instead of ``alpha / r``.
+        use_dora: DoRA (weight-decomposed LoRA, as PEFT's ``use_dora``): each adapted weight also
+            gets a trainable magnitude per output, W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (see :mod:`lorakit.dora`).
         modules_to_save: modules trained and saved whole with the adapter (e.g. a new
             classification head ``"classifier"``), same pattern rules as ``targets``.
     """
@@ -115,6 +117,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     init: str = "kaiming"
     use_rslora: bool = False
+    use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -142,6 +145,8 @@ class LoraConfig:
                 raise LoraError(f"alpha_pattern[{key!r}] must be > 0, got {a}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise LoraError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise LoraError(f"use_dora must be True or False, got {self.use_dora!r}")
         if self.init not in INITS:
             raise LoraError(f"unknown init {self.init!r}; valid inits are: {', '.join(INITS)}")
 

@@ -1,7 +1,8 @@
 """Save and load adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Keys are ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (embeddings:
-``lora_embedding_A`` / ``lora_embedding_B``), tensors in PEFT's shapes, fp32 by default.
+``lora_embedding_A`` / ``lora_embedding_B``), and for DoRA (``use_dora: true``) also
+``<module path>.lora_magnitude_vector``, tensors in PEFT's shapes, fp32 by default.
 
 Loading is strict and all-or-nothing: the whole file is checked against the model (keys, shapes,
 prefix, finite values) and against its own config (the config must select, by PEFT's rules,
@@ -32,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
-from . import quant
+from . import dora, quant
 from .config import LoraConfig, LoraError
 from .layers import LoraLayer
 from .model import attach, check_name, lora_layers, registry, saved_modules, set_active, unwrap
@@ -48,7 +49,7 @@ _META_KEY = "lorakit_config"
 _QUANT_KEY = "lorakit_base_quantization"  # {path: "nf4" | "fp4" | "int8"} of the adapted quantized layers
 _LEGACY_HASH_KEY = "lorakit_weights_sha256"  # in adapter_config.json of files from earlier lorakit versions
 # PEFT options lorakit cannot honour: loading them silently would give different outputs.
-_UNSUPPORTED = {"use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
+_UNSUPPORTED = {"bias": "none", "layers_to_transform": None, "layers_pattern": None,
                 "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
                 "trainable_token_indices": None}
 
@@ -76,6 +77,11 @@ def _keys(path: str, kind: Kind) -> tuple[str, str]:
     if kind.selected_by is None:
         path = ".base_layer.".join(path.rsplit(".", 1))
     return f"{PREFIX}{path}.{kind.a_key}", f"{PREFIX}{path}.{kind.b_key}"
+
+
+def _magnitude_key(path: str) -> str:
+    """The file key of a DoRA magnitude at ``path`` (DoRA kinds are never a kind's part)."""
+    return f"{PREFIX}{path}.lora_magnitude_vector"
 
 
 def _module_path(key: str) -> str:
@@ -109,7 +115,7 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         "target_parameters": sorted(params) or None, "exclude_modules": None,
         "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != cfg.r},
         "alpha_pattern": {re.escape(p): num(a) for p, a in alphas.items() if a != cfg.alpha},
-        "use_rslora": cfg.use_rslora,
+        "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
         "fan_in_fan_out": any(layer.kind.fan_in_fan_out for _, layer in layers),
         "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
         "modules_to_save": _target_modules(unwrap(model), saved) if saved else None,
@@ -158,6 +164,8 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
         if adapter in layer.lora_A:
             for key, t in zip(_keys(path, layer.kind), (layer.lora_A[adapter], layer.lora_B[adapter])):
                 tensors[key] = t.detach().to("cpu", dtype).contiguous()
+            if adapter in layer.lora_magnitude_vector:
+                tensors[_magnitude_key(path)] = layer.lora_magnitude_vector[adapter].detach().to("cpu", dtype)
     config = _peft_config(model, adapter)
     whole = [(p, w.modules_to_save[adapter]) for p, w in saved_modules(model) if adapter in w.adapters()]
     for path, module in whole + _also_selected(model, adapter, config["modules_to_save"]):
@@ -243,6 +251,7 @@ def _to_lora_config(config: dict, source: Path) -> LoraConfig:
                           rank_pattern=config.get("rank_pattern") or {},
                           alpha_pattern=config.get("alpha_pattern") or {},
                           use_rslora=bool(config.get("use_rslora", False)),
+                          use_dora=config.get("use_dora") or False,
                           modules_to_save=config.get("modules_to_save") or ())
     except KeyError as e:
         raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
@@ -326,13 +335,15 @@ def _exact_targets(cfg: LoraConfig, paths: set[str], saved: set[str], params: se
                                modules_to_save=exact(saved))
 
 
-def _expected(sites: list[Site], saved: list[tuple]) -> dict[str, tuple]:
-    """Key -> shape that a file must hold for the planned ``sites`` and ``saved`` modules."""
+def _expected(cfg: LoraConfig, sites: list[Site], saved: list[tuple]) -> dict[str, tuple]:
+    """Key -> shape that a file of config ``cfg`` must hold for the planned ``sites`` and ``saved`` modules."""
     expected = {f"{PREFIX}{e[0]}.{k}": tuple(v.shape) for e in saved for k, v in e[1].state_dict().items()}
     for s in sites:
         a_shape, b_shape = s.kind.shapes(s.module, s.weight, s.r)
         a_key, b_key = _keys(s.path, s.kind)
         expected[a_key], expected[b_key] = tuple(a_shape), tuple(b_shape)
+        if cfg.use_dora:
+            expected[_magnitude_key(s.path)] = dora.magnitude_shape(s.kind, s.weight)
     return expected
 
 
@@ -344,6 +355,8 @@ def _expected_existing(model: nn.Module, adapter: str) -> dict[str, tuple]:
         if adapter in layer.lora_A:
             a_key, b_key = _keys(p, layer.kind)
             expected[a_key], expected[b_key] = tuple(layer.lora_A[adapter].shape), tuple(layer.lora_B[adapter].shape)
+            if adapter in layer.lora_magnitude_vector:
+                expected[_magnitude_key(p)] = tuple(layer.lora_magnitude_vector[adapter].shape)
     return expected
 
 
@@ -419,7 +432,7 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
                          saved, selection.params)
     existing = reg is not None and adapter in reg.configs
     sites, saved_plan = plan(unwrap(model), cfg), plan_saved(unwrap(model), cfg)
-    _check(_expected(sites, saved_plan), tensors, source)  # the file is complete in itself ...
+    _check(_expected(cfg, sites, saved_plan), tensors, source)  # the file is complete in itself ...
     _agree(selection, paths, saved, config, config_source, source)  # ... and is what its config says
     if existing:  # ... and fits the adapter's current modules and shapes
         _check(_expected_existing(model, adapter), tensors, source)
@@ -459,6 +472,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                 a_key, b_key = _keys(path, layer.kind)
                 layer.lora_A[adapter].copy_(tensors[a_key])
                 layer.lora_B[adapter].copy_(tensors[b_key])
+                if adapter in layer.lora_magnitude_vector:
+                    layer.lora_magnitude_vector[adapter].copy_(tensors[_magnitude_key(path)])
         for path, wrapper in saved_modules(model):
             if adapter in wrapper.adapters():
                 prefix = f"{PREFIX}{path}."

@@ -57,6 +57,9 @@ class Kind:
             integer inputs) or None (the plain forward once per adapter group).
         parts: submodules (attribute name -> kind) whose weights the layer's forward reads without
             calling them; they get the same adapter with it and cannot be targeted alone.
+        dora: DoRA adapters (``use_dora``) are defined for this kind: W is a plain tensor whose
+            output axis is 0 (1 if ``transposed``), and :meth:`update` is implemented (see
+            :mod:`lorakit.dora`).
     """
 
     name = "kind"
@@ -69,6 +72,7 @@ class Kind:
     selected_by: str | None = "target_modules"
     mixed: str | None = None
     parts: dict[str, "Kind"] = {}
+    dora = False
 
     def __copy__(self):
         return self  # kinds are stateless singletons
@@ -130,6 +134,11 @@ class Kind:
         w = layer.weight
         delta = sum(layer.delta(name, w.dtype) for name in names)
         return functional_call(layer.base_layer, {layer.param_name: w + delta}, (x, *args), kwargs)
+
+    def update(self, layer: "LoraLayer", name: str, x: Tensor) -> Tensor:
+        """s·ΔW applied to ``x`` (already dropped out) without the base output, in the factors'
+        dtype; needed by kinds with :attr:`dora`."""
+        raise NotImplementedError(f"{self.name} layers have no separate update (DoRA is not defined for them)")
 
     def batch_dim(self, base: nn.Module, x: Tensor) -> int | None:
         """The dim of the input ``x`` that holds a batch's rows, for :func:`lorakit.mixed` (None: ``x``
@@ -253,6 +262,12 @@ class LinearKind(Kind):
     supports_dropout = True
     all_linear = True
     mixed = "matmul"
+    dora = True
+
+    def update(self, layer, name, x):
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        h = _skinny(a, x.to(a.dtype).reshape(-1, x.shape[-1]))
+        return (F.linear(h, b) * layer.scale[name]).view(*x.shape[:-1], b.shape[0])
 
     def owns_output(self, base):
         return type(base) is nn.Linear  # a subclass's output may be needed by its own backward
@@ -306,6 +321,7 @@ class _Embedding(Kind):
     transposed = True
     supports_dropout = True  # accepted for PEFT-compatible configs, but integer inputs get no dropout (as in PEFT)
     mixed = "lookup"
+    dora = True
 
     def check(self, base, path):
         if base.max_norm is not None:
@@ -323,13 +339,15 @@ class _Embedding(Kind):
         nn.init.zeros_(a)
         nn.init.normal_(b)
 
+    def update(self, layer, name, x):
+        base, a, b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
+        h = F.embedding(x, a.t(), base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
+        return F.linear(h, b) * layer.scale[name]
+
     def forward(self, layer, names, x, *args, **kwargs):
-        base = layer.base_layer
-        result = base(x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs)
         for name in names:
-            a, b = layer.lora_A[name], layer.lora_B[name]
-            h = F.embedding(x, a.t(), base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
-            result = result + (F.linear(h, b) * layer.scale[name]).to(result.dtype)
+            result = result + self.update(layer, name, x).to(result.dtype)
         return result
 
 
@@ -338,18 +356,20 @@ class _Conv(Kind):
 
     name = "conv"
     supports_dropout = True
+    dora = True
 
     def shapes(self, base, weight, r):
         return (r, *weight.shape[1:]), (weight.shape[0], r, *([1] * (weight.dim() - 2)))
 
-    def forward(self, layer, names, x, *args, **kwargs):
-        base = layer.base_layer
-        result = base(x, *args, **kwargs)
+    def update(self, layer, name, x):
+        a, b = layer.lora_A[name], layer.lora_B[name]
         conv = (F.conv1d, F.conv2d, F.conv3d)[layer.weight.dim() - 3]
+        return conv(layer.base_layer._conv_forward(x.to(a.dtype), a, None), b) * layer.scale[name]
+
+    def forward(self, layer, names, x, *args, **kwargs):
+        result = layer.base_layer(x, *args, **kwargs)
         for name in names:
-            a, b = layer.lora_A[name], layer.lora_B[name]
-            h = conv(base._conv_forward(layer.dropped(x, name).to(a.dtype), a, None), b)
-            result = result + (h * layer.scale[name]).to(result.dtype)
+            result = result + self.update(layer, name, layer.dropped(x, name)).to(result.dtype)
         return result
 
 
@@ -362,14 +382,16 @@ class _GroupedConv(Kind):
 
     name = "conv_grouped"
     supports_dropout = True
+    dora = True  # lorakit's own layout (PEFT's grouped-conv files differ, see above)
+
+    def update(self, layer, name, x):
+        delta = layer.delta(name, layer.lora_A[name].dtype)
+        return layer.base_layer._conv_forward(x.to(delta.dtype), delta, None)
 
     def forward(self, layer, names, x, *args, **kwargs):
-        base = layer.base_layer
-        result = base(x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs)
         for name in names:
-            delta = layer.delta(name, layer.lora_A[name].dtype)
-            h = base._conv_forward(layer.dropped(x, name).to(delta.dtype), delta, None)
-            result = result + h.to(result.dtype)
+            result = result + self.update(layer, name, layer.dropped(x, name)).to(result.dtype)
         return result
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import batching as _batching  # the mixed routing: ROUTING, MIXED_OPEN
+from . import dora as _dora
 from .config import LoraError
 from .kinds import Kind
 
@@ -35,6 +36,7 @@ class LoraLayer(nn.Module):
     Attributes:
         base_layer: the wrapped, frozen module (its forward and buffers are untouched).
         lora_A, lora_B: the factors per adapter name, in PEFT's shapes.
+        lora_magnitude_vector: DoRA's magnitude m per DoRA adapter name (:mod:`lorakit.dora`).
         scale: per adapter, s = α/r (or α/√r).
         active: names whose updates are applied in forward (set by :func:`lorakit.set_active`).
         merged: names currently merged into W (then forward is the base forward alone).
@@ -47,11 +49,13 @@ class LoraLayer(nn.Module):
         self.param_name = param_name
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
         self.scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
         self._original: Tensor | None = None  # copy of W while merged (merge's keep_copy)
+        self._norm: Tensor | None = None  # a merged DoRA adapter's ‖W + ΔW‖ when no copy was kept
         self.generation = 0  # bumped when an adapter is added or removed (caches of lorakit.mixed)
 
     @property
@@ -65,8 +69,9 @@ class LoraLayer(nn.Module):
         return self.base_layer.bias
 
     # -- adapters -------------------------------------------------------------------------------
-    def add(self, name: str, r: int, scale: float, dropout: float, init: str) -> None:
-        """Create adapter ``name`` with ΔW = 0. Factors in the kind's factor_dtype (fp32 on a half-precision base)."""
+    def add(self, name: str, r: int, scale: float, dropout: float, init: str, dora: bool = False) -> None:
+        """Create adapter ``name`` with ΔW = 0. Factors in the kind's factor_dtype (fp32 on a half-precision base).
+        ``dora``: also a DoRA magnitude, m = ‖W + ΔW‖ (so the layer's output is unchanged)."""
         w = self.weight
         dtype = self.kind.factor_dtype(self.base_layer, w)
         a_shape, b_shape = self.kind.shapes(self.base_layer, w, r)
@@ -77,10 +82,15 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(b)
         self.scale[name] = float(scale)
         self.dropout[name] = float(dropout)
+        if dora:
+            m = _dora.weight_norm(self, name).reshape(_dora.magnitude_shape(self.kind, w))
+            self.lora_magnitude_vector[name] = nn.Parameter(m)
         self.generation += 1
 
     def remove(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name], self.scale[name], self.dropout[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active = tuple(n for n in self.active if n != name)
         self.generation += 1
         self.__dict__.pop("_bank", None)  # free the removed factors' copy now
@@ -97,6 +107,17 @@ class LoraLayer(nn.Module):
         for n in self.lora_A:
             self.lora_A[n].requires_grad_(n in names)
             self.lora_B[n].requires_grad_(n in names)
+        for n, m in self.lora_magnitude_vector.items():
+            m.requires_grad_(n in names)
+
+    def check_active(self, names: Sequence[str], path: str) -> None:
+        """Raise :class:`LoraError` if ``names`` would make a DoRA adapter active here together with
+        another adapter (their combination has no single W'; see :mod:`lorakit.dora`)."""
+        here = [n for n in names if n in self.lora_A]
+        if len(here) > 1 and any(n in self.lora_magnitude_vector for n in here):
+            dora = [n for n in here if n in self.lora_magnitude_vector]
+            raise LoraError(f"{path}: DoRA adapter(s) {dora} cannot be active together with another adapter "
+                            f"on the same layer (asked for {here}); activate a DoRA adapter alone")
 
     def dropped(self, x: Tensor, name: str) -> Tensor:
         p = self.dropout[name]
@@ -121,8 +142,9 @@ class LoraLayer(nn.Module):
 
         float64 holds every product of two fp32 (or bf16/fp16) factor elements exactly, so W + s·B·A
         is rounded once, to W's dtype (an fp32 product would round B·A, then the sum, then W's
-        dtype). Costs a transient float64 copy of this one weight."""
-        total = self.weight.to(torch.float64)
+        dtype). Costs a transient float64 copy of this one weight (a copy also when W is float64:
+        it is added to in place)."""
+        total = self.weight.to(torch.float64, copy=True)
         for n in names:
             total.add_(self.delta(n, compute=torch.float64), alpha=sign)
         return total
@@ -138,7 +160,16 @@ class LoraLayer(nn.Module):
                 return routing.forward(self, x, *args, **kwargs)
         if self.merged or not self.active:
             return self.base_layer(x, *args, **kwargs)
-        return self.kind.forward(self, self.active, x, *args, **kwargs)
+        return self.run(self.active, x, *args, **kwargs)
+
+    def run(self, names: Sequence[str], x: Tensor, *args, **kwargs) -> Tensor:
+        """The unmerged forward with the updates of ``names`` (the base alone if there are none): a DoRA
+        adapter through :func:`lorakit.dora.forward`, plain ones through the kind's forward."""
+        if self.lora_magnitude_vector:
+            if len(names) == 1 and names[0] in self.lora_magnitude_vector:
+                return _dora.forward(self, names[0], x, *args, **kwargs)
+            self.check_active(names, "this layer")
+        return self.kind.forward(self, names, x, *args, **kwargs)
 
     # -- merge ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,30 +181,41 @@ class LoraLayer(nn.Module):
         names = tuple(n for n in names if n in self.lora_A)
         if not names:
             return
+        self.check_active(names, "this layer")
         w = self.weight
-        total = self._shifted(names, +1).to(w.dtype)
+        dora = names[0] in self.lora_magnitude_vector
+        total, norm = _dora.merged(self, names[0]) if dora else (self._shifted(names, +1), None)
+        total = total.to(w.dtype)
         if not torch.isfinite(total).all():
             raise LoraError(f"merging {', '.join(names)} would put non-finite values into the weight "
                             f"({w.dtype} overflows); keep the adapter unmerged")
         if keep_copy:
             self._original = w.detach().clone()
+        else:
+            self._norm = norm
         w.copy_(total)  # in place: the Parameter (and anything tied to it) stays the same object
         self.merged = names
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the merged update out of W: bit-exact from the kept copy, else by subtraction
-        (W − Σ ΔW, rounded once)."""
+        """Take the merged update out of W: bit-exact from the kept copy, else by arithmetic
+        (W − Σ ΔW; DoRA: W'·‖W + ΔW‖/m − ΔW; rounded once)."""
         if not self.merged:
             return
         w = self.weight
-        w.copy_(self._original if self._original is not None else self._shifted(self.merged, -1))
-        self._original = None
+        if self._original is not None:
+            w.copy_(self._original)
+        elif self._norm is not None:
+            w.copy_(_dora.unmerged(self, self.merged[0], self._norm))
+        else:
+            w.copy_(self._shifted(self.merged, -1))
+        self._original = self._norm = None
         self.merged = ()
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.lora_A}
-        return f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}, active={list(self.active)}"
+        dora = f", dora={list(self.lora_magnitude_vector)}" if self.lora_magnitude_vector else ""
+        return f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}{dora}, active={list(self.active)}"
 
 
 class SavedModule(nn.Module):

@@ -37,6 +37,7 @@ class _OutProj(LinearKind):
     selected_by = None  # comes with its attention; PEFT: attn.base_layer.out_proj.lora_A.weight
     all_linear = False
     supports_dropout = False
+    dora = False  # as its attention (PEFT does not define DoRA for nn.MultiheadAttention)
 
 
 class MultiheadAttentionKind(Kind):

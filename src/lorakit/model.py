@@ -98,7 +98,7 @@ def attach(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], save
         if layer is None:
             layer = LoraLayer(site.module, site.kind, site.param)
             setattr(site.parent, site.attr, layer)
-        layer.add(name, site.r, site.scale, cfg.dropout, cfg.init)
+        layer.add(name, site.r, site.scale, cfg.dropout, cfg.init, dora=cfg.use_dora)
     for path, module, parent, attr, wrapper in saved:
         if wrapper is None:
             wrapper = SavedModule(module)
@@ -131,12 +131,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activ
 def set_active(model: nn.Module, adapters: str | Sequence[str]) -> None:
     """Make ``adapters`` (one name or several) the active set; their updates add up.
 
-    Active adapters are trainable, inactive ones are frozen.
+    Active adapters are trainable, inactive ones are frozen. A DoRA adapter must be the only active
+    one on each of its layers (:class:`LoraError` otherwise, before anything changes).
     """
     names = (adapters,) if isinstance(adapters, str) else tuple(dict.fromkeys(adapters))
     reg = registry(model)
     _check_names(reg, names)
     _require_unmerged(reg, "change the active adapters")
+    for path, layer in lora_layers(model):
+        layer.check_active(names, path)
     reg.active = names
     for _, wrapper in wrappers(model):
         wrapper.set_active(names)
@@ -230,7 +233,9 @@ def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None
                             "(merging would change all of them); keep this adapter unmerged")
     for path, layer in layers:
         for name in layer.active:
-            for key, t in (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name])):
+            factors = (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name]),
+                       ("lora_magnitude_vector", layer.lora_magnitude_vector.get(name)))
+            for key, t in ((k, t) for k, t in factors if t is not None):
                 if not torch.isfinite(t).all():
                     raise LoraError(f"cannot merge adapter {name!r}: {path}.{key}.{name} holds NaN or inf "
                                     "values; nothing was merged")

@@ -78,6 +78,8 @@ class QuantizedLinear(LinearKind):
     view made inside its autograd Function, which autograd forbids modifying in place). Merging
     into the packed weight is refused (see the module docstring)."""
 
+    dora = False  # W is packed: its norm is not a tensor lorakit can read
+
     def __init__(self, name: str) -> None:
         self.name = name
 

@@ -16,6 +16,7 @@ from typing import Iterator
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import dora
 from .config import LoraConfig, LoraError, Target
 from .kinds import Kind, kind_of, parameter_kind, supported
 from .layers import LoraLayer, SavedModule
@@ -172,6 +173,14 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
             what = "raw parameters" if kind.selected_by == "target_parameters" else f"{kind.name} layers"
             raise LoraError(f"{path}.{param}: dropout is not supported on {what} (the adapter sees no input "
                             "of its own); use dropout=0")
+        if cfg.use_dora and not kind.dora:
+            what = "raw parameters" if kind.selected_by == "target_parameters" else \
+                f"{kind.name} layers ({type(module).__name__})"
+            raise LoraError(f"{path}.{param}: DoRA (use_dora=True) is not defined for {what}; it works on "
+                            "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv1d/2d/3d: keep this "
+                            "module out of the targets")
+        if cfg.use_dora:
+            dora.check(kind, getattr(module, param), f"{path}.{param}")
         owner = owners.get(path, path)
         sites.append(Site(path, module, kind, param, cfg.rank_for(owner), cfg.scale_for(owner),
                           parent, attr, layer))

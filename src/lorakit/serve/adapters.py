@@ -86,7 +86,8 @@ def resolve_under(root: Path, path: str) -> Path:
         raise AdapterError(400, f"path {path!r} is outside the adapter root", code="path_outside_root",
                            param="path")
     if not (target / "adapter_config.json").is_file():
-        raise AdapterError(400, f"path {path!r} is not an adapter folder (no adapter_config.json)", param="path")
+        raise AdapterError(400, f"path {path!r} is not an adapter folder (no adapter_config.json)",
+                           code="adapter_not_found", param="path")
     check_contained(root, target)
     return target
 

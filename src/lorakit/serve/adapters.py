@@ -228,8 +228,6 @@ class Adapters:
                 raise LoraError("adapter_config.json is not valid JSON") from None
             if not isinstance(config, dict):
                 raise LoraError("adapter_config.json does not hold a JSON object")
-            if config.get("modules_to_save"):
-                raise LoraError("adapters with modules_to_save cannot be served in mixed batches")
             action()
         except (LoraError, OSError, ValueError) as e:
             message = str(e) if self.root is None else _outside(self.root, str(e))

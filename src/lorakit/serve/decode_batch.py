@@ -7,7 +7,7 @@ Positions are explicit per row (``position_ids = n``), so RoPE sees each row's t
 A finished row is removed with ``index_select`` and columns that are padding in every remaining
 row are trimmed.
 
-Layers: full attention (Llama, Qwen2, ...) and sliding-window attention (Mistral, Gemma 3, which
+Layers: full attention (Llama, Qwen2, ...) and sliding-window attention (e.g. Gemma 3, which
 mixes both). Every layer keeps its whole cache (a sliding layer is not truncated to its window),
 and transformers builds the sliding-window mask from column indices (key column > query column -
 window). That is exact here because each row's real tokens are contiguous and end at the last

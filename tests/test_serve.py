@@ -249,6 +249,20 @@ def test_engine_serves_modules_to_save_adapters_in_mixed_batches(tmp_path):
         assert [r.tokens for r in got] == alone
     finally:
         engine.stop()
+    # checked at start-up without loading, then loaded, evicted (copies deleted) and reloaded: 2 resident
+    served, metrics = _tiny_llama(), Metrics()
+    adapters = Adapters(served, tmp_path, max_resident=2, metrics=metrics)
+    for name, path in discover(tmp_path).items():
+        adapters.register(name, path)
+    engine = Engine(served, FakeTok(), adapters, max_batch=8, metrics=metrics)
+    engine.start()
+    try:
+        got = _run(engine, [(ids, adapters.acquire(n) if n else None, k, 0.0, None)
+                            for (ids, _, k, _, _), n in zip(jobs, names)])
+        assert [r.tokens for r in got] == alone
+        assert metrics.value("lorakit_adapter_evictions_total") >= 1 and len(adapters.resident) <= 2
+    finally:
+        engine.stop()
 
 
 def test_http_queue_full_429_timeout_504_and_validation(tiny):

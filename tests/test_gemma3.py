@@ -21,15 +21,7 @@ pytest.importorskip("fastapi")
 from lorakit.serve.adapters import Adapters, discover  # noqa: E402
 from lorakit.serve.decode_batch import check_layers  # noqa: E402
 from lorakit.serve.engine import Engine  # noqa: E402
-from test_serve import FakeTok, _run  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_serve import FakeTok, _random_adapters, _run, one_thread  # noqa: E402, F401  (one_thread: a fixture)
 
 
 def _tiny_gemma3(window=4):
@@ -67,16 +59,7 @@ def _generate(model, ids, n, adapter=None, merged=False):
 
 def test_tiny_gemma3_sliding_window_batches_equal_generate_alone(tmp_path):
     ref = _tiny_gemma3()
-    specs = {"a": (4, "all-linear"), "b": (2, ["q_proj", "k_proj", "v_proj"])}
-    for i, (name, (r, targets)) in enumerate(specs.items()):
-        torch.manual_seed(300 + i)
-        lorakit.inject(ref, lorakit.LoraConfig(r=r, targets=targets), adapter=name)
-        with torch.no_grad():
-            for _, layer in lorakit.lora_layers(ref):
-                if name in layer.lora_B:
-                    layer.lora_B[name].normal_(0, 0.3)
-        lorakit.save(ref, tmp_path / name, adapter=name)
-    lorakit.set_active(ref, [])
+    _random_adapters(ref, tmp_path, {"a": (4, "all-linear"), "b": (2, ["q_proj", "k_proj", "v_proj"])}, std=0.3)
     served = _tiny_gemma3()
     adapters = Adapters(served, tmp_path)
     for name, path in discover(tmp_path).items():
@@ -105,9 +88,9 @@ def test_tiny_gemma3_sliding_window_batches_equal_generate_alone(tmp_path):
 
 def test_layer_types_other_than_full_or_sliding_are_refused():
     from transformers import Gemma3TextConfig, LlamaConfig
-    assert check_layers(LlamaConfig(num_hidden_layers=3)) == 3
+    check_layers(LlamaConfig(num_hidden_layers=3))
     cfg = Gemma3TextConfig(num_hidden_layers=2, sliding_window=4)
-    assert check_layers(cfg) == 2
+    check_layers(cfg)
     cfg.layer_types, cfg.attention_chunk_size = ["chunked_attention", "full_attention"], 4  # absolute chunks
     with pytest.raises(ValueError, match="chunked_attention"):
         check_layers(cfg)
@@ -140,19 +123,21 @@ def test_gemma3_270m_served_equals_generate(tmp_path):
     plan = [("gemma3", long), ("g", long), ("gemma3", "The capital of France is"), ("g", "Once upon a time")]
     n = 6
     ids = [tok(prompt)["input_ids"] for _, prompt in plan]
-    want = [tok.decode(_generate(ref, i, n, None if model == "gemma3" else model), skip_special_tokens=True)
-            for i, (model, _) in zip(ids, plan)]
-    assert len(ids[0]) > 600 and want[1] != want[0] and want[3] != tok.decode(_generate(ref, ids[3], n), skip_special_tokens=True)
-    assert tok.decode(_generate(ref, ids[1], n, "g", merged=True), skip_special_tokens=True) == want[1]
+
+    def text(i, adapter=None, merged=False):  # the oracle: HF generate alone, decoded as the server does
+        return tok.decode(_generate(ref, ids[i], n, adapter, merged), skip_special_tokens=True)
+    want = [text(i, None if model == "gemma3" else model) for i, (model, _) in enumerate(plan)]
+    assert len(ids[0]) > 600 and want[1] != want[0] and want[3] != text(3)  # the adapter changes outputs
+    assert text(1, "g", merged=True) == want[1]
     ref.config.sliding_window = 4096  # the window matters for this prompt: all-global attention answers otherwise
-    assert tok.decode(_generate(ref, ids[0], n), skip_special_tokens=True) != want[0]
+    assert text(0) != want[0]
     del ref
     import concurrent.futures
     with Running(build("builtin:gemma3", tmp_path, log=lambda m: None)) as srv:
         def ask(model, prompt):
             conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=300)
-            conn.request("POST", "/v1/completions", json.dumps({"model": model, "prompt": prompt, "max_tokens": n,
-                                                                "temperature": 0}), {"Content-Type": "application/json"})
+            body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
             r = conn.getresponse()
             body = json.loads(r.read())
             conn.close()

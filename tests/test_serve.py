@@ -57,14 +57,20 @@ def _tiny_llama():
 
 
 def _random_adapters(model, root, specs, std):
-    """Inject, randomize lora_B (N(0, std)) and save each adapter under root/<name>."""
-    for i, (name, (r, targets)) in enumerate(specs.items()):
+    """Inject each adapter (spec: ``(r, targets)`` or a LoraConfig), randomize its lora_B (N(0, std))
+    and its modules_to_save copies (+ N(0, 1)), and save it under root/<name>."""
+    from lorakit.model import saved_modules
+    for i, (name, spec) in enumerate(specs.items()):
         torch.manual_seed(100 + i)
-        lorakit.inject(model, lorakit.LoraConfig(r=r, targets=targets), adapter=name)
+        cfg = spec if isinstance(spec, lorakit.LoraConfig) else lorakit.LoraConfig(r=spec[0], targets=spec[1])
+        lorakit.inject(model, cfg, adapter=name)
         with torch.no_grad():
             for _, layer in lorakit.lora_layers(model):
                 if name in layer.lora_B:
                     layer.lora_B[name].normal_(0, std)
+            for _, wrapper in saved_modules(model):
+                if name in wrapper.modules_to_save:  # a copy that really differs from the base's
+                    wrapper.modules_to_save[name].weight.add_(torch.randn_like(wrapper.base_layer.weight))
         lorakit.save(model, root / name, adapter=name)
     lorakit.set_active(model, [])
 
@@ -210,23 +216,11 @@ def test_engine_serves_modules_to_save_adapters_in_mixed_batches(tmp_path):
     """Adapters carrying modules_to_save (their own lm_head / embed_tokens) were refused at load; now
     their rows share prefill and decode steps with other adapters' rows and the base's, and each
     equals HF generate run alone with only its adapter active."""
-    from lorakit.model import saved_modules
     ref = _tiny_llama()
     specs = {"m": lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
              "n": lorakit.LoraConfig(r=2, targets="all-linear", modules_to_save=["embed_tokens"]),
              "a": lorakit.LoraConfig(r=8, targets=["o_proj", "down_proj"])}
-    for i, (name, cfg) in enumerate(specs.items()):
-        torch.manual_seed(200 + i)
-        lorakit.inject(ref, cfg, adapter=name)
-        with torch.no_grad():
-            for _, layer in lorakit.lora_layers(ref):
-                if name in layer.lora_B:
-                    layer.lora_B[name].normal_(0, 0.3)
-            for _, wrapper in saved_modules(ref):
-                if name in wrapper.modules_to_save:  # a copy that really differs from the base's
-                    wrapper.modules_to_save[name].weight.add_(torch.randn_like(wrapper.base_layer.weight))
-        lorakit.save(ref, tmp_path / name, adapter=name)
-    lorakit.set_active(ref, [])
+    _random_adapters(ref, tmp_path, specs, std=0.3)
     served = _tiny_llama()
     adapters = Adapters(served, tmp_path)
     for name, path in discover(tmp_path).items():

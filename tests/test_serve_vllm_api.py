@@ -17,15 +17,7 @@ import torch
 pytest.importorskip("fastapi")
 
 from lorakit.serve.server import build  # noqa: E402
-from test_serve_robust import AUTH, TOKEN, Running, _adapter, _alone, _save_tiny  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_serve_robust import AUTH, TOKEN, Running, _adapter, _alone, _save_tiny, one_thread  # noqa: E402, F401
 
 
 @pytest.fixture(scope="module")

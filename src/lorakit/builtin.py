@@ -114,7 +114,8 @@ def _convert_gguf(gguf: Path, out: Path, source: str | None = None) -> None:
     tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
     model.save_pretrained(out)  # config.json, generation_config.json, model.safetensors (tied lm_head)
     tokenizer.save_pretrained(out)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
-    info = {"source": source or str(gguf), "bytes": gguf.stat().st_size, "transformers": transformers.__version__}
+    info = {"source": source or str(gguf), "bytes": gguf.stat().st_size,
+            "transformers": transformers.__version__}
     (out / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -445,7 +445,10 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
             if e.code == "adapter_exists":
                 raise ApiError(400, f"The lora adapter '{body.lora_name}' has already been loaded.",
                                param="lora_name", code="adapter_exists") from None
-            status = {409: 400, 400: 404 if e.code == "adapter_not_found" else 400}.get(e.status, e.status)
+            if e.code == "adapter_not_found":
+                status = 404  # vLLM's "No adapter found"
+            else:
+                status = 400 if e.status in (400, 409) else e.status
             raise ApiError(status, e.message, param, e.code) from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 

@@ -27,9 +27,9 @@ __all__ = ["Batch", "cache_tensors", "full_cache", "check_layers", "sample"]
 SUPPORTED_LAYERS = ("full_attention", "sliding_attention")
 
 
-def check_layers(config) -> int:
-    """The number of cache layers of a model with this config; ValueError unless every layer is full or
-    sliding-window causal attention (the layer types this batch handles exactly)."""
+def check_layers(config) -> None:
+    """ValueError unless every layer of a model with this config is causal full or sliding-window
+    attention (the layer types this batch handles exactly)."""
     from transformers.cache_utils import get_layer_types_and_kwargs
     text = config.get_text_config(decoder=True)
     types = get_layer_types_and_kwargs(text)[0]  # what transformers' DynamicCache is built from
@@ -38,7 +38,6 @@ def check_layers(config) -> int:
         what = unsupported or ["bidirectional attention"]
         raise ValueError(f"lorakit serve supports causal full and sliding-window attention only; this model uses "
                          f"{what}")
-    return len(types)
 
 
 def full_cache(kv: Sequence[tuple[Tensor, Tensor]] = ()):

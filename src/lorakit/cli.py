@@ -281,7 +281,8 @@ def _serve_parser(sub) -> None:
                                    "with OpenAI's /v1/completions, /v1/chat/completions and /v1/models; "
                                    "requests for different adapters share each batched decode step.",
                        formatter_class=_Help)
-    p.add_argument("--model", default="builtin:smollm2", help="builtin:smollm2 or a local HF model folder")
+    p.add_argument("--model", default="builtin:smollm2",
+                   help="builtin:smollm2, builtin:gemma3 or a local HF model folder")
     p.add_argument("--adapters", default=None, help="folder whose sub-folders are adapters (also the root for "
                                                     "POST /v1/adapters)")
     p.add_argument("--host", default="127.0.0.1")

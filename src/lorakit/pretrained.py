@@ -1,5 +1,5 @@
-"""Base models by name: ``builtin:minilm``, ``builtin:smollm2`` (embedded, offline) or a local Hugging
-Face folder, loaded with their tokenizer. Used by training (:mod:`lorakit.train`), serving
+"""Base models by name: ``builtin:minilm``, ``builtin:smollm2``, ``builtin:gemma3`` (embedded, offline)
+or a local Hugging Face folder, loaded with their tokenizer. Used by training (:mod:`lorakit.train`), serving
 (:mod:`lorakit.serve`) and the command line alike.
 """
 
@@ -15,12 +15,17 @@ from . import builtin
 __all__ = ["load_model", "model_path"]
 
 
+BUILTIN = {"builtin:minilm": builtin.minilm_path, "builtin:smollm2": builtin.smollm2_path,
+           "builtin:gemma3": builtin.gemma3_path}
+
+
 def model_path(spec: str) -> Path:
-    """The folder of ``builtin:minilm``, ``builtin:smollm2`` or a local Hugging Face model folder."""
-    path = {"builtin:minilm": builtin.minilm_path, "builtin:smollm2": builtin.smollm2_path}.get(spec)
+    """The folder of a ``BUILTIN`` model (``builtin:minilm``, ``builtin:smollm2``, ``builtin:gemma3``) or
+    a local Hugging Face model folder."""
+    path = BUILTIN.get(spec)
     path = Path(path() if path else spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"model {spec!r}: not a folder; use builtin:minilm, builtin:smollm2 or a "
+        raise FileNotFoundError(f"model {spec!r}: not a folder; use {', '.join(BUILTIN)} or a "
                                 "local Hugging Face model folder")
     return path
 
@@ -42,7 +47,7 @@ def _quiet_transformers():
 
 def load_model(spec: str, task: str, num_labels: int = 0, dtype: torch.dtype = torch.float32, log=None,
                quantize: str | None = None):
-    """``(model, tokenizer)`` from ``builtin:minilm``, ``builtin:smollm2`` or a local HF folder;
+    """``(model, tokenizer)`` from a ``BUILTIN`` model or a local HF folder;
     ``quantize`` ("nf4", "fp4", "int8"): every linear layer but the head quantized (:func:`lorakit.quantize`).
 
     transformers' load report is replaced by one line to ``log`` (if given) naming the weights the

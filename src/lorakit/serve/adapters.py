@@ -86,7 +86,8 @@ def resolve_under(root: Path, path: str) -> Path:
         raise AdapterError(400, f"path {path!r} is outside the adapter root", code="path_outside_root",
                            param="path")
     if not (target / "adapter_config.json").is_file():
-        raise AdapterError(400, f"path {path!r} is not an adapter folder (no adapter_config.json)", param="path")
+        raise AdapterError(400, f"path {path!r} is not an adapter folder (no adapter_config.json)",
+                           code="adapter_not_found", param="path")
     check_contained(root, target)
     return target
 
@@ -227,8 +228,6 @@ class Adapters:
                 raise LoraError("adapter_config.json is not valid JSON") from None
             if not isinstance(config, dict):
                 raise LoraError("adapter_config.json does not hold a JSON object")
-            if config.get("modules_to_save"):
-                raise LoraError("adapters with modules_to_save cannot be served in mixed batches")
             action()
         except (LoraError, OSError, ValueError) as e:
             message = str(e) if self.root is None else _outside(self.root, str(e))

@@ -3,7 +3,8 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``model`` = the base model's
 name or an adapter's; ``stream: true`` sends server-sent events), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (Prometheus text), and the admin endpoints ``POST /v1/adapters``,
-``GET /v1/adapters``, ``DELETE /v1/adapters/{name}`` (bearer token). Every error is OpenAI's
+``GET /v1/adapters``, ``DELETE /v1/adapters/{name}`` and vLLM's ``POST /v1/load_lora_adapter`` /
+``POST /v1/unload_lora_adapter`` (bearer token). Every error is OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` with a precise status; a client that goes away
 (mid-stream or while waiting) cancels its requests, which frees their batch slots.
 
@@ -394,30 +395,76 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         return {"object": "list", "data": engine.adapters.listing(detail=True),
                 "max_resident": engine.adapters.max_resident or None}
 
-    @app.post("/v1/adapters", status_code=201)
-    async def load_adapter(body: P.AdapterLoadRequest, authorization: str | None = Header(default=None)):
-        srv.check_admin(authorization)
+    async def add_adapter(name: object, path: object) -> str:
+        """Load the adapter folder ``path`` (inside the adapter root) as ``name`` (default: the
+        folder's name); the one load path of both admin APIs. Raises ApiError / AdapterError."""
         if srv.root is None:
             raise ApiError(400, "the server was started without --adapters; no adapter root to load from",
                            param="path", code="no_adapter_root")
-        path = resolve_under(srv.root, body.path)
-        name = check_name(body.name if body.name is not None else path.name)
+        path = resolve_under(srv.root, path)
+        name = check_name(name if name is not None else path.name)
         if name in srv.base_names:
-            raise ApiError(409, f"{name!r} is the base model's name", param="name", code="adapter_exists")
+            raise ApiError(409, f"{name!r} is the base model's name", param="name", code="reserved_name")
         await asyncio.wrap_future(engine.call(lambda: engine.adapters.add(name, path)))
+        return name
+
+    def remove_adapter(name: object, param: str) -> str:
+        """Take adapter ``name`` out of the catalog; its weights leave once no request uses them."""
+        name = check_name(name, param)
+        try:
+            engine.adapters.remove(name)
+        except KeyError:
+            raise ApiError(404, f"no adapter named {name!r}; adapters: {engine.adapters.names()}",
+                           param=param, code="model_not_found") from None
+        engine.call(lambda: None)  # wake the worker: it unloads the adapter once no request uses it
+        return name
+
+    @app.post("/v1/adapters", status_code=201)
+    async def load_adapter(body: P.AdapterLoadRequest, authorization: str | None = Header(default=None)):
+        srv.check_admin(authorization)
+        name = await add_adapter(body.name, body.path)
         return P.model_card(name, parent=base_name, resident=True)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, authorization: str | None = Header(default=None)):
         srv.check_admin(authorization)
-        check_name(name)
+        return {"id": remove_adapter(name, "name"), "object": "model", "deleted": True}
+
+    # vLLM's runtime adapter API (same token, root and checks): 200 with a text message on success;
+    # like vLLM, a name already loaded is a 400 and an adapter folder that does not exist a 404.
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: P.LoraLoadRequest, authorization: str | None = Header(default=None)):
+        srv.check_admin(authorization)
+        if not body.lora_name or not body.lora_path:
+            raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.",
+                           param="lora_path" if body.lora_name else "lora_name", code="missing_field")
         try:
-            engine.adapters.remove(name)
-        except KeyError:
-            raise ApiError(404, f"no adapter named {name!r}; adapters: {engine.adapters.names()}",
+            name = await add_adapter(body.lora_name, body.lora_path)
+        except (ApiError, AdapterError) as e:
+            param = {"name": "lora_name", "path": "lora_path"}.get(e.param, e.param)
+            if e.code == "adapter_exists":
+                raise ApiError(400, f"The lora adapter '{body.lora_name}' has already been loaded.",
+                               param="lora_name", code="adapter_exists") from None
+            if e.code == "adapter_not_found":
+                status = 404  # vLLM's "No adapter found"
+            else:
+                status = 400 if e.status in (400, 409) else e.status
+            raise ApiError(status, e.message, param, e.code) from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: P.LoraLoadRequest, authorization: str | None = Header(default=None)):
+        srv.check_admin(authorization)
+        if not body.lora_name:
+            raise ApiError(400, "'lora_name' must be provided.", param="lora_name", code="missing_field")
+        try:
+            name = remove_adapter(body.lora_name, "lora_name")
+        except ApiError as e:
+            if e.status != 404:
+                raise
+            raise ApiError(404, f"The lora adapter '{body.lora_name}' cannot be found.", param="lora_name",
                            code="model_not_found") from None
-        engine.call(lambda: None)  # wake the worker: it unloads the adapter once no request uses it
-        return {"id": name, "object": "model", "deleted": True}
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     return app
 

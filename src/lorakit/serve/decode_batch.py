@@ -5,8 +5,14 @@ Rows then join the batch by left-padding: with ``L`` the longest cache, a row wi
 tokens gets ``L - n`` zero key/value columns on the left, masked out by the attention mask.
 Positions are explicit per row (``position_ids = n``), so RoPE sees each row's true position.
 A finished row is removed with ``index_select`` and columns that are padding in every remaining
-row are trimmed. Only full-attention ``DynamicCache`` layers (Llama,
-Qwen2, Mistral without sliding window, ...) are supported.
+row are trimmed.
+
+Layers: full attention (Llama, Qwen2, ...) and sliding-window attention (e.g. Gemma 3, which
+mixes both). Every layer keeps its whole cache (a sliding layer is not truncated to its window),
+and transformers builds the sliding-window mask from column indices (key column > query column -
+window). That is exact here because each row's real tokens are contiguous and end at the last
+column, so a column distance is the row's token distance. Layer types whose mask depends on
+absolute positions (chunked attention) or that are not attention at all are refused.
 """
 
 from __future__ import annotations
@@ -16,7 +22,36 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "cache_tensors", "sample"]
+__all__ = ["Batch", "cache_tensors", "full_cache", "check_layers", "sample"]
+
+SUPPORTED_LAYERS = ("full_attention", "sliding_attention")
+
+
+def check_layers(config) -> None:
+    """ValueError unless every layer of a model with this config is causal full or sliding-window
+    attention (the layer types this batch handles exactly)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+    text = config.get_text_config(decoder=True)
+    types = get_layer_types_and_kwargs(text)[0]  # what transformers' DynamicCache is built from
+    unsupported = sorted(set(types) - set(SUPPORTED_LAYERS))
+    if unsupported or getattr(text, "use_bidirectional_attention", False) or not getattr(text, "is_causal", True):
+        what = unsupported or ["bidirectional attention"]
+        raise ValueError(f"lorakit serve supports causal full and sliding-window attention only; this model uses "
+                         f"{what}")
+
+
+def full_cache(kv: Sequence[tuple[Tensor, Tensor]] = ()):
+    """A transformers ``DynamicCache`` whose every layer is a full-attention layer holding ``kv``
+    (handed over, no copy); without ``kv``, layers are added as the forward fills them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    cache = DynamicCache()
+    for k, v in kv:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
 
 
 def cache_tensors(cache) -> list[tuple[Tensor, Tensor]]:
@@ -39,11 +74,7 @@ class Batch:
     """Rows being decoded together: their padded KV cache, attention mask and next positions."""
 
     def __init__(self, config) -> None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-        kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers}
-        if kinds - {DynamicLayer.__name__}:
-            raise ValueError(f"lorakit serve supports full-attention caches only; this model uses {sorted(kinds)}")
+        check_layers(config)
         self.config = config
         self.kv: list[tuple[Tensor, Tensor]] = []   # per layer [rows, heads, L, dim]
         self.mask: Tensor | None = None             # [rows, L], 1 = real token
@@ -82,11 +113,7 @@ class Batch:
     @torch.no_grad()
     def step(self, model, tokens: Tensor) -> Tensor:
         """One decode step: feed ``tokens`` [rows] (each row's last token); returns logits [rows, vocab]."""
-        from transformers import DynamicCache
-        cache = DynamicCache(config=self.config)
-        for layer, (k, v) in zip(cache.layers, self.kv):  # hand over the tensors, no copy
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
+        cache = full_cache(self.kv)
         mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=self.positions[:, None],
                     cache=cache, use_cache=True)

@@ -42,7 +42,7 @@ from torch import nn
 import lorakit
 
 from .adapters import Adapters, Entry
-from .decode_batch import Batch, cache_tensors, sample
+from .decode_batch import Batch, cache_tensors, full_cache, sample
 from .metrics import Metrics
 from .text import TextStream
 
@@ -268,7 +268,6 @@ class Engine:
     def _prefill(self, group: list[Request]) -> None:
         """Prefill new requests in one forward (left-padded, explicit positions), sample their first
         tokens and add them to the decode batch."""
-        from transformers import DynamicCache
         length = max(len(r.prompt) for r in group)
         ids = torch.full((len(group), length), self.pad_id)
         mask = torch.zeros((len(group), length), dtype=torch.long)
@@ -280,7 +279,7 @@ class Engine:
             r.generator = torch.Generator().manual_seed(seed)
         with self._route([r.adapter.internal if r.adapter else None for r in group], persistent=False):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                             cache=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+                             cache=full_cache(), use_cache=True, logits_to_keep=1)
         self.metrics.inc("lorakit_prompt_tokens_total", sum(len(r.prompt) for r in group))
         firsts = {i: self._sample(r, out.logits[i, -1]) for i, r in enumerate(group)}
         ok = [i for i, t in firsts.items() if t is not None]  # rows that failed to sample are finished already

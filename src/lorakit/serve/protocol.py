@@ -20,7 +20,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "AdapterLoadRequest", "Unsupported",
+__all__ = ["CompletionRequest", "ChatRequest", "ChatMessage", "AdapterLoadRequest", "LoraLoadRequest",
+           "Unsupported",
            "error_body", "completion_body", "chat_body", "completion_chunk", "chat_chunk",
            "model_card", "new_id", "MAX_STOP", "MAX_STOP_CHARS", "MAX_CHOICES", "SEED_MIN", "SEED_MAX"]
 
@@ -167,6 +168,14 @@ class AdapterLoadRequest(_Strict):
 
     path: str = Field(min_length=1)
     name: str | None = None
+
+
+class LoraLoadRequest(_Strict):
+    """vLLM's ``POST /v1/load_lora_adapter`` / ``unload_lora_adapter`` body. The fields are checked by
+    the endpoint, not here: like vLLM, a missing, empty or non-string field is a 400, not a 422."""
+
+    lora_name: object = None
+    lora_path: object = None
 
 
 # -- responses -----------------------------------------------------------------------------------

@@ -253,3 +253,67 @@ def test_combined_adapter_saves_and_loads_as_a_normal_peft_file(tmp_path):
 def lorakit_cli(*args):
     return subprocess.run([sys.executable, "-m", "lorakit.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=600)
+
+
+def save_tiny_llama(folder):
+    """A 1-layer Llama with SmolLM2's tokenizer (the command line loads both)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lorakit import builtin
+    tok = AutoTokenizer.from_pretrained(builtin.smollm2_path())
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, intermediate_size=32, max_position_embeddings=32)
+                     ).save_pretrained(folder)
+    return folder
+
+
+def random_adapter(base_dir, out, r, targets, seed):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, targets=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_B["default"].normal_()
+    lorakit.save(model, out)
+    return model
+
+
+def test_cli_combine_writes_the_exact_sum_and_refuses_bad_input_with_one_line(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import COMBINE_METHODS, main
+    from lorakit.extract import spectra
+    assert COMBINE_METHODS == lorakit.algebra.METHODS
+    base = save_tiny_llama(tmp_path / "base")
+    ma = random_adapter(base, tmp_path / "a", 2, ["q_proj", "v_proj"], 1)
+    mb = random_adapter(base, tmp_path / "b", 3, ["q_proj", "v_proj"], 2)
+    assert main(["combine", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "0.7", "-0.3",
+                 "--method", "cat", "--out", str(tmp_path / "ab")]) == 0
+    assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().out
+    fresh = lorakit.load(AutoModelForCausalLM.from_pretrained(base), tmp_path / "ab")
+    for (path, la), (_, lb), (_, lc) in zip(lorakit.lora_layers(ma), lorakit.lora_layers(mb), lorakit.lora_layers(fresh)):
+        want = 0.7 * textbook(la.base_layer, la.lora_A["default"].detach(), la.lora_B["default"].detach(), 1.0 * 2) \
+            - 0.3 * textbook(lb.base_layer, lb.lora_A["default"].detach(), lb.lora_B["default"].detach(), 2.0)
+        got = textbook(lc.base_layer, lc.lora_A["default"].detach(), lc.lora_B["default"].detach(), lc.scale["default"])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert lc.rank("default") == 5
+    assert main(["inspect", str(tmp_path / "ab"), "--spectrum", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert "rank@0.9" in out and (tmp_path / "s.png").stat().st_size > 1000
+    assert len(spectra(tmp_path / "ab")) == 2
+    random_adapter(base, tmp_path / "c", 2, ["q_proj"], 3)
+    for argv, fragment in (
+            (["a", "b", "--weights", "1"], "--weights needs one weight per adapter: 2 adapters, 1 weights"),
+            (["a", "c", "--weights", "1", "1"], "the adapters adapt different modules (1 not shared: "
+                                                 "model.layers.0.self_attn.v_proj lacks ['a1']"),
+            (["a", "b", "--weights", "1", "1", "--method", "ties"], "needs density in (0, 1]"),
+            (["a", "nowhere", "--weights", "1", "1"], "not an adapter folder")):
+        folders = [str(tmp_path / x) if x in ("a", "b", "c", "nowhere") else x for x in argv]
+        capsys.readouterr()
+        assert main(["combine", *folders, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()

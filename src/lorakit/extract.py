@@ -183,3 +183,26 @@ def spectra(directory: str | os.PathLike) -> dict[str, Tensor]:
         _, ra = torch.linalg.qr(a.flatten(1).t())
         out[path] = torch.linalg.svdvals(rb @ ra.t()) * abs(scale)
     return out
+
+
+def plot_spectra(spectra: dict[str, Tensor], path: str | os.PathLike, title: str = "") -> Path:
+    """Write a log-scale plot of singular values, one line per module, to ``path`` (PNG, matplotlib Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, s in spectra.items():
+        s = s[s > 0]
+        if s.numel():
+            ax.semilogy(range(1, s.numel() + 1), s.numpy(), lw=0.8, alpha=0.7, label=name)
+    ax.set_xlabel("index i")
+    ax.set_ylabel("singular value σ_i of ΔW")
+    ax.set_title(title or f"{len(spectra)} modules")
+    if len(spectra) <= 12:
+        ax.legend(fontsize=6)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -130,3 +130,37 @@ def test_mismatches_are_refused_naming_the_module_and_nothing_changes(tuned, kwa
         extract(base, other, **kwargs)
     assert "lorakit_registry" not in base.__dict__
     assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
+
+
+def test_cli_extract_recovers_a_low_rank_fine_tune_and_refuses_mismatched_models(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lorakit.cli import main
+    from test_algebra import save_tiny_llama
+    base_dir = save_tiny_llama(tmp_path / "base")
+    tuned = AutoModelForCausalLM.from_pretrained(base_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in tuned.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.v_proj):
+                lin.weight += 0.1 * low_rank(lin.weight.shape, 2, gen).float()
+    tuned.save_pretrained(tmp_path / "tuned")
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.save_pretrained(tmp_path / "tuned")
+    assert main(["extract", "--base", str(base_dir), "--tuned", str(tmp_path / "tuned"), "--rank", "2",
+                 "--targets", "q_proj,v_proj", "--out", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in out and "energy kept" in out
+    model = lorakit.load(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "x")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(model(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-4)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tuned.config.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,
+                                 max_position_embeddings=32)).save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    assert main(["extract", "--base", str(base_dir), "--tuned", str(tmp_path / "other"), "--energy", "0.9",
+                 "--targets", "q_proj,v_proj", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.self_attn.v_proj.weight: shape (16, 16) in the tuned model, (8, 16) in the base" in err
+    assert err.count("\n") == 1 and not (tmp_path / "bad").exists()

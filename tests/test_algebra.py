@@ -285,7 +285,7 @@ def test_cli_combine_writes_the_exact_sum_and_refuses_bad_input_with_one_line(tm
     from transformers import AutoModelForCausalLM
 
     from lorakit.cli import COMBINE_METHODS, main
-    from lorakit.extract import spectra
+    from lorakit.extraction import spectra
     assert COMBINE_METHODS == lorakit.algebra.METHODS
     base = save_tiny_llama(tmp_path / "base")
     ma = random_adapter(base, tmp_path / "a", 2, ["q_proj", "v_proj"], 1)
@@ -317,3 +317,25 @@ def test_cli_combine_writes_the_exact_sum_and_refuses_bad_input_with_one_line(tm
         err = capsys.readouterr().err
         assert fragment in err and err.count("\n") == 1, err
         assert not (tmp_path / "bad").exists()
+
+
+def test_peft_scales_the_result_by_sqrt_r_when_the_first_adapter_uses_rslora(tmp_path):
+    """Documents the difference stated in README: PEFT copies the first adapter's use_rslora into the new
+    adapter's config, so its ΔW is √r times Σ wᵢΔWᵢ; lorakit's new adapter has scale 1."""
+    torch.manual_seed(0)
+    model = Tiny().to(F64)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, use_rslora=True, targets=TARGETS), adapter="a")
+    lorakit.inject(model, lorakit.LoraConfig(r=3, alpha=5, targets=TARGETS), adapter="b")
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            for n in layer.lora_A:
+                layer.lora_A[n].normal_()
+                layer.lora_B[n].normal_()
+    peft = peft_model(model, tmp_path, ["a", "b"])
+    with default_dtype(F64):
+        peft.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c", combination_type="cat")
+    want = {p: deltas(model, "a")[p] + deltas(model, "b")[p] for p in TARGETS}
+    combine(model, {"a": 1.0, "b": 1.0}, method="cat", adapter="c")
+    for path in TARGETS:
+        torch.testing.assert_close(deltas(model, "c")[path], want[path], rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(peft_delta(peft, path, "c"), math.sqrt(5) * want[path], rtol=1e-12, atol=1e-12)

@@ -1,4 +1,4 @@
-"""lorakit.extract / lorakit.extract.spectra against numpy's SVD (float64) and the tuned model."""
+"""lorakit.extract / lorakit.spectra against numpy's SVD (float64) and the tuned model."""
 
 import copy
 import math
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.extract import effective_rank, extract, spectra
+from lorakit.extraction import effective_rank, extract, spectra
 
 F64 = torch.float64
 

@@ -264,7 +264,7 @@ def _inspect(args) -> int:
 
 def _inspect_spectrum(args, folder: Path) -> None:
     """``inspect``'s per-module table: rank, largest singular values of ΔW, effective rank; the plot."""
-    from .extract import effective_rank, plot_spectra, spectra
+    from .extraction import effective_rank, plot_spectra, spectra
     found = spectra(folder)
     print(f"{'module':<56} {'rank':>4} {'sigma_1':>10} {'sigma_r':>10} {f'rank@{args.energy:g}':>9}")
     for path, s in found.items():
@@ -318,7 +318,7 @@ def _extract(args) -> int:
     import json
 
     from . import save
-    from .extract import extract
+    from .extraction import extract
     from .pretrained import model_path
     from .train.tasks import TASK_NAME, load_model
     task = args.task

@@ -11,11 +11,13 @@ trained LoRA find it? (MiniLM + BBC News, the task of ``lorakit train`` and benc
    test accuracy of the last step, and how much of its update lies in full fine-tuning's top-r
    left singular subspace: ‖U_rᵀ·ΔW_LoRA‖² / ‖ΔW_LoRA‖² (a random r-dim subspace gets r/d).
 
-    python bench/intrinsic_rank.py --device cuda                # the table and figure
-    python bench/intrinsic_rank.py --quick                      # smoke run (a few steps)
+    python bench/intrinsic_rank.py --device cuda --seed 0 --results out/s0   # one seed (~160 s on an H200)
+    python bench/intrinsic_rank.py --report out/s*/intrinsic_rank.json        # the table and figure over seeds
+    python bench/intrinsic_rank.py --quick                                    # smoke run (a few steps)
 
-Writes ``intrinsic_rank.md``, ``.json`` and ``.png`` to ``--results``; every finished part is
-written at once, so an interrupted run keeps what it measured.
+A run writes ``intrinsic_rank.json`` (each finished part at once, so an interrupted run keeps what it
+measured), ``.md`` and ``.png`` to ``--results``. The README's table: seeds 0, 1, 2 on an H200
+(``bench/results/intrinsic_rank_s{0,1,2}.json``, spectra rounded to 5 digits), then ``--report``.
 """
 
 from __future__ import annotations
@@ -91,14 +93,15 @@ def _kind(path: str) -> str:
     return short.get(rest, rest.replace("bert.", "").replace(".dense", ""))
 
 
-def report(raw: dict, results: Path) -> str:
-    """Write intrinsic_rank.md and intrinsic_rank.png from the measurements; returns the table."""
+def report(raws: list[dict], results: Path) -> str:
+    """Write intrinsic_rank.md and intrinsic_rank.png from one run per seed; returns the table.
+    Accuracies: mean ± sample std over seeds; energy: median (min-max) over every matrix of every seed;
+    the figure: the first seed's spectra."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ranks = raw["args"]["ranks"]
-    spectra = {p: torch.tensor(s, dtype=torch.float64) for p, s in raw["spectra"].items()}
-    qv = [p for p in spectra if p.endswith(("query", "value"))]
+    ranks = raws[0]["args"]["ranks"]
+    spectra = {p: torch.tensor(s, dtype=torch.float64) for p, s in raws[0]["spectra"].items()}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     colors = {}
     for path, sv in spectra.items():
@@ -117,34 +120,45 @@ def report(raw: dict, results: Path) -> str:
     left.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("Full fine-tuning of MiniLM on BBC News: spectra of ΔW for the 37 weights all-linear LoRA adapts",
-                 fontsize=10)
+    fig.suptitle(f"Full fine-tuning of MiniLM on BBC News (seed {raws[0]['args']['seed']}): spectra of ΔW for the "
+                 f"{len(spectra)} weights all-linear LoRA adapts", fontsize=10)
     fig.tight_layout()
     fig.savefig(results / "intrinsic_rank.png", dpi=110)
     plt.close(fig)
 
-    def energy(paths, r):
-        vals = [raw["energy"][p][str(r)] if str(r) in raw["energy"][p] else raw["energy"][p][r] for p in paths]
+    def ms(values) -> str:
+        values = [100 * v for v in values]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+    def energy(qv_only: bool, r: int) -> str:
+        vals = [e[str(r)] if str(r) in e else e[r] for raw in raws for p, e in raw["energy"].items()
+                if not qv_only or p.endswith(("query", "value"))]
         return f"{100 * statistics.median(vals):.1f} ({100 * min(vals):.1f}-{100 * max(vals):.1f})"
 
-    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
-    full = raw["full"]
-    lines = [f"MiniLM-L6-v2 + BBC News (test 221 articles), seed {raw['args']['seed']}, {raw['args']['epochs']:g} "
-             f"epochs, batch 16; device {raw.get('gpu') or raw['device']}. Full fine-tuning (lr 5e-5): test accuracy "
-             f"**{pct(full['test_accuracy'])} %** at the last step ({pct(full['test_accuracy_best_val'])} % with the "
-             "best-validation checkpoint). All accuracies below: last step.", "",
-             f"Ceiling (all of ΔW on the targeted weights + the trained head, nothing else): all-linear "
-             f"{pct(raw['ceiling']['all-linear'])} %, (query, value) {pct(raw['ceiling']['query,value'])} %.", "",
-             "| r | energy of ΔW kept, all-linear: median (min-max) % | query, value | extracted all-linear acc. % "
-             "| extracted q,v acc. % | LoRA all-linear acc. % | LoRA q,v acc. % | LoRA update in FT's top-r subspace "
-             "(all-linear; random) |", "|---|---|---|---|---|---|---|---|"]
+    def acc(part: str, key: str) -> str:
+        found = [raw[part][key]["test_accuracy"] for raw in raws if key in raw.get(part, {})]
+        return ms(found) if len(found) == len(raws) else "—"
+
+    seeds = " ".join(str(raw["args"]["seed"]) for raw in raws)
+    lines = [f"MiniLM-L6-v2 + BBC News (the split of bench/finetune_table.py; test 221 articles), seeds {seeds}, "
+             f"{raws[0]['args']['epochs']:g} epochs, batch 16, max_length 128, fp32, on {raws[0].get('gpu') or raws[0]['device']}. "
+             "Accuracy: mean ± std over seeds, last step; energy: median (min-max) over every matrix of every seed.", "",
+             f"Full fine-tuning (lr 5e-5): **{ms([r['full']['test_accuracy'] for r in raws])} %** "
+             f"(best-validation checkpoint: {ms([r['full']['test_accuracy_best_val'] for r in raws])} %). "
+             f"Ceiling of an adapter on these targets (all of ΔW on the targeted weights + the trained head, "
+             f"nothing else): all-linear {ms([r['ceiling']['all-linear'] for r in raws])} %, (query, value) "
+             f"{ms([r['ceiling']['query,value'] for r in raws])} %.", "",
+             "| r | energy kept, all-linear (%) | energy kept, q,v (%) | extracted, all-linear | extracted, q,v "
+             "| LoRA trained, all-linear | LoRA trained, q,v | LoRA's ΔW in FT's top-r subspace, all-linear (random) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in ranks:
-        ext = [raw.get("extracted", {}).get(f"{t} r={r}") for t in TARGETS]
-        lo = [raw.get("lora", {}).get(f"{t} r={r}") for t in TARGETS]
-        cell = lambda x: pct(x["test_accuracy"]) if x else "—"  # noqa: E731
-        ov = (f"{pct(lo[0]['overlap'])} % ({pct(lo[0]['overlap_random'])} %)" if lo[0] else "—")
-        lines.append(f"| {r} | {energy(list(spectra), r)} | {energy(qv, r)} | {cell(ext[0])} | {cell(ext[1])} | "
-                     f"{cell(lo[0])} | {cell(lo[1])} | {ov} |")
+        key = lambda t: f"{t} r={r}"  # noqa: E731
+        ov = [raw["lora"][key("all-linear")] for raw in raws if key("all-linear") in raw.get("lora", {})]
+        ov_s = f"{ms([o['overlap'] for o in ov])} % ({100 * ov[0]['overlap_random']:.1f} %)" if ov else "—"
+        lines.append(f"| {r} | {energy(False, r)} | {energy(True, r)} | {acc('extracted', key('all-linear'))} | "
+                     f"{acc('extracted', key('query,value'))} | {acc('lora', key('all-linear'))} | "
+                     f"{acc('lora', key('query,value'))} | {ov_s} |")
     table = "\n".join(lines) + "\n"
     (results / "intrinsic_rank.md").write_text(table)
     return table
@@ -162,10 +176,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 3 steps per training, ranks 1 and 8")
     p.add_argument("--work", default="runs/intrinsic_rank")
     p.add_argument("--results", default=str(HERE / "results"))
-    p.add_argument("--report", action="store_true", help="only redo the table and figure from the JSON")
+    p.add_argument("--report", nargs="+", metavar="JSON",
+                   help="only make the table and figure from these runs' JSON files (one per seed)")
     args = p.parse_args()
     if args.report:
-        print(report(json.loads((Path(args.results) / "intrinsic_rank.json").read_text()), Path(args.results)))
+        print(report([json.loads(Path(f).read_text()) for f in args.report], Path(args.results)))
         return
     if args.quick:
         args.max_steps, args.ranks = 3, [1, 8]
@@ -227,13 +242,13 @@ def main() -> None:
     for tname, targets in TARGETS.items():
         for r in args.ranks:
             m = copy.deepcopy(base)
-            report = extract(m, tuned, rank=r, targets=targets[0] if tname == "all-linear" else list(targets),
+            made = extract(m, tuned, rank=r, targets=targets[0] if tname == "all-linear" else list(targets),
                              modules_to_save=["classifier"])
             acc = test_accuracy(m, enc, pad, args.device)
             raw["extracted"][f"{tname} r={r}"] = {
                 "test_accuracy": acc, "params": sum(t.numel() for t in m.parameters() if t.requires_grad),
-                "energy_mean": statistics.mean(l.energy for l in report.layers.values()),
-                "error_mean": statistics.mean(l.error for l in report.layers.values())}
+                "energy_mean": statistics.mean(l.energy for l in made.layers.values()),
+                "error_mean": statistics.mean(l.error for l in made.layers.values())}
             print(f"extracted {tname} r={r}: {raw['extracted'][f'{tname} r={r}']}", flush=True)
             save()
 
@@ -254,7 +269,7 @@ def main() -> None:
             save()
     print(f"done in {time.perf_counter() - t0:.0f} s")
     try:
-        print(report(raw, results))
+        print(report([raw], results))
     except ImportError as e:  # no matplotlib where it ran: --report makes them from the JSON
         print(f"no figure: {e}")
 

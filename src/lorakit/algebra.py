@@ -111,8 +111,9 @@ def new_adapter(model: nn.Module, adapter: str, factors: dict[str, tuple[Tensor,
 
 
 def _exact(paths) -> tuple[str, ...]:
+    """One regex (a group, so never read as a plain name or suffix) selecting exactly ``paths``."""
     paths = sorted(set(paths))
-    return ("|".join(re.escape(p) for p in paths),) if paths else ()
+    return ("(?:" + "|".join(re.escape(p) for p in paths) + ")",) if paths else ()
 
 
 # -- combine ------------------------------------------------------------------------------------

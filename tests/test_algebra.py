@@ -339,3 +339,15 @@ def test_peft_scales_the_result_by_sqrt_r_when_the_first_adapter_uses_rslora(tmp
     for path in TARGETS:
         torch.testing.assert_close(deltas(model, "c")[path], want[path], rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(peft_delta(peft, path, "c"), math.sqrt(5) * want[path], rtol=1e-12, atol=1e-12)
+
+
+def test_new_adapter_selects_exactly_its_modules_when_a_path_is_also_a_suffix():
+    """An adapter on 'q' alone (not on 'sub.q'): the combination's config must not select 'sub.q' too."""
+    model = nn.Module()
+    model.q, model.sub = nn.Linear(4, 4), nn.Module()
+    model.sub.q = nn.Linear(4, 4)
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=1, targets=["(q)"]), adapter=name)
+    report = combine(model, {"a": 1.0, "b": 1.0}, method="cat", adapter="ab")
+    assert report.ranks == {"q": 2}
+    assert [p for p, layer in lorakit.lora_layers(model)] == ["q"]

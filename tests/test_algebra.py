@@ -351,3 +351,15 @@ def test_new_adapter_selects_exactly_its_modules_when_a_path_is_also_a_suffix():
     report = combine(model, {"a": 1.0, "b": 1.0}, method="cat", adapter="ab")
     assert report.ranks == {"q": 2}
     assert [p for p, layer in lorakit.lora_layers(model)] == ["q"]
+
+
+@pytest.mark.parametrize("command", ["combine", "extract", "inspect"])
+def test_help_of_the_new_commands_states_each_default_once(command, capsys):
+    from lorakit.cli import main
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for chunk in text.split("--")[1:]:
+        assert chunk.count("default") <= 1, chunk

@@ -357,7 +357,8 @@ def _adapter_parsers(sub) -> None:
     c.add_argument("--model", help="base model (default: the first adapter's)")
     c.add_argument("--rank", type=_positive(int), help="svd: rank of the result (default: the largest input rank)")
     c.add_argument("--density", type=_positive(float), help="ties, dare_linear, dare_ties: fraction of values kept")
-    c.add_argument("--majority-sign", choices=["total", "frequency"], default="total")
+    c.add_argument("--majority-sign", choices=["total", "frequency"], default="total",
+                   help="ties, dare_ties: the elected sign per value is that of the sum, or the more frequent one")
     c.add_argument("--seed", type=int, default=0, help="dare_*: seed of the random pruning")
     c.add_argument("--missing", choices=["error", "zero"], default="error",
                    help="a module only some adapters adapt: refuse, or count the others as zero there (PEFT)")

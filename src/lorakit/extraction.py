@@ -70,7 +70,7 @@ class ExtractReport:
         return "\n".join(rows)
 
 
-def _params_of(model: nn.Module) -> dict[str, nn.Module]:
+def _modules_of(model: nn.Module) -> dict[str, nn.Module]:
     return dict(unwrap(model).named_modules())
 
 
@@ -101,7 +101,7 @@ def extract(base: nn.Module, tuned: nn.Module, *, rank: int | None = None, energ
             raise LoraError(f"adapter {adapter!r} already exists; pick another name (existing: {sorted(reg.configs)})")
     probe = LoraConfig(r=1, targets=targets, modules_to_save=modules_to_save)
     sites, saved = plan(unwrap(base), probe), plan_saved(unwrap(base), probe)
-    others = _params_of(tuned)
+    others = _modules_of(tuned)
     pairs = []
     for site in sites:
         w0 = site.weight

@@ -59,7 +59,7 @@ class CombineReport:
         return f"adapter {self.adapter!r} ({self.method}):\n" + "\n".join(rows)
 
 
-# -- shared with lorakit.extract ----------------------------------------------------------------
+# -- shared with lorakit.extraction -------------------------------------------------------------
 def as_matrix(layer_kind: Kind, delta: Tensor) -> Tensor:
     """ΔW in W's layout → the (out, rest) matrix M with ΔW = M (transposed if the kind is), i.e.
     the space of B.flatten(1) @ A.flatten(1)."""

@@ -133,7 +133,7 @@ def test_mismatches_are_refused_naming_the_module_and_nothing_changes(tuned, kwa
 
 
 def test_cli_extract_recovers_a_low_rank_fine_tune_and_refuses_mismatched_models(tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from lorakit.cli import main
     from test_algebra import save_tiny_llama
@@ -144,9 +144,7 @@ def test_cli_extract_recovers_a_low_rank_fine_tune_and_refuses_mismatched_models
         for layer in tuned.model.layers:
             for lin in (layer.self_attn.q_proj, layer.self_attn.v_proj):
                 lin.weight += 0.1 * low_rank(lin.weight.shape, 2, gen).float()
-    tuned.save_pretrained(tmp_path / "tuned")
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.save_pretrained(tmp_path / "tuned")
+    tuned.save_pretrained(tmp_path / "tuned")  # the weights alone: no tokenizer needed
     assert main(["extract", "--base", str(base_dir), "--tuned", str(tmp_path / "tuned"), "--rank", "2",
                  "--targets", "q_proj,v_proj", "--out", str(tmp_path / "x")]) == 0
     out = capsys.readouterr().out
@@ -157,7 +155,6 @@ def test_cli_extract_recovers_a_low_rank_fine_tune_and_refuses_mismatched_models
     LlamaForCausalLM(LlamaConfig(vocab_size=tuned.config.vocab_size, hidden_size=16, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,
                                  max_position_embeddings=32)).save_pretrained(tmp_path / "other")
-    tok.save_pretrained(tmp_path / "other")
     capsys.readouterr()
     assert main(["extract", "--base", str(base_dir), "--tuned", str(tmp_path / "other"), "--energy", "0.9",
                  "--targets", "q_proj,v_proj", "--out", str(tmp_path / "bad")]) == 2

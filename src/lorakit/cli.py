@@ -319,18 +319,21 @@ def _extract(args) -> int:
 
     from . import save
     from .extraction import extract
-    from .pretrained import model_path
+    from .pretrained import _quiet_transformers, model_path
     from .train.tasks import TASK_NAME, load_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     task = args.task
     fields = {}
     if task == "classify":
         config = json.loads((model_path(args.tuned) / "config.json").read_text())
-        labels = [config.get("id2label", {}).get(str(i), str(i)) for i in range(len(config.get("id2label") or {}))]
-        tuned = load_model(args.tuned, task, num_labels=len(labels))[0]
-        base = load_model(args.base, task, num_labels=len(labels))[0]
-        fields["labels"] = labels
+        fields["labels"] = [config.get("id2label", {}).get(str(i), str(i))
+                            for i in range(len(config.get("id2label") or {}))]
+        base = load_model(args.base, task, num_labels=len(fields["labels"]))[0]
     else:
-        tuned, base = load_model(args.tuned, task)[0], load_model(args.base, task)[0]
+        base = load_model(args.base, task)[0]
+    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    with _quiet_transformers():  # the tuned model's weights only: its folder needs no tokenizer
+        tuned = auto.from_pretrained(model_path(args.tuned), local_files_only=True)
     targets = args.targets.split(",")
     saved = args.modules_to_save.split(",") if args.modules_to_save else \
         [h for h in ("classifier", "score") if task == "classify" and hasattr(base, h)]

@@ -363,3 +363,18 @@ def test_help_of_the_new_commands_states_each_default_once(command, capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
     for chunk in text.split("--")[1:]:
         assert chunk.count("default") <= 1, chunk
+
+
+def test_cat_and_svd_refuse_stacked_expert_weights_linear_combines_them():
+    experts = nn.Module()
+    experts.w = nn.Parameter(torch.randn(3, 6, 8, dtype=F64))
+    model = nn.Module()
+    model.experts = experts
+    for name in ("a", "b"):
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_parameters=["experts.w"]), adapter=name)
+    before = state(model)
+    for method in ("cat", "svd"):
+        with pytest.raises(lorakit.LoraError, match=f"experts: method '{method}' needs ΔW = B·A as one matrix"):
+            combine(model, {"a": 1.0, "b": 1.0}, method=method)
+    assert_unchanged(model, before)
+    assert combine(model, {"a": 1.0, "b": 1.0}, method="linear", adapter="lin").ranks == {"experts": 2}

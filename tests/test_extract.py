@@ -161,3 +161,12 @@ def test_cli_extract_recovers_a_low_rank_fine_tune_and_refuses_mismatched_models
     err = capsys.readouterr().err
     assert "model.layers.0.self_attn.v_proj.weight: shape (16, 16) in the tuned model, (8, 16) in the base" in err
     assert err.count("\n") == 1 and not (tmp_path / "bad").exists()
+
+
+def test_a_quantized_base_is_refused():
+    pytest.importorskip("bitsandbytes")
+    base, tuned = Tiny(), Tiny()
+    lorakit.quantize(base, "int8", skip=["head"])
+    with pytest.raises(lorakit.LoraError, match=r"q.weight: the base weight is stored packed"):
+        extract(base, tuned, rank=2, targets=["q"])
+    assert "lorakit_registry" not in base.__dict__

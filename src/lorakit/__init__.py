@@ -5,8 +5,10 @@
 >>> lorakit.inject(model, cfg)                       # doctest: +SKIP
 """
 
+from .algebra import CombineReport, combine
 from .batching import mixed
 from .config import INITS, LoraConfig, LoraError
+from .extraction import ExtractReport, extract, spectra
 from .hf import save_pretrained
 from .io import load, save
 from .kinds import Kind, LinearKind, kind_of, register_kind
@@ -20,4 +22,5 @@ __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
            "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "save_pretrained", "registry",
-           "lora_layers", "mixed", "Kind", "LinearKind", "register_kind", "kind_of", "quantize", "__version__"]
+           "lora_layers", "mixed", "Kind", "LinearKind", "register_kind", "kind_of", "quantize", "combine", "CombineReport",
+           "extract", "ExtractReport", "spectra", "__version__"]

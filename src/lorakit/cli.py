@@ -1,5 +1,5 @@
-"""``lorakit`` command line: ``train``, ``predict``, ``generate``, ``inspect``, ``serve``. Errors go to stderr
-with exit 2 (bad input) or 1 (failure); ``--help`` on every command."""
+"""``lorakit`` command line: ``train``, ``predict``, ``generate``, ``inspect``, ``serve``, ``combine``,
+``extract``. Errors go to stderr with exit 2 (bad input) or 1 (failure); ``--help`` on every command."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")  # lorakit.algebra.METHODS (no torch import)
 OUT = {"classify": "runs/classify", "causal-lm": "runs/causal-lm"}  # default output folder per task
 
 
@@ -261,7 +262,126 @@ def _inspect(args) -> int:
     if task:
         print(f"task {task['task']}, base model {task.get('model', config.get('base_model_name_or_path'))}"
               + (f", labels: {', '.join(task['labels'])}" if task.get("labels") else ""))
+    _inspect_spectrum(args, folder)
     return 0
+
+
+def _inspect_spectrum(args, folder: Path) -> None:
+    """``inspect``'s per-module table: rank, largest singular values of ΔW, effective rank; the plot."""
+    from .extraction import effective_rank, plot_spectra, spectra
+    found = spectra(folder)
+    print(f"{'module':<56} {'rank':>4} {'sigma_1':>10} {'sigma_r':>10} {f'rank@{args.energy:g}':>9}")
+    for path, s in found.items():
+        print(f"{path:<56} {s.numel():>4} {float(s[0]):>10.4g} {float(s[-1]):>10.4g} "
+              f"{effective_rank(s, args.energy):>9}")
+    if args.spectrum:
+        plot_spectra(found, args.spectrum, title=f"{folder}: singular values of dW = s*B*A")
+        print(f"wrote {args.spectrum}")
+
+
+def _load_base(folder: Path, model_spec: str | None):
+    """The base model an adapter folder belongs to (``--model``, else its recorded base), by its task."""
+    import json
+    from .train.tasks import adapter_task, load_model
+    task = adapter_task(folder)
+    base = model_spec or task.get("model") or json.loads((folder / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    if not base:
+        raise _UsageError(f"{folder} does not record its base model; give --model")
+    if task.get("task") == "classify":
+        return load_model(base, "classify", num_labels=len(task.get("labels") or ()) or 2)[0], base, task
+    return load_model(base, "causal-lm")[0], base, task
+
+
+def _combine(args) -> int:
+    import json
+
+    from . import load, save
+    from .algebra import combine
+    from .train.tasks import TASK_NAME
+    folders = [_adapter_folder(a) for a in args.adapters]
+    if len(args.weights) != len(folders):
+        raise _UsageError(f"--weights needs one weight per adapter: {len(folders)} adapters, "
+                          f"{len(args.weights)} weights")
+    model, _, task = _load_base(folders[0], args.model)
+    names = [f"a{i}" for i in range(len(folders))]
+    for name, folder in zip(names, folders):
+        load(model, folder, adapter=name)
+    report = combine(model, dict(zip(names, args.weights)), method=args.method, adapter="combined",
+                     rank=args.rank, density=args.density, majority_sign=args.majority_sign, seed=args.seed,
+                     missing=args.missing)
+    print(report)
+    out = save(model, args.out, adapter="combined")
+    if task:
+        (out / TASK_NAME).write_text(json.dumps(task, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _extract(args) -> int:
+    import json
+
+    from . import save
+    from .extraction import extract
+    from .pretrained import _quiet_transformers, model_path
+    from .train.tasks import TASK_NAME, load_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    task = args.task
+    fields = {}
+    if task == "classify":
+        config = json.loads((model_path(args.tuned) / "config.json").read_text())
+        fields["labels"] = [config.get("id2label", {}).get(str(i), str(i))
+                            for i in range(len(config.get("id2label") or {}))]
+        base = load_model(args.base, task, num_labels=len(fields["labels"]))[0]
+    else:
+        base = load_model(args.base, task)[0]
+    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    with _quiet_transformers():  # the tuned model's weights only: its folder needs no tokenizer
+        tuned = auto.from_pretrained(model_path(args.tuned), local_files_only=True)
+    targets = args.targets.split(",")
+    saved = args.modules_to_save.split(",") if args.modules_to_save else \
+        [h for h in ("classifier", "score") if task == "classify" and hasattr(base, h)]
+    report = extract(base, tuned, rank=args.rank, energy=args.energy,
+                     targets=targets[0] if targets == ["all-linear"] else targets, modules_to_save=saved)
+    print(report)
+    out = save(base, args.out)
+    spec = args.base if args.base.startswith("builtin:") else str(Path(args.base).resolve())
+    (out / TASK_NAME).write_text(json.dumps({"task": task, "model": spec, **fields}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _adapter_parsers(sub) -> None:
+    """``combine`` and ``extract``: adapters as objects."""
+    c = sub.add_parser("combine", help="combine adapters into one (cat, svd, linear, ties, dare_*)",
+                       description="Weighted combination of adapters of one base model into a new adapter "
+                                   "(lorakit.combine; PEFT's add_weighted_adapter definitions).", formatter_class=_Help)
+    c.add_argument("adapters", nargs="+", help="adapter folders (PEFT format)")
+    c.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per adapter")
+    c.add_argument("--method", choices=COMBINE_METHODS, default="cat",
+                   help="cat: exact sum (ranks add up); svd: truncated to --rank; the others as in PEFT")
+    c.add_argument("--out", required=True, help="folder for the new adapter")
+    c.add_argument("--model", help="base model (default: the first adapter's)")
+    c.add_argument("--rank", type=_positive(int), help="svd: rank of the result (default: the largest input rank)")
+    c.add_argument("--density", type=_positive(float), help="ties, dare_linear, dare_ties: fraction of values kept")
+    c.add_argument("--majority-sign", choices=["total", "frequency"], default="total",
+                   help="ties, dare_ties: the elected sign per value is that of the sum, or the more frequent one")
+    c.add_argument("--seed", type=int, default=0, help="dare_*: seed of the random pruning")
+    c.add_argument("--missing", choices=["error", "zero"], default="error",
+                   help="a module only some adapters adapt: refuse, or count the others as zero there (PEFT)")
+    e = sub.add_parser("extract", help="turn a full fine-tune into a LoRA adapter (truncated SVD of W1 - W0)",
+                       formatter_class=_Help)
+    e.add_argument("--base", required=True, help="the model before fine-tuning (builtin:... or a folder)")
+    e.add_argument("--tuned", required=True, help="the fine-tuned model (a Hugging Face folder)")
+    size = e.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=_positive(int), help="rank per module")
+    size.add_argument("--energy", type=_positive(float), help="per module, the smallest rank keeping this share "
+                                                              "of ||W1 - W0||^2 (e.g. 0.9)")
+    e.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear")
+    e.add_argument("--task", choices=["causal-lm", "classify"], default="causal-lm", help="how to load the models")
+    e.add_argument("--modules-to-save", default=None,
+                   help="modules copied whole from the tuned model (default for classify: the head)")
+    e.add_argument("--out", required=True, help="folder for the adapter")
 
 
 def _positive(kind, zero: bool = False):
@@ -344,8 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
     _device_option(g)
-    i = sub.add_parser("inspect", help="show an adapter folder's config, size, task and labels")
+    i = sub.add_parser("inspect", help="show an adapter folder's config, size, task, labels and ΔW's spectrum",
+                       formatter_class=_Help)
     i.add_argument("adapter")
+    i.add_argument("--energy", type=_positive(float), default=0.9,
+                   help="effective rank: the smallest rank holding this share of each ΔW's energy")
+    i.add_argument("--spectrum", help="write a log-scale plot of each ΔW's singular values to this PNG")
+    _adapter_parsers(sub)
     _serve_parser(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -358,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train.data import DataError
     try:
         return {"train": _train, "predict": _predict, "generate": _generate, "inspect": _inspect,
-                "serve": _serve}[args.command](args)
+                "serve": _serve, "combine": _combine, "extract": _extract}[args.command](args)
     except (LoraError, DataError, FileNotFoundError, ValueError) as e:
         print(f"lorakit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -174,3 +174,70 @@ def test_a_kind_can_refuse_merge_and_nothing_is_merged():
     with pytest.raises(LoraError, match="cannot merge into 1: packed"):
         lorakit.merge(net)
     assert lorakit.registry(net).merged == () and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Gemma 3's TextScaledWordEmbedding as transformers writes it: the lookup times a scalar buffer."""
+
+    def __init__(self, num: int, dim: int, scale: float) -> None:
+        super().__init__(num, dim)
+        self.register_buffer("embed_scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_scaled_embedding_scales_the_update_like_the_merged_weight(dtype):
+    # Oracle: the float64 lookup of W + s·(B·A)ᵀ times the scale; merged, unmerged, each mixed row and
+    # PEFT (which applies embed_scale to the update too) must all give it.
+    torch.manual_seed(0)
+    net = nn.Sequential(_ScaledEmbedding(50, 16, scale=4.0)).to(dtype)
+    ids = torch.randint(0, 50, (3, 7))
+    lorakit.inject(net, LoraConfig(r=4, targets=["0"]))
+    lorakit.inject(net, LoraConfig(r=2, targets=["0"]), adapter="b", activate=False)
+    _randomise(net, 1)
+    layer = net[0]
+
+    def oracle(name):
+        w = layer.weight.double() + layer.delta(name, compute=torch.float64)
+        return (w[ids] * 4.0).to(dtype)
+
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=2e-2)
+    with torch.no_grad():
+        unmerged = net(ids)
+        torch.testing.assert_close(unmerged, oracle("default"), **tol)
+        without_scale = (layer.weight.double()[ids] * 4.0 + (layer.delta("default", compute=torch.float64))[ids])
+        assert (unmerged.double() - without_scale).abs().max() > 10 * tol["atol"]  # the scale matters here
+        with lorakit.mixed(net, ["b", None, "default"]):
+            rows = net(ids)
+        for i, name in enumerate(["b", None, "default"]):
+            expected = (layer.weight.double()[ids[i]] * 4.0).to(dtype) if name is None else oracle(name)[i]
+            torch.testing.assert_close(rows[i], expected, **tol)
+        lorakit.merge(net)
+        torch.testing.assert_close(net(ids), unmerged, **tol)
+        lorakit.unmerge(net)
+
+
+def test_a_scaled_embedding_matches_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    net = nn.Sequential(_ScaledEmbedding(50, 16, scale=4.0))
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    lorakit.inject(net, LoraConfig(r=4, targets=["0"]))
+    _randomise(net, 1)
+    lorakit.save(net, tmp_path)
+    ids = torch.randint(0, 50, (3, 7))
+    fresh = nn.Sequential(_ScaledEmbedding(50, 16, scale=4.0))
+    fresh.load_state_dict(base)
+    theirs = peft.PeftModel.from_pretrained(fresh, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(net(ids), theirs(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_scaled_embedding_with_a_vector_scale_is_refused():
+    net = nn.Sequential(_ScaledEmbedding(50, 16, scale=4.0))
+    net[0].embed_scale = torch.ones(16)
+    with pytest.raises(LoraError, match="embed_scale has shape"):
+        lorakit.inject(net, LoraConfig(r=4, targets=["0"]))
+    assert not isinstance(net[0], lorakit.LoraLayer)

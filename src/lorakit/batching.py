@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LoraError
+from .kinds import embed_scaled
 
 if TYPE_CHECKING:  # layers reads ROUTING / MIXED_OPEN from here: no import of layers or model at load time
     from .layers import LoraLayer, SavedModule
@@ -142,8 +143,8 @@ class Routing:
             return out
         a_rows, b_rows, fresh = data  # "bmm": each row's own factors, gathered from the bank
         result = layer.base_layer(x)
-        if layer.kind.mixed == "lookup":
-            h = _embedding_rows(x, a_rows)
+        if layer.kind.mixed == "lookup":  # a scaled embedding (Gemma's) scales the update as its lookup
+            h = embed_scaled(layer.base_layer, _embedding_rows(x, a_rows))
         else:
             # as (A·xᵀ)ᵀ: BLAS is 2.5-3.7x faster with the thin r side as the output's rows
             h = torch.bmm(a_rows, x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype).transpose(1, 2))

@@ -313,6 +313,18 @@ class _Conv1D(LinearKind):
         return (r, weight.shape[0]), (weight.shape[1], r)
 
 
+def embed_scaled(base: nn.Module, out: Tensor) -> Tensor:
+    """``out`` times a scaled embedding's ``embed_scale`` (Gemma's embeddings multiply their lookup by it
+    in forward, rounded to the weight's dtype), so that the unmerged update equals what merging ΔW
+    into W gives, as in PEFT; ``out`` unchanged for a plain ``nn.Embedding``."""
+    scale = getattr(base, "embed_scale", None)
+    if scale is None:
+        return out
+    if isinstance(scale, Tensor):
+        scale = scale.to(base.weight.dtype).to(out.dtype)
+    return out * scale
+
+
 class _Embedding(Kind):
     """Lookup of A's columns, then B; A is (r, num_embeddings), B is (dim, r) as in PEFT."""
 
@@ -327,6 +339,11 @@ class _Embedding(Kind):
         if base.max_norm is not None:
             raise LoraError(f"{path}: nn.Embedding with max_norm rewrites its weight during forward; "
                             "LoRA cannot be merged exactly into it (set max_norm=None)")
+        scale = getattr(base, "embed_scale", None)
+        if scale is not None and not (isinstance(scale, (int, float)) or
+                                      (isinstance(scale, Tensor) and scale.numel() == 1)):
+            raise LoraError(f"{path}: {type(base).__name__}.embed_scale has shape {tuple(scale.shape)}; lorakit "
+                            "adapts scaled embeddings only with one scalar scale (as Gemma's)")
 
     def owns_output(self, base):
         return type(base) is nn.Embedding
@@ -342,7 +359,7 @@ class _Embedding(Kind):
     def update(self, layer, name, x):
         base, a, b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
         h = F.embedding(x, a.t(), base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
-        return F.linear(h, b) * layer.scale[name]
+        return embed_scaled(base, F.linear(h, b) * layer.scale[name])
 
     def forward(self, layer, names, x, *args, **kwargs):
         result = layer.base_layer(x, *args, **kwargs)

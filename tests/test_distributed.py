@@ -201,32 +201,42 @@ def tiny_bert_no_dropout(tmp_path_factory):
 
 @pytest.mark.parametrize("task", ["classify", pytest.param("causal-lm", marks=pytest.mark.slow)])
 def test_cli_nproc_2_trains_like_one_process(tmp_path, task, request):
-    """`lorakit train --nproc 2` (torchrun, 2 gloo ranks) against the same command in one process: the same
-    adapter (tolerance as above: partial gradient sums added in another order; here also batches padded to
-    each rank's longest example), every file written once, each log line printed once."""
+    """`lorakit train --nproc 2` (torchrun, 2 gloo ranks), plain (DDP) and `--fsdp` (FSDP2, the model sharded),
+    against the same command in one process: the same adapter file (tolerance as above: partial gradient sums
+    added in another order; here also batches padded to each rank's longest example), the same logged and
+    evaluated metrics, every file written once, each log line printed once. The held-out sets (30 rows
+    classify, 20 causal-lm, 10% each: 3 and 2 rows) leave rank 1 fewer rows than rank 0 (classify: 1 vs 2;
+    with `--fsdp` it runs an uncounted batch to keep in step), and the best adapter is restored into the
+    sharded model before the test-set evaluation."""
     from test_cli import FAST, labelled_csv, lorakit, prompts_jsonl
 
     model = request.getfixturevalue("tiny_bert_no_dropout" if task == "classify" else "tiny_llama")
     data = labelled_csv(tmp_path / "d.csv") if task == "classify" else prompts_jsonl(tmp_path / "p.jsonl")
-    opts = ["--task", task, "--model", model, "--data", data, *FAST, "--max-length", 64, "--max-steps", 3]
+    opts = ["--task", task, "--model", model, "--data", data, *FAST, "--max-length", 64, "--max-steps", 3,
+            "--eval-every", 2]
     code1, out1, err1 = lorakit("train", *opts, "--out", tmp_path / "one", cwd=tmp_path)
     assert code1 == 0, err1
-    code2, out2, err2 = lorakit("train", *opts, "--nproc", 2, "--out", tmp_path / "two", cwd=tmp_path)
-    assert code2 == 0, err2
-    assert "torch.distributed.run --standalone --nproc-per-node=2 -m lorakit.cli train" in err2
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)  # trained (B starts at 0)
-    first = "test accuracy after training:" if task == "classify" else "test exact match after training:"
-    assert out2.count(first) == 1 and out2.count("trainable parameters:") == 1, out2
-    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
-    key = "test_accuracy" if task == "classify" else "test_exact_match"
-    assert s1[key] == s2[key] and s1["steps"] == s2["steps"] == 3
-    assert [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()] == \
-        [json.loads(x)["step"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for name, extra in (("two", []), ("fsdp", ["--fsdp"])):
+        code2, out2, err2 = lorakit("train", *opts, "--nproc", 2, *extra, "--out", tmp_path / name, cwd=tmp_path)
+        assert code2 == 0, err2
+        assert "torch.distributed.run --standalone --nproc-per-node=2 -m lorakit.cli train" in err2
+        b = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+        first = "test accuracy after training:" if task == "classify" else "test exact match after training:"
+        assert out2.count(first) == 1 and out2.count("trainable parameters:") == 1, out2
+        s2 = json.loads((tmp_path / name / "summary.json").read_text())
+        key = "test_accuracy" if task == "classify" else "test_exact_match"
+        assert s1[key] == s2[key] and s1["steps"] == s2["steps"] == 3, name
+        m2 = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["split"]) for r in m2] == [(r["step"], r["split"]) for r in m1], name
+        for r1, r2 in zip(m1, m2):  # train losses and validation metrics (sums over both ranks' shares)
+            assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5, abs=1e-6), (name, r1, r2)
 
 
 @pytest.mark.slow

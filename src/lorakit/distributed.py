@@ -15,6 +15,7 @@ no wrapper), and a rank whose share of a batch is empty still takes part.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import signal
 import sys
@@ -26,8 +27,9 @@ import torch.distributed as dist
 from .config import LoraError
 
 __all__ = ["DEVICES", "RankFailure", "resolve_device", "setup", "teardown", "rank", "world_size", "is_main", "shard",
+           "shard_batches",
            "all_reduce_grads", "broadcast_from_main", "reduce_sums",
-           "fully_shard_model", "is_sharded", "full_tensor", "trainable_state", "gather", "barrier", "DEFAULT_TIMEOUT_S"]
+           "fully_shard_model", "reshard", "is_sharded", "full_tensor", "trainable_state", "gather", "barrier", "DEFAULT_TIMEOUT_S"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Seconds a collective waits for the other ranks before the job stops (``init_process_group``'s timeout).
@@ -140,6 +142,19 @@ def shard(items: Sequence[T]) -> Sequence[T]:
     return items[start:start + q + (r < extra)]
 
 
+def shard_batches(items: Sequence[T], size: int, pad: bool = False):
+    """This rank's share of ``items`` (:func:`shard`) in batches of ``size``, as ``(batch, counted)`` pairs.
+
+    ``pad`` (a sharded model, whose every forward is a collective): every rank yields as many
+    batches as the largest share needs; a rank with fewer yields ``(items[:1], False)`` for the
+    rest, to be run and not counted. Without ``pad`` every batch is counted."""
+    mine = shard(items)
+    n = math.ceil(math.ceil(len(items) / world_size()) / size) if pad else math.ceil(len(mine) / size)
+    for i in range(n):
+        batch = mine[i * size:(i + 1) * size]
+        yield (batch, True) if batch else (items[:1], False)
+
+
 def _comm_device() -> torch.device:
     """Where collective buffers live: nccl needs CUDA tensors, gloo takes CPU ones."""
     if dist.get_backend() == "nccl":
@@ -230,6 +245,20 @@ def fully_shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = 
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered weights of ``model``'s FSDP2 units (each rank keeps its shards); nothing otherwise.
+
+    Needed after a forward without a backward (evaluation, generation): FSDP2 keeps the root's
+    weights gathered after its forward for the backward that would follow, and a training forward
+    that reuses weights gathered under ``no_grad`` leaves some parameters without gradients (seen
+    here: a classifier head's stayed ``None``). :func:`lorakit.train.fit` calls this before
+    training and after each evaluation."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

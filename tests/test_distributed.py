@@ -164,8 +164,9 @@ def test_a_rank_that_dies_stops_the_job_and_resume_ends_where_an_uninterrupted_r
 
 def test_fsdp2_equals_one_process_and_saves_the_same_adapter(tmp_path):
     """FSDP2 (each LoRA layer and the root sharded on dim 0: frozen base and adapters alike): the losses and the
-    PEFT-format adapter file equal the 1-process run's within the tolerance above; the trained state is
-    gathered from the shards (`trainable_state`) and saved from an unsharded copy."""
+    PEFT-format adapter file equal the 1-process run's within the tolerance above; `lorakit.save`, called on
+    every rank of the sharded model, gathers the shards and rank 0 writes. `merge` and `merge_and_unload` on
+    the sharded model are refused (LoraError naming what to do) and leave its outputs bit for bit unchanged."""
     one, two = tmp_path / "one", tmp_path / "two"
     p1, p2 = _run(one, OPTS), _run(two, {**OPTS, "fsdp": True}, nproc=2)
     assert p1.returncode == 0, p1.stderr[-3000:]
@@ -178,6 +179,11 @@ def test_fsdp2_equals_one_process_and_saves_the_same_adapter(tmp_path):
     (_, r1), (_, r2) = _result(one), _result(two)
     for x, y in zip(r1, r2, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+    refused = json.loads((two / "merge_refused.json").read_text())
+    for name in ("merge", "merge_and_unload"):
+        assert refused["messages"][name].startswith(f"cannot {name} a model sharded with FSDP2"), refused
+        assert "load it into an unsharded copy of the base model and merge there" in refused["messages"][name]
+    assert refused["unchanged"] and refused["layers"] == 1, refused
 
 
 def test_fsdp2_resume_after_a_failed_rank_ends_where_an_uninterrupted_run_ends(tmp_path):
@@ -192,6 +198,13 @@ def test_fsdp2_resume_after_a_failed_rank_ends_where_an_uninterrupted_run_ends(t
 
 
 # -- the command line ------------------------------------------------------------------------------------
+def test_cli_fsdp_refuses_what_it_cannot_shard():
+    from test_cli import lorakit, refused
+    refused(lorakit("train", "--fsdp"), "--fsdp shards the model across processes: start several with --nproc N")
+    refused(lorakit("train", "--fsdp", "--nproc", 2, "--full"), "--fsdp shards LoRA training; it does not "
+            "combine with --full")
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_no_dropout(tmp_path_factory):
     """test_cli's 1-layer BERT without dropout (BERT's default 0.1 draws per-rank random numbers)."""

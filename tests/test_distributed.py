@@ -214,7 +214,8 @@ def tiny_bert_no_dropout(tmp_path_factory):
 
 @pytest.mark.parametrize("task", ["classify", pytest.param("causal-lm", marks=pytest.mark.slow)])
 def test_cli_nproc_2_trains_like_one_process(tmp_path, task, request):
-    """`lorakit train --nproc 2` (torchrun, 2 gloo ranks), plain (DDP) and `--fsdp` (FSDP2, the model sharded),
+    """`lorakit train --nproc 2` (torchrun, 2 gloo ranks), plain (DDP) and `--fsdp` (FSDP2, the model sharded, the
+    adapters with it or, `--fsdp replicated`, whole on every rank),
     against the same command in one process: the same adapter file (tolerance as above: partial gradient sums
     added in another order; here also batches padded to each rank's longest example), the same logged and
     evaluated metrics, every file written once, each log line printed once. The held-out sets (30 rows
@@ -233,7 +234,7 @@ def test_cli_nproc_2_trains_like_one_process(tmp_path, task, request):
     assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)  # trained (B starts at 0)
     m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
-    for name, extra in (("two", []), ("fsdp", ["--fsdp"])):
+    for name, extra in (("two", []), ("fsdp", ["--fsdp"]), ("replicated", ["--fsdp", "replicated"])):
         code2, out2, err2 = lorakit("train", *opts, "--nproc", 2, *extra, "--out", tmp_path / name, cwd=tmp_path)
         assert code2 == 0, err2
         assert "torch.distributed.run --standalone --nproc-per-node=2 -m lorakit.cli train" in err2

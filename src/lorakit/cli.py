@@ -82,9 +82,10 @@ def _train_parser(sub) -> None:
                         "with these options (under torchrun itself, leave it out)")
     p.add_argument("--dist-timeout", type=_positive(float), default=300.0,
                    help="under torchrun: seconds a rank waits for the others before the job stops")
-    p.add_argument("--fsdp", action="store_true",
-                   help="with --nproc N or under torchrun: shard the frozen base and the adapters across the ranks "
-                        "(FSDP2) instead of a whole copy per rank; the saved adapter is the same file")
+    p.add_argument("--fsdp", nargs="?", const="sharded", choices=["sharded", "replicated"], default=None,
+                   help="with --nproc N or under torchrun: shard the frozen base across the ranks (FSDP2) instead of "
+                        "a whole copy per rank, the adapters sharded too (default) or replicated; the saved "
+                        "adapter is the same file")
 
 
 def _device_option(p) -> None:

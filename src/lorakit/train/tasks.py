@@ -5,8 +5,9 @@ before and after, and writes the adapter, ``metrics.jsonl``, ``summary.json`` an
 
 Both run on ``device`` and, under torchrun, data-parallel: every rank loads the same model, trains
 on its share of each batch and evaluates its share of each held-out set (the sums are reduced);
-rank 0 alone logs and writes files. ``fsdp=True`` shards the model with FSDP2 after injection
-(:func:`lorakit.distributed.fully_shard_model`): every rank then runs the same number of forwards
+rank 0 alone logs and writes files. ``fsdp="sharded"`` or ``"replicated"`` (the adapters' layout)
+shards the model with FSDP2 after injection (:func:`lorakit.distributed.fully_shard_model`):
+every rank then runs the same number of forwards
 in evaluation (padded with uncounted batches) and generation, and saving gathers the adapter.
 """
 
@@ -177,10 +178,15 @@ def _save_best(lora: LoraSpec) -> Callable[[nn.Module, Path], None]:
     return _save
 
 
-def _shard(model: nn.Module, fsdp: bool) -> None:
-    """``fsdp``: shard the injected model across the ranks (FSDP2)."""
+def _shard(model: nn.Module, fsdp: str | None) -> None:
+    """``fsdp`` (the adapters' layout): shard the injected model across the ranks (FSDP2)."""
     if fsdp:
-        D.fully_shard_model(model)
+        D.fully_shard_model(model, adapters=fsdp)
+
+
+def _peaks() -> list[float]:
+    """Every rank's peak memory (MB, :func:`peak_memory_mb`), on every rank."""
+    return [float(t) for t in D.gather(torch.tensor(peak_memory_mb(), dtype=torch.float64))]
 
 
 def _restore_best(model: nn.Module, out: Path, save_best, lora: LoraSpec) -> None:
@@ -197,10 +203,11 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
              label_column: str = "label", lora: LoraSpec = LoraSpec(), train: TrainConfig = TrainConfig(),
              max_length: int = 128, train_limit: int = 0, resume: bool = False, overwrite: bool = False,
              progress: bool = True, log=print, quantize: str | None = None,
-             device: torch.device | str = "cpu", fsdp: bool = False) -> dict:
+             device: torch.device | str = "cpu", fsdp: str | None = None) -> dict:
     """Fine-tune a sequence classifier; default: all-MiniLM-L6-v2 on BBC News (5 topics).
     ``quantize``: hold the frozen base in "nf4", "fp4" or "int8" (QLoRA, :func:`lorakit.quantize`).
-    ``fsdp``: under torchrun, shard the model with FSDP2 (see the module's docstring).
+    ``fsdp``: under torchrun, shard the model with FSDP2, the adapters "sharded" or "replicated"
+    (see the module's docstring).
 
     The output folder and the data are checked before the model loads (:func:`prepare_out`,
     :class:`~lorakit.train.data.DataError`)."""
@@ -249,7 +256,7 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
               "test_accuracy_before": before["accuracy"], "test_accuracy": after["accuracy"],
               "test_loss": after["loss"], "trainable_params": trainable, "total_params": total,
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
-              "peak_memory_mb": peak_memory_mb(), "steps": steps, "lora": asdict(lora), "train": asdict(train)}
+              "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": _peaks(), "steps": steps, "lora": asdict(lora), "train": asdict(train)}
     if not lora.full and _save(model, out / "adapter"):
         _write_task(out / "adapter", "classify", model_spec, labels=labels, max_length=max_length)
         result["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
@@ -354,7 +361,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
               train: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=1e-3), max_length: int = 96,
               train_limit: int = 0, eval_limit: int = 50, resume: bool = False, overwrite: bool = False,
               progress: bool = True, log=print, quantize: str | None = None,
-              device: torch.device | str = "cpu", fsdp: bool = False) -> dict:
+              device: torch.device | str = "cpu", fsdp: str | None = None) -> dict:
     """Instruction-tune a causal LM on prompt/completion pairs (prompt tokens masked out of the loss);
     scores exact match of greedy answers on (the first ``eval_limit`` of) the test set before and after.
     ``eval_limit`` also bounds the validation set; 0: no limit."""
@@ -419,7 +426,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
               "trainable_params": trainable, "total_params": total,
               "train_examples": len(splits["train"]), "test_examples": len(splits["test"]),
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "steps": steps,
-              "peak_memory_mb": peak_memory_mb(), "lora": asdict(lora), "train": asdict(train)}
+              "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": _peaks(), "lora": asdict(lora), "train": asdict(train)}
     if not lora.full and _save(model, out / "adapter"):
         _write_task(out / "adapter", "causal-lm", model_spec)
     log(f"test exact match after training: {after:.4f}  (before {before:.4f})")

@@ -4,12 +4,14 @@
 
 Trains LoRA on a small MLP with :func:`lorakit.train.fit`; rank 0 writes OUT/final.safetensors (the
 trained parameters) and OUT/records.json, and lorakit.save's adapter to OUT/adapter. ``fail_rank``/``fail_step``
-make that rank raise in its loss function at that optimizer step (a rank that dies mid-run); ``fsdp`` shards
+make that rank raise in its loss function at that optimizer step (a rank that dies mid-run), ``hang_rank``
+sleep there instead (a rank that hangs; ``timeout_s`` is the collectives' timeout); ``fsdp`` shards
 the model with FSDP2 (each LoRA layer one unit, then the root), saves it in place (lorakit.save on every
 rank) and tries to merge it (OUT/merge_refused.json)."""
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ def collate(items):
 
 def main(out: str, options: dict) -> None:
     fail_rank, fail_step = options.pop("fail_rank", None), options.pop("fail_step", None)
+    hang_rank = options.pop("hang_rank", None)
     resume, fsdp = options.pop("resume", False), options.pop("fsdp", False)
     D.setup(torch.device("cpu"), timeout_s=options.pop("timeout_s", 60))
     model, data = problem()
@@ -48,6 +51,8 @@ def main(out: str, options: dict) -> None:
         calls["n"] += 1
         if D.rank() == fail_rank and calls["n"] > fail_step:
             raise RuntimeError(f"injected failure on rank {D.rank()}")
+        if D.rank() == hang_rank and calls["n"] > fail_step:
+            time.sleep(600)  # a rank that hangs: the others' next collective times out
         return nn.functional.cross_entropy(m(b["x"]), b["y"])
 
     def evaluate(m):  # sharded: each rank its share, sums reduced

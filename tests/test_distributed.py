@@ -162,6 +162,18 @@ def test_a_rank_that_dies_stops_the_job_and_resume_ends_where_an_uninterrupted_r
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_rank_that_hangs_ends_the_job_after_the_timeout(tmp_path):
+    """Rank 1 sleeps in its loss function; rank 0's next collective gives up after the timeout (5 s here,
+    `--dist-timeout` on the command line) with the message for the user, and the job ends (torchrun stops the
+    sleeping rank) well before the sleep (600 s) would."""
+    t0 = time.perf_counter()
+    p = _run(tmp_path / "hang", {**OPTS, "hang_rank": 1, "fail_step": 3, "timeout_s": 5}, nproc=2)
+    took = time.perf_counter() - t0
+    assert p.returncode != 0 and took < 60, (p.returncode, took, p.stderr[-2000:])
+    assert "rank 0/2: lost contact with another rank during" in p.stderr, p.stderr[-3000:]
+    assert "continue from the last checkpoint with --resume" in p.stderr
+
+
 def test_fsdp2_equals_one_process_and_saves_the_same_adapter(tmp_path):
     """FSDP2 (each LoRA layer and the root sharded on dim 0: frozen base and adapters alike): the losses and the
     PEFT-format adapter file equal the 1-process run's within the tolerance above; `lorakit.save`, called on

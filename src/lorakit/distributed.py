@@ -249,11 +249,18 @@ def fully_shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = 
         raise LoraError(f"adapters={adapters!r}: expected one of {', '.join(ADAPTER_LAYOUTS)}")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     ignored = {p for p in model.parameters() if p.requires_grad} if adapters == "replicated" else None
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in blocks:
             fully_shard(module, mp_policy=policy, ignored_params=ignored)
     fully_shard(model, mp_policy=policy, ignored_params=ignored)
+    # lorakit's registry remembers each base parameter (its requires_grad flag, restored on unload): point it
+    # at the shards, or it would keep every rank's whole unsharded copy alive (measured: the whole model's bytes)
+    reg = getattr(model, "_orig_mod", model).__dict__.get("lorakit_registry")
+    if reg is not None:
+        now = dict(model.named_parameters(remove_duplicate=False))
+        reg.frozen = [(now[names[id(p)]], flag) for p, flag in reg.frozen if id(p) in names]
     return model
 
 

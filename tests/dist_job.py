@@ -94,8 +94,11 @@ def _merge_refused(model, data) -> dict:
             messages[name] = str(e)
     with torch.no_grad():
         after = model(x)
+    from torch.distributed.tensor import DTensor
     return {"messages": messages, "unchanged": bool(torch.equal(before, after)),
-            "layers": len(list(lorakit.lora_layers(model)))}
+            "layers": len(list(lorakit.lora_layers(model))),
+            # lorakit's registry holds the shards, not the unsharded originals (which would stay in memory)
+            "registry_sharded": all(isinstance(p, DTensor) for p, _ in lorakit.registry(model).frozen)}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from .config import LoraError
 __all__ = ["DEVICES", "RankFailure", "resolve_device", "setup", "teardown", "rank", "world_size", "is_main", "shard",
            "shard_batches",
            "all_reduce_grads", "broadcast_from_main", "reduce_sums",
-           "ADAPTER_LAYOUTS", "fully_shard_model", "reshard", "is_sharded", "full_tensor", "trainable_state", "gather", "barrier", "DEFAULT_TIMEOUT_S"]
+           "ADAPTER_LAYOUTS", "fully_shard_model", "reshard", "is_sharded", "full_tensor", "trainable_state",
+           "gather", "barrier", "DEFAULT_TIMEOUT_S"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Seconds a collective waits for the other ranks before the job stops (``init_process_group``'s timeout).

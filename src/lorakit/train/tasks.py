@@ -7,8 +7,8 @@ Both run on ``device`` and, under torchrun, data-parallel: every rank loads the 
 on its share of each batch and evaluates its share of each held-out set (the sums are reduced);
 rank 0 alone logs and writes files. ``fsdp="sharded"`` or ``"replicated"`` (the adapters' layout)
 shards the model with FSDP2 after injection (:func:`lorakit.distributed.fully_shard_model`):
-every rank then runs the same number of forwards
-in evaluation (padded with uncounted batches) and generation, and saving gathers the adapter.
+every rank then runs the same number of forwards in evaluation (padded with uncounted batches)
+and generation, and saving gathers the adapter.
 """
 
 from __future__ import annotations
@@ -256,7 +256,8 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
               "test_accuracy_before": before["accuracy"], "test_accuracy": after["accuracy"],
               "test_loss": after["loss"], "trainable_params": trainable, "total_params": total,
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
-              "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": _peaks(), "steps": steps, "lora": asdict(lora), "train": asdict(train)}
+              "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": _peaks(), "steps": steps,
+              "lora": asdict(lora), "train": asdict(train)}
     if not lora.full and _save(model, out / "adapter"):
         _write_task(out / "adapter", "classify", model_spec, labels=labels, max_length=max_length)
         result["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
@@ -426,7 +427,8 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
               "trainable_params": trainable, "total_params": total,
               "train_examples": len(splits["train"]), "test_examples": len(splits["test"]),
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "steps": steps,
-              "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": _peaks(), "lora": asdict(lora), "train": asdict(train)}
+              "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": _peaks(), "lora": asdict(lora),
+              "train": asdict(train)}
     if not lora.full and _save(model, out / "adapter"):
         _write_task(out / "adapter", "causal-lm", model_spec)
     log(f"test exact match after training: {after:.4f}  (before {before:.4f})")

@@ -2,6 +2,10 @@
 and the bytes each step all-reduces with LoRA vs full fine-tuning.
 
     PYTHONPATH=src python bench/dist_bench.py [--steps 8] [--rounds 2] [--smollm2]
+    PYTHONPATH=src python bench/dist_bench.py --memory     # DDP vs FSDP2 (adapters sharded / replicated)
+
+``--memory``: per rank, on SmolLM2-135M (2 processes, 3 steps of a global batch of 8, bench/dist_memory_job.py):
+the parameter bytes each rank holds and the peak RSS while training; writes bench/results/dist_memory.{json,md}.
 
 Throughput is ``lorakit train``'s own examples/s over the training steps (the last ``train`` record of
 metrics.jsonl: examples of the whole job / seconds since the loop started), same command and global
@@ -60,12 +64,47 @@ def payloads() -> list[dict]:
     return rows
 
 
+def memory() -> None:
+    """DDP vs FSDP2 with sharded or replicated adapters: per-rank parameter bytes and training peak RSS."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("ddp", "sharded", "replicated"):
+            out = Path(tmp) / f"{mode}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                   str(ROOT / "bench" / "dist_memory_job.py"), mode, str(out)]
+            env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+            rows.append(json.loads(out.read_text()))
+            print(json.dumps(rows[-1]), flush=True)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dist_memory.json").write_text(json.dumps(rows, indent=2))
+    names = {"ddp": "DDP (whole model per rank)", "sharded": "FSDP2, adapters sharded",
+             "replicated": "FSDP2, adapters replicated"}
+    lines = [f"# dist_bench --memory ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): SmolLM2-135M, LoRA r=8 "
+             "all-linear, 2 processes, 3 steps of a global batch of 8", "",
+             "| layout | parameters held per rank | of which trainable | RSS after setup (rank 0, 1) | "
+             "peak RSS while training (rank 0, 1) |", "|---|---|---|---|---|"]
+    for r in rows:
+        rk = r["ranks"]
+        lines.append(f"| {names[r['mode']]} | {rk[0]['params_mb']:.1f} MiB | {rk[0]['trainable_mb']:.2f} MiB | "
+                     f"{rk[0]['rss_after_setup_mb']:.0f}, {rk[1]['rss_after_setup_mb']:.0f} MiB | "
+                     f"{rk[0]['train_peak_rss_mb']:.0f}, {rk[1]['train_peak_rss_mb']:.0f} MiB |")
+    (out / "dist_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M causal-lm (slow)")
+    ap.add_argument("--memory", action="store_true", help="only the DDP vs FSDP2 memory comparison")
     args = ap.parse_args()
+    if args.memory:
+        return memory()
     tasks = ["minilm"] + (["smollm2"] if args.smollm2 else [])
     speeds: dict = {t: {"1x2": [], "2x1": []} for t in tasks}
     with tempfile.TemporaryDirectory() as tmp:

@@ -51,6 +51,12 @@ def train(model_path: str | Path, out: str | Path, max_steps: int = 60, batch_si
                              learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.06, logging_steps=10,
                              save_strategy="no", report_to=[], seed=seed, disable_tqdm=not log,
                              dataloader_num_workers=0,
+                             # Trainer multiplies each rank's loss by the number of processes when the model's
+                             # forward takes **kwargs (transformers' models do), expecting a loss summed over the
+                             # tokens and divided by the global count (num_items_in_batch); BERT's classification
+                             # loss is a plain per-rank mean, so under torchrun that doubled the loss and the
+                             # gradients on 2 ranks. Off: DDP averages the ranks' means, the single-process loss.
+                             average_tokens_across_devices=False,
                              use_cpu=not torch.cuda.is_available())  # on CPU, torchrun's ranks need it to use DDP
     trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows),
                       data_collator=DataCollatorWithPadding(tok))

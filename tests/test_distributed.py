@@ -162,10 +162,23 @@ def test_a_rank_that_dies_stops_the_job_and_resume_ends_where_an_uninterrupted_r
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_rank_that_hangs_ends_the_job_after_the_timeout(tmp_path):
+    """Rank 1 sleeps in its loss function; rank 0's next collective gives up after the timeout (5 s here,
+    `--dist-timeout` on the command line) with the message for the user, and the job ends (torchrun stops the
+    sleeping rank) well before the sleep (600 s) would."""
+    t0 = time.perf_counter()
+    p = _run(tmp_path / "hang", {**OPTS, "hang_rank": 1, "fail_step": 3, "timeout_s": 5}, nproc=2)
+    took = time.perf_counter() - t0
+    assert p.returncode != 0 and took < 60, (p.returncode, took, p.stderr[-2000:])
+    assert "rank 0/2: lost contact with another rank during" in p.stderr, p.stderr[-3000:]
+    assert "continue from the last checkpoint with --resume" in p.stderr
+
+
 def test_fsdp2_equals_one_process_and_saves_the_same_adapter(tmp_path):
     """FSDP2 (each LoRA layer and the root sharded on dim 0: frozen base and adapters alike): the losses and the
-    PEFT-format adapter file equal the 1-process run's within the tolerance above; the trained state is
-    gathered from the shards (`trainable_state`) and saved from an unsharded copy."""
+    PEFT-format adapter file equal the 1-process run's within the tolerance above; `lorakit.save`, called on
+    every rank of the sharded model, gathers the shards and rank 0 writes. `merge` and `merge_and_unload` on
+    the sharded model are refused (LoraError naming what to do) and leave its outputs bit for bit unchanged."""
     one, two = tmp_path / "one", tmp_path / "two"
     p1, p2 = _run(one, OPTS), _run(two, {**OPTS, "fsdp": True}, nproc=2)
     assert p1.returncode == 0, p1.stderr[-3000:]
@@ -178,6 +191,11 @@ def test_fsdp2_equals_one_process_and_saves_the_same_adapter(tmp_path):
     (_, r1), (_, r2) = _result(one), _result(two)
     for x, y in zip(r1, r2, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+    refused = json.loads((two / "merge_refused.json").read_text())
+    for name in ("merge", "merge_and_unload"):
+        assert refused["messages"][name].startswith(f"cannot {name} a model sharded with FSDP2"), refused
+        assert "load it into an unsharded copy of the base model and merge there" in refused["messages"][name]
+    assert refused["unchanged"] and refused["layers"] == 1 and refused["registry_sharded"], refused
 
 
 def test_fsdp2_resume_after_a_failed_rank_ends_where_an_uninterrupted_run_ends(tmp_path):
@@ -192,6 +210,13 @@ def test_fsdp2_resume_after_a_failed_rank_ends_where_an_uninterrupted_run_ends(t
 
 
 # -- the command line ------------------------------------------------------------------------------------
+def test_cli_fsdp_refuses_what_it_cannot_shard():
+    from test_cli import lorakit, refused
+    refused(lorakit("train", "--fsdp"), "--fsdp shards the model across processes: start several with --nproc N")
+    refused(lorakit("train", "--fsdp", "--nproc", 2, "--full"), "--fsdp shards LoRA training; it does not "
+            "combine with --full")
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_no_dropout(tmp_path_factory):
     """test_cli's 1-layer BERT without dropout (BERT's default 0.1 draws per-rank random numbers)."""
@@ -201,32 +226,43 @@ def tiny_bert_no_dropout(tmp_path_factory):
 
 @pytest.mark.parametrize("task", ["classify", pytest.param("causal-lm", marks=pytest.mark.slow)])
 def test_cli_nproc_2_trains_like_one_process(tmp_path, task, request):
-    """`lorakit train --nproc 2` (torchrun, 2 gloo ranks) against the same command in one process: the same
-    adapter (tolerance as above: partial gradient sums added in another order; here also batches padded to
-    each rank's longest example), every file written once, each log line printed once."""
+    """`lorakit train --nproc 2` (torchrun, 2 gloo ranks), plain (DDP) and `--fsdp` (FSDP2, the model sharded, the
+    adapters with it or, `--fsdp replicated`, whole on every rank),
+    against the same command in one process: the same adapter file (tolerance as above: partial gradient sums
+    added in another order; here also batches padded to each rank's longest example), the same logged and
+    evaluated metrics, every file written once, each log line printed once. The held-out sets (30 rows
+    classify, 20 causal-lm, 10% each: 3 and 2 rows) leave rank 1 fewer rows than rank 0 (classify: 1 vs 2;
+    with `--fsdp` it runs an uncounted batch to keep in step), and the best adapter is restored into the
+    sharded model before the test-set evaluation."""
     from test_cli import FAST, labelled_csv, lorakit, prompts_jsonl
 
     model = request.getfixturevalue("tiny_bert_no_dropout" if task == "classify" else "tiny_llama")
     data = labelled_csv(tmp_path / "d.csv") if task == "classify" else prompts_jsonl(tmp_path / "p.jsonl")
-    opts = ["--task", task, "--model", model, "--data", data, *FAST, "--max-length", 64, "--max-steps", 3]
+    opts = ["--task", task, "--model", model, "--data", data, *FAST, "--max-length", 64, "--max-steps", 3,
+            "--eval-every", 2]
     code1, out1, err1 = lorakit("train", *opts, "--out", tmp_path / "one", cwd=tmp_path)
     assert code1 == 0, err1
-    code2, out2, err2 = lorakit("train", *opts, "--nproc", 2, "--out", tmp_path / "two", cwd=tmp_path)
-    assert code2 == 0, err2
-    assert "torch.distributed.run --standalone --nproc-per-node=2 -m lorakit.cli train" in err2
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)  # trained (B starts at 0)
-    first = "test accuracy after training:" if task == "classify" else "test exact match after training:"
-    assert out2.count(first) == 1 and out2.count("trainable parameters:") == 1, out2
-    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
-    key = "test_accuracy" if task == "classify" else "test_exact_match"
-    assert s1[key] == s2[key] and s1["steps"] == s2["steps"] == 3
-    assert [json.loads(x)["step"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()] == \
-        [json.loads(x)["step"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    for name, extra in (("two", []), ("fsdp", ["--fsdp"]), ("replicated", ["--fsdp", "replicated"])):
+        code2, out2, err2 = lorakit("train", *opts, "--nproc", 2, *extra, "--out", tmp_path / name, cwd=tmp_path)
+        assert code2 == 0, err2
+        assert "torch.distributed.run --standalone --nproc-per-node=2 -m lorakit.cli train" in err2
+        b = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+        first = "test accuracy after training:" if task == "classify" else "test exact match after training:"
+        assert out2.count(first) == 1 and out2.count("trainable parameters:") == 1, out2
+        s2 = json.loads((tmp_path / name / "summary.json").read_text())
+        key = "test_accuracy" if task == "classify" else "test_exact_match"
+        assert s1[key] == s2[key] and s1["steps"] == s2["steps"] == 3, name
+        m2 = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["split"]) for r in m2] == [(r["step"], r["split"]) for r in m1], name
+        for r1, r2 in zip(m1, m2):  # train losses and validation metrics (sums over both ranks' shares)
+            assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5, abs=1e-6), (name, r1, r2)
 
 
 @pytest.mark.slow

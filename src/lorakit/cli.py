@@ -84,6 +84,10 @@ def _train_parser(sub) -> None:
                         "with these options (under torchrun itself, leave it out)")
     p.add_argument("--dist-timeout", type=_positive(float), default=300.0,
                    help="under torchrun: seconds a rank waits for the others before the job stops")
+    p.add_argument("--fsdp", nargs="?", const="sharded", choices=["sharded", "replicated"], default=None,
+                   help="with --nproc N or under torchrun: shard the frozen base across the ranks (FSDP2) instead of "
+                        "a whole copy per rank, the adapters sharded too (default) or replicated; the saved "
+                        "adapter is the same file")
 
 
 def _device_option(p) -> None:
@@ -128,6 +132,12 @@ def _train(args) -> int:
         value = getattr(args, name)
         if value is not None and value < least:
             raise _UsageError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if args.fsdp:
+        clash = [o for o, v in (("--full", args.full), ("--quantize", args.quantize)) if v]
+        if clash:
+            raise _UsageError(f"--fsdp shards LoRA training; it does not combine with {', '.join(clash)}")
+        if args.nproc == 1 and "RANK" not in os.environ:
+            raise _UsageError("--fsdp shards the model across processes: start several with --nproc N (or torchrun)")
     if args.nproc > 1:
         if "RANK" in os.environ:
             raise _UsageError("--nproc starts torchrun; under torchrun leave it out (--nproc-per-node sets it)")
@@ -144,7 +154,7 @@ def _train(args) -> int:
                         max_steps=args.max_steps)
     common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
                   train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                  quantize=args.quantize, device=device)
+                  quantize=args.quantize, device=device, fsdp=args.fsdp)
     D.setup(device, args.dist_timeout)
     try:
         _run_task(args, lm, common)

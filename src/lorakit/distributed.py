@@ -15,6 +15,7 @@ no wrapper), and a rank whose share of a batch is empty still takes part.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import signal
 import sys
@@ -26,8 +27,10 @@ import torch.distributed as dist
 from .config import LoraError
 
 __all__ = ["DEVICES", "RankFailure", "resolve_device", "setup", "teardown", "rank", "world_size", "is_main", "shard",
+           "shard_batches",
            "all_reduce_grads", "broadcast_from_main", "reduce_sums",
-           "fully_shard_model", "is_sharded", "full_tensor", "trainable_state", "gather", "barrier", "DEFAULT_TIMEOUT_S"]
+           "ADAPTER_LAYOUTS", "fully_shard_model", "reshard", "is_sharded", "full_tensor", "trainable_state",
+           "gather", "barrier", "DEFAULT_TIMEOUT_S"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Seconds a collective waits for the other ranks before the job stops (``init_process_group``'s timeout).
@@ -140,6 +143,19 @@ def shard(items: Sequence[T]) -> Sequence[T]:
     return items[start:start + q + (r < extra)]
 
 
+def shard_batches(items: Sequence[T], size: int, pad: bool = False):
+    """This rank's share of ``items`` (:func:`shard`) in batches of ``size``, as ``(batch, counted)`` pairs.
+
+    ``pad`` (a sharded model, whose every forward is a collective): every rank yields as many
+    batches as the largest share needs; a rank with fewer yields ``(items[:1], False)`` for the
+    rest, to be run and not counted. Without ``pad`` every batch is counted."""
+    mine = shard(items)
+    n = math.ceil(math.ceil(len(items) / world_size()) / size) if pad else math.ceil(len(mine) / size)
+    for i in range(n):
+        batch = mine[i * size:(i + 1) * size]
+        yield (batch, True) if batch else (items[:1], False)
+
+
 def _comm_device() -> torch.device:
     """Where collective buffers live: nccl needs CUDA tensors, gloo takes CPU ones."""
     if dist.get_backend() == "nccl":
@@ -212,30 +228,61 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 # -- FSDP2 ---------------------------------------------------------------------------------------------
-def fully_shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+ADAPTER_LAYOUTS = ("sharded", "replicated")
+
+
+def fully_shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = None,
+                      adapters: str = "sharded") -> torch.nn.Module:
     """Shard ``model`` across the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place.
 
-    Each block named by a transformers model's ``_no_split_modules`` becomes one FSDP unit (its
-    frozen base weights and its adapters sharded together on dim 0), then the root. FSDP averages
-    gradients over the ranks; :func:`lorakit.train.fit` scales each rank's loss by the world size
-    to sum them (gloo has no pre-multiplied sum for ``set_gradient_divide_factor``). ``param_dtype`` (e.g. bf16) is FSDP's mixed-precision compute dtype; gradients are
-    reduced in fp32. Call after ``inject`` and before :func:`~lorakit.train.fit`."""
+    Each block named by a transformers model's ``_no_split_modules`` becomes one FSDP unit, then
+    the root; the frozen base weights are sharded on dim 0. ``adapters``: "sharded" shards the
+    trainable parameters with their unit (FSDP reduce-scatters their gradients; it averages over
+    the ranks, so :func:`lorakit.train.fit` scales each rank's loss by the world size, gloo having
+    no pre-multiplied sum); "replicated" leaves them whole on every rank (FSDP's
+    ``ignored_params``), and ``fit`` all-reduces their gradients as without FSDP. ``param_dtype``
+    (e.g. bf16) is FSDP's mixed-precision compute dtype; gradients are reduced in fp32. Call after
+    ``inject`` and before :func:`~lorakit.train.fit`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if not dist.is_initialized():
         raise LoraError("fully_shard_model needs torchrun's process group (call lorakit.distributed.setup first)")
+    if adapters not in ADAPTER_LAYOUTS:
+        raise LoraError(f"adapters={adapters!r}: expected one of {', '.join(ADAPTER_LAYOUTS)}")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    ignored = {p for p in model.parameters() if p.requires_grad} if adapters == "replicated" else None
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if module is not model and type(module).__name__ in blocks:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(module, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored)
+    # lorakit's registry remembers each base parameter (its requires_grad flag, restored on unload): point it
+    # at the shards, or it would keep every rank's whole unsharded copy alive (measured: the whole model's bytes)
+    reg = getattr(model, "_orig_mod", model).__dict__.get("lorakit_registry")
+    if reg is not None:
+        now = dict(model.named_parameters(remove_duplicate=False))
+        reg.frozen = [(now[names[id(p)]], flag) for p, flag in reg.frozen if id(p) in names]
     return model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True if ``model``'s parameters are FSDP2's ``DTensor`` shards."""
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered weights of ``model``'s FSDP2 units (each rank keeps its shards); nothing otherwise.
+
+    Needed after a forward without a backward (evaluation, generation): FSDP2 keeps the root's
+    weights gathered after its forward for the backward that would follow, and a training forward
+    that reuses weights gathered under ``no_grad`` leaves some parameters without gradients (seen
+    here: a classifier head's stayed ``None``). :func:`lorakit.train.fit` calls this before
+    training and after each evaluation."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def is_sharded(model: torch.nn.Module, trainable: bool = False) -> bool:
+    """True if ``model``'s parameters (``trainable``: its trainable ones) are FSDP2's ``DTensor`` shards."""
     from torch.distributed.tensor import DTensor
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad or not trainable)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
+from . import distributed as D
 from . import dora, quant
 from .config import LoraConfig, LoraError
 from .layers import LoraLayer
@@ -155,7 +156,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
          dtype: torch.dtype = torch.float32) -> Path:
-    """Write adapter ``adapter`` of ``model`` to ``directory`` in PEFT's format; returns the path."""
+    """Write adapter ``adapter`` of ``model`` to ``directory`` in PEFT's format; returns the path.
+
+    A model sharded with FSDP2 (:func:`lorakit.distributed.fully_shard_model`) is saved by a
+    collective: every rank calls ``save``, the adapter's tensors are gathered whole, rank 0 writes."""
     reg = registry(model)
     if adapter not in reg.configs:
         raise LoraError(f"unknown adapter {adapter!r}; the model has: {sorted(reg.configs)}")
@@ -163,20 +167,23 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     for path, layer in lora_layers(model):
         if adapter in layer.lora_A:
             for key, t in zip(_keys(path, layer.kind), (layer.lora_A[adapter], layer.lora_B[adapter])):
-                tensors[key] = t.detach().to("cpu", dtype).contiguous()
+                tensors[key] = D.full_tensor(t.detach()).to("cpu", dtype).contiguous()
             if adapter in layer.lora_magnitude_vector:
-                tensors[_magnitude_key(path)] = layer.lora_magnitude_vector[adapter].detach().to("cpu", dtype)
+                m = layer.lora_magnitude_vector[adapter].detach()
+                tensors[_magnitude_key(path)] = D.full_tensor(m).to("cpu", dtype).contiguous()
     config = _peft_config(model, adapter)
     whole = [(p, w.modules_to_save[adapter]) for p, w in saved_modules(model) if adapter in w.adapters()]
     for path, module in whole + _also_selected(model, adapter, config["modules_to_save"]):
         for key, t in module.state_dict().items():  # saved whole, as PEFT's modules_to_save: <path>.<state key>
-            t = t.detach().to("cpu").contiguous()
+            t = D.full_tensor(t.detach()).to("cpu").contiguous()
             tensors[f"{PREFIX}{path}.{key}"] = t.to(dtype) if t.is_floating_point() else t
     config = json.dumps(config, indent=2, sort_keys=True)
     quantized = {p: quant.format_of(layer.base_layer) for p, layer in lora_layers(model) if adapter in layer.lora_A}
     quantized = json.dumps({p: f for p, f in quantized.items() if f}, sort_keys=True)
-    weights = st_save(tensors, metadata={"format": "pt", _META_KEY: config, _QUANT_KEY: quantized})
     directory = Path(directory)
+    if not D.is_main() and D.is_sharded(model):
+        return directory  # the gathered tensors are written by rank 0
+    weights = st_save(tensors, metadata={"format": "pt", _META_KEY: config, _QUANT_KEY: quantized})
     directory.mkdir(parents=True, exist_ok=True)
     _write_atomic(directory / CONFIG_NAME, config.encode())
     _write_atomic(directory / WEIGHTS_NAME, weights)
@@ -464,21 +471,26 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     cfg, tensors = prepared.cfg, prepared.tensors
     if prepared.existing:
         reg = registry(model)
+    elif D.is_sharded(model):
+        raise LoraError(f"the model is sharded (FSDP2) and has no adapter {adapter!r}: new adapter weights would "
+                        "not be sharded; load the adapter before lorakit.distributed.fully_shard_model, or into "
+                        "an existing adapter of that name")
     else:
         attach(model, adapter, cfg, prepared.sites, prepared.saved, activate)
-    with torch.no_grad():
+    with torch.no_grad():  # a sharded (FSDP2) parameter takes its shard of the whole tensor (a collective)
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
-                a_key, b_key = _keys(path, layer.kind)
-                layer.lora_A[adapter].copy_(tensors[a_key])
-                layer.lora_B[adapter].copy_(tensors[b_key])
+                for factor, key in zip((layer.lora_A[adapter], layer.lora_B[adapter]), _keys(path, layer.kind)):
+                    factor.copy_(D.like_param(tensors[key], factor))
                 if adapter in layer.lora_magnitude_vector:
-                    layer.lora_magnitude_vector[adapter].copy_(tensors[_magnitude_key(path)])
+                    m = layer.lora_magnitude_vector[adapter]
+                    m.copy_(D.like_param(tensors[_magnitude_key(path)], m))
         for path, wrapper in saved_modules(model):
             if adapter in wrapper.adapters():
-                prefix = f"{PREFIX}{path}."
+                prefix, own = f"{PREFIX}{path}.", wrapper.modules_to_save[adapter].state_dict()
                 wrapper.modules_to_save[adapter].load_state_dict(
-                    {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)})
+                    {k[len(prefix):]: D.like_param(t, own[k[len(prefix):]]) for k, t in tensors.items()
+                     if k.startswith(prefix)})
     if prepared.existing:
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from . import hf, quant
 from .config import LoraConfig, LoraError, check_name
+from .distributed import is_sharded
 from .layers import LoraLayer, SavedModule
 from .targets import Site, Wrapper, plan, plan_saved, walk
 
@@ -199,6 +200,15 @@ def _tied(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    """Raise :class:`LoraError` if ``model`` is sharded by FSDP2: merging would write ΔW into DTensor
+    shards behind FSDP's back, and unloading would take its units apart."""
+    if is_sharded(model):
+        raise LoraError(f"cannot {what} a model sharded with FSDP2 (its weights are DTensor shards); nothing "
+                        "was changed. Save the adapter (lorakit.save, called on every rank, gathers it), load it "
+                        "into an unsharded copy of the base model and merge there")
+
+
 def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None) -> None:
     """Merge the active adapters into the base weights; forward then costs what the base costs.
 
@@ -213,6 +223,7 @@ def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None
         warnings.warn("lorakit.merge(exact=...) is deprecated; use keep_copy=... (the same meaning: keep a "
                       "copy of each weight for a bit-exact unmerge)", DeprecationWarning, stacklevel=2)
         keep_copy = exact
+    _refuse_sharded(model, "merge")
     reg = registry(model)
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are already merged; unmerge first")
@@ -280,6 +291,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     by an ``nn.Linear`` holding its dequantized weight W_deq, so the result is a full-precision
     model with W_deq + ΔW rounded once (see :mod:`lorakit.quant`).
     """
+    _refuse_sharded(model, "merge_and_unload")
     reg = registry(model)
     found = quant.dequantize(model) if dequantize else []
     try:

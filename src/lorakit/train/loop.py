@@ -226,6 +226,10 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
     out = Path(out_dir) if out_dir is not None else None
     if cfg.grad_checkpointing:
         _enable_checkpointing(model)
+    sharded = D.is_sharded(model)  # FSDP2: every forward is a collective
+    fsdp_grads = D.is_sharded(model, trainable=True)  # FSDP reduce-scatters them (sharded adapters)
+    if sharded:  # before the optimizer takes the parameters: not the ones gathered by an evaluation before fit
+        D.reshard(model)
     groups = _param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum))
@@ -247,8 +251,7 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
             print(f"lorakit: resuming a run of {saved_world} process(es) with {D.world_size()}: the data order, "
                   "batches and optimizer state continue as saved (the batch is global); dropout draws new "
                   "random numbers", file=sys.stderr)
-    sharded = D.is_sharded(model)  # FSDP2: gradients are reduce-scattered by FSDP itself
-    if not sharded:
+    if not fsdp_grads:
         D.broadcast_from_main(params)  # every rank starts from rank 0's adapters (a no-op in one process)
     D.barrier()  # every rank has read the checkpoint and metrics before rank 0 rewrites them
     if out and main:
@@ -282,10 +285,10 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
             if weight != 1:
                 loss = loss * weight
             loss = loss / n_micro
-            (loss * D.world_size() if sharded else loss).backward()  # FSDP averages the ranks' gradients
+            (loss * D.world_size() if fsdp_grads else loss).backward()  # FSDP averages the ranks' gradients
             loss_sum += loss.item()
         if D.world_size() > 1:
-            if not sharded:
+            if not fsdp_grads:
                 D.all_reduce_grads(params)
             loss_sum = D.reduce_sums([loss_sum])[0]
         if cfg.max_grad_norm:
@@ -306,6 +309,8 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
             model.eval()
             with torch.no_grad():
                 metrics = evaluate(model)
+            if sharded:
+                D.reshard(model)
             model.train()
             rec = {"step": step, "epoch": round(step / per_epoch, 3), "split": "val", **metrics}
             value = metrics[metric]

@@ -5,7 +5,10 @@ before and after, and writes the adapter, ``metrics.jsonl``, ``summary.json`` an
 
 Both run on ``device`` and, under torchrun, data-parallel: every rank loads the same model, trains
 on its share of each batch and evaluates its share of each held-out set (the sums are reduced);
-rank 0 alone logs and writes files.
+rank 0 alone logs and writes files. ``fsdp="sharded"`` or ``"replicated"`` (the adapters' layout)
+shards the model with FSDP2 after injection (:func:`lorakit.distributed.fully_shard_model`):
+every rank then runs the same number of forwards in evaluation (padded with uncounted batches)
+and generation, and saving gathers the adapter.
 """
 
 from __future__ import annotations
@@ -160,13 +163,31 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _save(model: nn.Module, path: Path) -> bool:
+    """Save the adapter from rank 0 (a sharded model: every rank gathers, rank 0 writes); True on rank 0."""
+    if D.is_main() or D.is_sharded(model):
+        save_adapter(model, path)
+    return D.is_main()
+
+
 def _save_best(lora: LoraSpec) -> Callable[[nn.Module, Path], None]:
     if lora.full:  # full fine-tuning: keep the best weights in memory (no adapter to save)
         def keep(model, path):
             keep.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         keep.state = None
         return keep
-    return lambda model, path: save_adapter(model, path) if D.is_main() else None
+    return _save
+
+
+def _shard(model: nn.Module, fsdp: str | None) -> None:
+    """``fsdp`` (the adapters' layout): shard the injected model across the ranks (FSDP2)."""
+    if fsdp:
+        D.fully_shard_model(model, adapters=fsdp)
+
+
+def _peaks() -> list[float]:
+    """Every rank's peak memory (MB, :func:`peak_memory_mb`), on every rank."""
+    return [float(t) for t in D.gather(torch.tensor(peak_memory_mb(), dtype=torch.float64))]
 
 
 def _restore_best(model: nn.Module, out: Path, save_best, lora: LoraSpec) -> None:
@@ -183,9 +204,11 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
              label_column: str = "label", lora: LoraSpec = LoraSpec(), train: TrainConfig = TrainConfig(),
              max_length: int = 128, train_limit: int = 0, resume: bool = False, overwrite: bool = False,
              progress: bool = True, log=print, quantize: str | None = None,
-             device: torch.device | str = "cpu") -> dict:
+             device: torch.device | str = "cpu", fsdp: str | None = None) -> dict:
     """Fine-tune a sequence classifier; default: all-MiniLM-L6-v2 on BBC News (5 topics).
     ``quantize``: hold the frozen base in "nf4", "fp4" or "int8" (QLoRA, :func:`lorakit.quantize`).
+    ``fsdp``: under torchrun, shard the model with FSDP2, the adapters "sharded" or "replicated"
+    (see the module's docstring).
 
     The output folder and the data are checked before the model loads (:func:`prepare_out`,
     :class:`~lorakit.train.data.DataError`)."""
@@ -202,6 +225,7 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
     head = [n for n in ("classifier", "score") if hasattr(model, n)]
     torch.manual_seed(train.seed)
     _prepare(model, lora, head)
+    _shard(model, fsdp)
 
     def evaluate(m, items=enc["val"]):
         return evaluate_classifier(m, items, tok.pad_token_id)
@@ -233,9 +257,9 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
               "test_accuracy_before": before["accuracy"], "test_accuracy": after["accuracy"],
               "test_loss": after["loss"], "trainable_params": trainable, "total_params": total,
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
-              "peak_memory_mb": peak_memory_mb(), "steps": steps, "lora": asdict(lora), "train": asdict(train)}
-    if not lora.full and D.is_main():
-        save_adapter(model, out / "adapter")
+              "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": _peaks(), "steps": steps,
+              "lora": asdict(lora), "train": asdict(train)}
+    if not lora.full and _save(model, out / "adapter"):
         _write_task(out / "adapter", "classify", model_spec, labels=labels, max_length=max_length)
         result["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
     log(f"test accuracy after training: {after['accuracy']:.4f}  (before {before['accuracy']:.4f})")
@@ -249,12 +273,13 @@ def evaluate_classifier(model: nn.Module, items: Sequence, pad_id: int, batch_si
 
     Under torchrun each rank scores its share and the sums are reduced: every rank gets the totals."""
     correct, loss, n = 0, 0.0, 0
-    for chunk in _batches(D.shard(items), batch_size):
+    for chunk, counted in D.shard_batches(items, batch_size, pad=D.is_sharded(model)):
         batch = _to_device(collate(chunk, pad_id), _model_device(model))
         result = model(**batch)
-        loss += result.loss.item() * len(chunk)
-        correct += (result.logits.argmax(-1) == batch["labels"]).sum().item()
-        n += len(chunk)
+        if counted:
+            loss += result.loss.item() * len(chunk)
+            correct += (result.logits.argmax(-1) == batch["labels"]).sum().item()
+            n += len(chunk)
     loss, correct, n = D.reduce_sums([loss, correct, n])
     return {"loss": loss / n, "accuracy": correct / n}
 
@@ -299,16 +324,26 @@ def bbc_headline_task(seed: int = 0) -> dict[str, list[PromptCompletion]]:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16
-             ) -> list[str]:
-    """Greedy answers to chat-formatted ``prompts`` (left-padded batches)."""
+def generate(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16,
+             shard: bool = False) -> list[str]:
+    """Greedy answers to chat-formatted ``prompts`` (left-padded batches).
+
+    ``shard`` (under torchrun): answer only this rank's share of ``prompts``
+    (:func:`lorakit.distributed.shard`). A sharded (FSDP2) model, whose every forward is a
+    collective, then runs as many batches as every other rank (the extra ones unanswered), and
+    decodes in step with the other ranks (``synced_gpus``)."""
     tok.padding_side = "left"
+    sharded = D.is_sharded(model)
+    batches = (D.shard_batches(list(prompts), batch_size, pad=sharded) if shard
+               else ((chunk, True) for chunk in _batches(list(prompts), batch_size)))
     answers = []
-    for chunk in _batches(list(prompts), batch_size):
+    for chunk, counted in batches:
         enc = tok([chat_prompt(tok, p) for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = _to_device(dict(enc), _model_device(model))
-        outs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        answers += tok.batch_decode(outs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        outs = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                              synced_gpus=sharded)
+        if counted:
+            answers += tok.batch_decode(outs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers
 
 
@@ -318,7 +353,7 @@ def exact_match(model, tok, rows: Sequence[PromptCompletion], max_new_tokens: in
     Under torchrun each rank answers its share of the rows; the counts are reduced."""
     norm = lambda s: (s.strip().split() or [""])[0].strip(".,:;!\"'").lower()  # noqa: E731
     mine = D.shard(rows)
-    answers = generate(model, tok, [r.prompt for r in mine], max_new_tokens) if mine else []
+    answers = generate(model, tok, [r.prompt for r in rows], max_new_tokens, shard=True)
     hits, n = D.reduce_sums([sum(norm(a) == norm(r.completion) for a, r in zip(answers, mine)), len(mine)])
     return hits / n
 
@@ -328,7 +363,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
               train: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=1e-3), max_length: int = 96,
               train_limit: int = 0, eval_limit: int = 50, resume: bool = False, overwrite: bool = False,
               progress: bool = True, log=print, quantize: str | None = None,
-              device: torch.device | str = "cpu") -> dict:
+              device: torch.device | str = "cpu", fsdp: str | None = None) -> dict:
     """Instruction-tune a causal LM on prompt/completion pairs (prompt tokens masked out of the loss);
     scores exact match of greedy answers on (the first ``eval_limit`` of) the test set before and after.
     ``eval_limit`` also bounds the validation set; 0: no limit."""
@@ -357,13 +392,14 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
     log(f"test exact match before training: {before:.4f} ({len(splits['test'])} examples)")
     torch.manual_seed(train.seed)
     _prepare(model, lora, ())
+    _shard(model, fsdp)
     pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
 
     def evaluate(m):
         losses, tokens = 0.0, 0
-        for chunk in _batches(D.shard(enc["val"]), 16):
+        for chunk, counted in D.shard_batches(enc["val"], 16, pad=D.is_sharded(m)):
             batch = _to_device(pad(chunk), _model_device(m))
-            n = (batch["labels"][:, 1:] != -100).sum().item()
+            n = (batch["labels"][:, 1:] != -100).sum().item() if counted else 0
             losses += m(**batch).loss.item() * n
             tokens += n
         losses, tokens = D.reduce_sums([losses, tokens])
@@ -392,9 +428,9 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
               "trainable_params": trainable, "total_params": total,
               "train_examples": len(splits["train"]), "test_examples": len(splits["test"]),
               "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1), "steps": steps,
-              "peak_memory_mb": peak_memory_mb(), "lora": asdict(lora), "train": asdict(train)}
-    if not lora.full and D.is_main():
-        save_adapter(model, out / "adapter")
+              "peak_memory_mb": peak_memory_mb(), "peak_memory_mb_per_rank": _peaks(), "lora": asdict(lora),
+              "train": asdict(train)}
+    if not lora.full and _save(model, out / "adapter"):
         _write_task(out / "adapter", "causal-lm", model_spec)
     log(f"test exact match after training: {after:.4f}  (before {before:.4f})")
     log(f"time {seconds:.0f} s, peak memory {result['peak_memory_mb']:.0f} MB; wrote {out}/adapter")

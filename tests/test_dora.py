@@ -505,3 +505,12 @@ def test_save_pretrained_writes_the_base_and_the_dora_adapter(tmp_path):
     lorakit.load(again, tmp_path / "adapters" / "default")
     with torch.no_grad():
         assert torch.equal(again(ids).last_hidden_state, out)
+
+
+def test_fsdp2_refuses_dora_adapters():
+    # not tested on sharded weights (DoRA's norm reads the whole W), so refused before anything is sharded
+    from lorakit import distributed as D
+    net = nn.Sequential(nn.Linear(8, 8))
+    lorakit.inject(net, LoraConfig(r=2, targets=["0"], use_dora=True))
+    with pytest.raises(LoraError, match="not supported under FSDP2"):
+        D.fully_shard_model(net)

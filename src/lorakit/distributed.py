@@ -244,6 +244,10 @@ def fully_shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = 
     (e.g. bf16) is FSDP's mixed-precision compute dtype; gradients are reduced in fp32. Call after
     ``inject`` and before :func:`~lorakit.train.fit`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    dora = [n for n, _ in model.named_parameters() if "lora_magnitude_vector" in n]
+    if dora:  # DoRA's ‖W + ΔW‖ reads the whole base weight: not checked on shards, so refused
+        raise LoraError(f"DoRA adapters ({dora[0]}, ...) are not supported under FSDP2 (not tested on sharded "
+                        "weights); train them with data parallelism (--nproc without --fsdp)")
     if not dist.is_initialized():
         raise LoraError("fully_shard_model needs torchrun's process group (call lorakit.distributed.setup first)")
     if adapters not in ADAPTER_LAYOUTS:

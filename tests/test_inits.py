@@ -308,3 +308,15 @@ def test_train_flags_reach_the_config():
     _prepare(model, LoraSpec(targets=("q",), r=4, alpha=8, init="olora", rslora=True), [])
     cfg = lorakit.registry(model).configs["default"]
     assert cfg.init == "olora" and cfg.use_rslora and model.q.scale["default"] == pytest.approx(8 / 2)
+
+
+def test_loraplus_groups_match_peft():
+    """lorakit's LoRA+ learning rates per parameter equal those of PEFT's create_loraplus_optimizer
+    (run on the same lorakit model: it groups by parameter name and shape)."""
+    from peft.optimizers import create_loraplus_optimizer
+    from lorakit.train.loop import TrainConfig, _param_groups
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    lorakit.inject(model, LoraConfig(r=2, targets=["0"], modules_to_save=["2"]))
+    theirs = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    lr = lambda groups: {id(p): g["lr"] for g in groups for p in g["params"]}  # noqa: E731
+    assert lr(_param_groups(model, TrainConfig(lr=1e-3, lora_plus_ratio=16))) == lr(theirs.param_groups)

@@ -320,3 +320,18 @@ def test_loraplus_groups_match_peft():
     theirs = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
     lr = lambda groups: {id(p): g["lr"] for g in groups for p in g["params"]}  # noqa: E731
     assert lr(_param_groups(model, TrainConfig(lr=1e-3, lora_plus_ratio=16))) == lr(theirs.param_groups)
+
+
+def test_serve_refuses_an_unconverted_rewriting_adapter(tmp_path):
+    """A served base is shared by every adapter and by base-model requests: a PiSSA/OLoRA file
+    (which would rewrite it on load) is refused at registration; its conversion is served."""
+    from lorakit.serve.adapters import AdapterError, Adapters
+    model = _net()
+    lorakit.inject(model, LoraConfig(r=2, targets=["q"], init="pissa"))
+    lorakit.save(model, tmp_path / "plain")
+    lorakit.save(model, tmp_path / "converted", convert_to_lora=True)
+    served = _net()
+    adapters = Adapters(served, tmp_path)
+    with pytest.raises(AdapterError, match="convert_to_lora"):
+        adapters.register("plain", tmp_path / "plain")
+    adapters.register("converted", tmp_path / "converted")

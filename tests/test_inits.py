@@ -335,3 +335,22 @@ def test_serve_refuses_an_unconverted_rewriting_adapter(tmp_path):
     with pytest.raises(AdapterError, match="convert_to_lora"):
         adapters.register("plain", tmp_path / "plain")
     adapters.register("converted", tmp_path / "converted")
+
+
+def test_save_pretrained_writes_the_original_base(tmp_path):
+    """save_pretrained writes 'the base model as before injection': the original W, not the
+    residual, so from_pretrained + the saved PiSSA adapter is the trained model again."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=16)).eval()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = copy.deepcopy(base)
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["query", "value"], init="pissa"))
+    _train_like(model)
+    trained = model(ids).last_hidden_state
+    model.save_pretrained(tmp_path)
+    reloaded = BertModel.from_pretrained(tmp_path).eval()
+    q = "encoder.layer.0.attention.self.query.weight"
+    _close(reloaded.state_dict()[q], base.state_dict()[q])
+    _close(lorakit.load(reloaded, tmp_path / "adapters" / "default")(ids).last_hidden_state, trained)

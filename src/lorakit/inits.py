@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .layers import LoraLayer
     from .targets import Site
 
-__all__ = ["rewrites", "check", "rewrite", "restore", "rewritten", "converted"]
+__all__ = ["rewrites", "check", "rewrite", "restore", "rewritten", "original", "converted"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -133,6 +133,19 @@ def restore(layer: "LoraLayer", name: str) -> None:
     delattr(layer, f"_init_A_{name}")
     delattr(layer, f"_init_B_{name}")
     del layer._init_scale[name], layer._init_kind[name]
+
+
+@torch.no_grad()
+def original(layer: "LoraLayer", weight: Tensor) -> Tensor:
+    """``weight`` (the layer's residual W, or a copy of it) with the initial parts of its rewriting
+    adapters added back: the original W within two roundings (a new tensor; ``weight`` if none)."""
+    names = rewritten(layer)
+    if not names:
+        return weight
+    total = weight.double()
+    for n in names:
+        total += _initial_delta(layer, n)
+    return total.to(weight.dtype)
 
 
 def converted(layer: "LoraLayer", name: str) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import lorakit
+from test_cli import tiny_bert  # noqa: F401  (a fixture)
 from lorakit import LoraConfig, LoraError
 
 peft = pytest.importorskip("peft")
@@ -354,3 +355,19 @@ def test_save_pretrained_writes_the_original_base(tmp_path):
     q = "encoder.layer.0.attention.self.query.weight"
     _close(reloaded.state_dict()[q], base.state_dict()[q])
     _close(lorakit.load(reloaded, tmp_path / "adapters" / "default")(ids).last_hidden_state, trained)
+
+
+def test_cli_train_flags(tmp_path, tiny_bert):
+    from test_cli import FAST, labelled_csv, lorakit as cli, refused
+    data = labelled_csv(tmp_path / "d.csv")
+    code, out, err = cli("train", "--model", tiny_bert, "--data", data, *FAST, "--init", "pissa", "--rslora",
+                         "--loraplus-ratio", 16, "--out", tmp_path / "run", cwd=tmp_path)
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "pissa" and config["use_rslora"] is True
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train"]["lora_plus_ratio"] == 16 and summary["lora"]["init"] == "pissa"
+    code, out, err = cli("predict", "--adapter", tmp_path / "run" / "adapter", "win money now 3", cwd=tmp_path)
+    assert code == 0, err
+    refused(cli("train", "--model", tiny_bert, "--data", data, *FAST, "--full", "--init", "olora", cwd=tmp_path),
+            "--full")

@@ -371,3 +371,28 @@ def test_cli_train_flags(tmp_path, tiny_bert):
     assert code == 0, err
     refused(cli("train", "--model", tiny_bert, "--data", data, *FAST, "--full", "--init", "olora", cwd=tmp_path),
             "--full")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_minilm_files_both_ways(tmp_path, init):
+    """MiniLM query+value r=8: unchanged at init; the unconverted file (PEFT loading it) and the
+    converted one (lorakit and PEFT, on the unmodified model) reproduce the trained model."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from lorakit import builtin
+    base = AutoModel.from_pretrained(builtin.minilm_path()).eval()
+    tok = AutoTokenizer.from_pretrained(builtin.minilm_path())
+    enc = tok(["The central bank raised rates.", "The striker scored twice."], return_tensors="pt", padding=True)
+    out = lambda m: m(**enc).last_hidden_state  # noqa: E731
+    model = copy.deepcopy(base)
+    lorakit.inject(model, LoraConfig(r=8, alpha=16, targets=["query", "value"], init=init))
+    _close(out(model), out(base))
+    _train_like(model, std=0.02)
+    trained = out(model)
+    lorakit.save(model, tmp_path / "plain")
+    lorakit.save(model, tmp_path / "converted", convert_to_lora=True)
+    _close(out(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "plain"))), trained)
+    for folder in ("plain", "converted"):
+        _close(out(lorakit.load(copy.deepcopy(base), tmp_path / folder)), trained)
+    _close(out(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "converted"))), trained)

@@ -7,9 +7,9 @@ SVD (:func:`torch.svd_lowrank`, k subspace iterations). W is then replaced by th
 W − s·B₀·A₀ (computed in float64, rounded once to W's dtype), so the model's output is unchanged
 at init, up to that rounding.
 
-The layer keeps the initial factors (A₀, B₀ and their scale s₀, as non-persistent buffers) for
-two things: :func:`restore` puts W − s₀·B₀·A₀ + s₀·B₀·A₀ back when the adapter is deleted, and
-:func:`converted` turns the trained adapter into a plain rank-2r LoRA adapter against the
+The layer keeps the initial factors (A₀, B₀ as non-persistent buffers, and their scale s₀) for
+three things: :func:`restore` adds s₀·B₀·A₀ back into W when the adapter is deleted,
+:func:`original` gives the original W for ``save_pretrained``, and :func:`converted` turns the trained adapter into a plain rank-2r LoRA adapter against the
 original W (PEFT's ``path_initial_model_for_weight_conversion``): ΔW = s·B·A − s₀·B₀·A₀ =
 s·[B | −(s₀/s)·B₀]·[A ; A₀].
 

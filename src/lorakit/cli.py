@@ -54,7 +54,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--epochs", type=float, default=None, help="epochs (default 3 classify, 1 causal-lm)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 16 classify, 8 causal-lm)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
-    p.add_argument("--lora-plus-ratio", type=float, default=1.0, help="LoRA+: learning rate of B / of A")
+    p.add_argument("--lora-plus-ratio", "--loraplus-ratio", type=float, default=1.0,
+                   help="LoRA+: learning rate of B / of A (e.g. 16)")
+    p.add_argument("--rslora", action="store_true", help="rsLoRA: scale the update by alpha/sqrt(r)")
+    p.add_argument("--init", default="kaiming", choices=["kaiming", "gaussian", "pissa", "olora"],
+                   help="init of A, B; pissa (SVD of W) and olora (QR) move part of W into them")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
     p.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of steps")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
@@ -144,8 +148,10 @@ def _train(args) -> int:
         return _launch(args.nproc, args.argv)
     device = D.resolve_device(args.device)
     targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
+    if args.full and (args.rslora or args.init != "kaiming" or args.lora_plus_ratio != 1.0):
+        raise _UsageError("--rslora, --init and --lora-plus-ratio configure LoRA; --full trains every weight")
     lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
-                    dora=args.dora)
+                    dora=args.dora, init=args.init, rslora=args.rslora)
     train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
                         lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,
                         schedule=args.schedule, warmup=args.warmup, grad_accum=args.grad_accum,

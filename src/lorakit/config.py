@@ -19,8 +19,11 @@ __all__ = ["LoraConfig", "LoraError", "INITS", "Target"]
 
 #: Valid values of ``LoraConfig.init``.
 #: ``kaiming``: A ~ Kaiming-uniform(a=√5) (PEFT's default), ``gaussian``: A ~ N(0, 1/r),
-#: ``normal``: A ~ N(0, 1) (the plain init of the seed's minimal example). B is always zero.
-INITS = ("kaiming", "gaussian", "normal")
+#: ``normal``: A ~ N(0, 1) (the plain init of the seed's minimal example); B is zero for these.
+#: ``pissa`` (SVD) and ``olora`` (QR) take A, B from W and leave W − s·B·A in W (see
+#: :mod:`lorakit.inits`); ``pissa_niter_<k>`` is PiSSA by a randomized SVD with k subspace iterations.
+INITS = ("kaiming", "gaussian", "normal", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
 
 #: A target is a module name / dotted suffix, a regex string, a module type, or "all-linear".
 Target = Union[str, type]
@@ -99,7 +102,7 @@ class LoraConfig:
         rank_pattern: ``{regex: rank}``; the first key matching a module path
             (PEFT semantics: ``(.*\.)?key$``) overrides ``r`` there.
         alpha_pattern: ``{regex: alpha}``, likewise for ``alpha``.
-        init: one of :data:`INITS`.
+        init: one of :data:`INITS`, or ``"pissa_niter_<k>"``.
         use_rslora: scale by ``alpha / √r`` instead of ``alpha / r``.
         use_dora: DoRA (weight-decomposed LoRA, as PEFT's ``use_dora``): each adapted weight also
             gets a trainable magnitude per output, W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (see :mod:`lorakit.dora`).
@@ -147,8 +150,11 @@ class LoraConfig:
             raise LoraError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.use_dora, bool):
             raise LoraError(f"use_dora must be True or False, got {self.use_dora!r}")
-        if self.init not in INITS:
-            raise LoraError(f"unknown init {self.init!r}; valid inits are: {', '.join(INITS)}")
+        if self.init not in INITS and not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
+            raise LoraError(f"unknown init {self.init!r}; valid inits are: {', '.join(INITS)}, pissa_niter_<k>")
+        if self.use_dora and self.init not in ("kaiming", "gaussian", "normal"):
+            raise LoraError(f"use_dora with init={self.init!r} is not supported (not tested together); use DoRA "
+                            "with a plain init (kaiming, gaussian, normal)")
 
     def rank_for(self, path: str) -> int:
         """The rank used for the module at ``path`` (``rank_pattern`` first, else ``r``)."""

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .config import LoraError
 from .layers import LoraLayer, SavedModule
+from . import inits
 from . import model as _model  # model imports this module: use its names at call time
 
 __all__ = ["save_pretrained", "base_state_dict", "ADAPTERS_DIR"]
@@ -94,18 +95,22 @@ def base_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = Non
 
     ``state_dict``: the model's own ``state_dict()`` (lorakit keys) by default. A weight into which
     adapters are merged is given as it was before the merge (from ``merge``'s exact copy; after
-    ``merge(keep_copy=False)`` there is none, and this raises). ``merged=True``: the state that
+    ``merge(keep_copy=False)`` there is none, and this raises); a weight a PiSSA/OLoRA init replaced
+by its residual is given as the original, W_res + s₀·B₀·A₀ (:func:`lorakit.inits.original`). ``merged=True``: the state that
     :func:`lorakit.merge_and_unload` would leave, for a model whose active adapters are merged."""
     root = _model.unwrap(model)
     state = root.state_dict() if state_dict is None else state_dict
     plain = {k2: v for k, v in state.items() if (k2 := _plain_key(root, k, merged)) is not None}
     if not merged:
         for path, layer in _model.lora_layers(root):
+            key = f"{path}.{layer.param_name}"
             if layer.merged:
                 if layer._original is None:
                     raise LoraError(f"{path}: adapters {list(layer.merged)} are merged without an exact copy "
                                     "(merge(keep_copy=False)); unmerge first, or save with merged=True")
-                plain[f"{path}.{layer.param_name}"] = layer._original
+                plain[key] = layer._original
+            if key in plain:  # a PiSSA/OLoRA residual: the weight before injection (lorakit.inits)
+                plain[key] = inits.original(layer, plain[key])
     return plain
 
 

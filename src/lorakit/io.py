@@ -34,7 +34,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from . import distributed as D
-from . import dora, quant
+from . import dora, inits, quant
 from .config import LoraConfig, LoraError
 from .layers import LoraLayer
 from .model import attach, check_name, lora_layers, registry, saved_modules, set_active, unwrap
@@ -118,9 +118,18 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         "alpha_pattern": {re.escape(p): num(a) for p, a in alphas.items() if a != cfg.alpha},
         "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
         "fan_in_fan_out": any(layer.kind.fan_in_fan_out for _, layer in layers),
-        "init_lora_weights": True, "inference_mode": True, **_UNSUPPORTED,
+        "init_lora_weights": cfg.init if inits.rewrites(cfg.init) else True, "inference_mode": True, **_UNSUPPORTED,
         "modules_to_save": _target_modules(unwrap(model), saved) if saved else None,
     }
+
+
+def _converted_config(config: dict) -> dict:
+    """The PEFT config of an adapter converted to plain LoRA of twice the rank (same scale s)."""
+    k = 2 ** 0.5 if config["use_rslora"] else 2
+    num = lambda x: int(x) if float(x).is_integer() else x  # noqa: E731
+    return {**config, "r": 2 * config["r"], "lora_alpha": num(config["lora_alpha"] * k), "init_lora_weights": True,
+            "rank_pattern": {p: 2 * r for p, r in config["rank_pattern"].items()},
+            "alpha_pattern": {p: num(a * k) for p, a in config["alpha_pattern"].items()}}
 
 
 def _also_selected(model: nn.Module, adapter: str, names: list[str] | None) -> list[tuple[str, nn.Module]]:
@@ -155,23 +164,36 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
-         dtype: torch.dtype = torch.float32) -> Path:
+         dtype: torch.dtype = torch.float32, convert_to_lora: bool = False) -> Path:
     """Write adapter ``adapter`` of ``model`` to ``directory`` in PEFT's format; returns the path.
+
+    A PiSSA/OLoRA adapter (:mod:`lorakit.inits`) is saved as it is, with ``init_lora_weights``
+    naming its init (loading it rewrites W again, as PEFT does); ``convert_to_lora=True`` saves it
+    instead as a plain LoRA adapter of rank 2r for the *unmodified* model (PEFT's
+    ``path_initial_model_for_weight_conversion``): factors [A; A₀] and [B, −B₀], ``r`` and
+    ``rank_pattern`` doubled, alpha scaled to keep s (×2, or ×√2 with rsLoRA).
 
     A model sharded with FSDP2 (:func:`lorakit.distributed.fully_shard_model`) is saved by a
     collective: every rank calls ``save``, the adapter's tensors are gathered whole, rank 0 writes."""
     reg = registry(model)
     if adapter not in reg.configs:
         raise LoraError(f"unknown adapter {adapter!r}; the model has: {sorted(reg.configs)}")
+    if convert_to_lora and not inits.rewrites(reg.configs[adapter].init):
+        raise LoraError(f"adapter {adapter!r} has init {reg.configs[adapter].init!r}, which does not rewrite W: "
+                        "its file already applies to the unmodified model; save it without convert_to_lora")
     tensors = {}
     for path, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            for key, t in zip(_keys(path, layer.kind), (layer.lora_A[adapter], layer.lora_B[adapter])):
+            factors = inits.converted(layer, adapter) if convert_to_lora else (layer.lora_A[adapter],
+                                                                              layer.lora_B[adapter])
+            for key, t in zip(_keys(path, layer.kind), factors):
                 tensors[key] = D.full_tensor(t.detach()).to("cpu", dtype).contiguous()
             if adapter in layer.lora_magnitude_vector:
                 m = layer.lora_magnitude_vector[adapter].detach()
                 tensors[_magnitude_key(path)] = D.full_tensor(m).to("cpu", dtype).contiguous()
     config = _peft_config(model, adapter)
+    if convert_to_lora:
+        config = _converted_config(config)
     whole = [(p, w.modules_to_save[adapter]) for p, w in saved_modules(model) if adapter in w.adapters()]
     for path, module in whole + _also_selected(model, adapter, config["modules_to_save"]):
         for key, t in module.state_dict().items():  # saved whole, as PEFT's modules_to_save: <path>.<state key>
@@ -253,6 +275,7 @@ def _to_lora_config(config: dict, source: Path) -> LoraConfig:
             raise LoraError(f"{source}: {key}={value!r} is not supported by lorakit (expected {default!r})")
     try:
         return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+                          init=_init(config.get("init_lora_weights", True), source),
                           targets=config.get("target_modules") or (),
                           target_parameters=config.get("target_parameters") or (),
                           rank_pattern=config.get("rank_pattern") or {},
@@ -262,6 +285,21 @@ def _to_lora_config(config: dict, source: Path) -> LoraConfig:
                           modules_to_save=config.get("modules_to_save") or ())
     except KeyError as e:
         raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
+
+
+def _init(value: object, source: Path) -> str:
+    """lorakit's init for PEFT's ``init_lora_weights``: ``pissa``/``olora`` rewrite W on load as in PEFT
+    (the trained factors then replace the initial ones); inits that only set the factors do not
+    matter for a file that holds them; inits whose residual cannot be recomputed here are refused."""
+    if value in ("pissa", "olora"):
+        return value
+    if isinstance(value, str) and (value.startswith("pissa_niter_") or value.lower() in ("corda", "loftq", "lora_ga")):
+        why = ("its residual W - s*B0*A0 comes from a randomized SVD, which a load cannot reproduce"
+               if value.startswith("pissa_niter_") else "its residual needs data or quantization that lorakit does not have")
+        raise LoraError(f"{source}: init_lora_weights={value!r} is not supported: {why}; save the adapter "
+                        "converted to plain LoRA (lorakit.save(..., convert_to_lora=True), PEFT's "
+                        "path_initial_model_for_weight_conversion)")
+    return "kaiming"
 
 
 def _names(config: dict, key: str, source: Path) -> list[str] | str | None:
@@ -439,6 +477,11 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
                          saved, selection.params)
     existing = reg is not None and adapter in reg.configs
     sites, saved_plan = plan(unwrap(model), cfg), plan_saved(unwrap(model), cfg)
+    if not existing:
+        inits.check(unwrap(model), cfg, adapter, sites)
+    elif reg.configs[adapter].init != cfg.init and inits.rewrites(reg.configs[adapter].init) | inits.rewrites(cfg.init):
+        raise LoraError(f"{config_source}: init_lora_weights {cfg.init!r} differs from adapter {adapter!r}'s "
+                        f"init {reg.configs[adapter].init!r}, and one of them rewrites W; delete the adapter first")
     _check(_expected(cfg, sites, saved_plan), tensors, source)  # the file is complete in itself ...
     _agree(selection, paths, saved, config, config_source, source)  # ... and is what its config says
     if existing:  # ... and fits the adapter's current modules and shapes

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import batching as _batching  # the mixed routing: ROUTING, MIXED_OPEN
 from . import dora as _dora
+from . import inits
 from .config import LoraError
 from .kinds import Kind
 
@@ -70,24 +71,29 @@ class LoraLayer(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------
     def add(self, name: str, r: int, scale: float, dropout: float, init: str, dora: bool = False) -> None:
-        """Create adapter ``name`` with ΔW = 0. Factors in the kind's factor_dtype (fp32 on a half-precision base).
-        ``dora``: also a DoRA magnitude, m = ‖W + ΔW‖ (so the layer's output is unchanged)."""
+        """Create adapter ``name`` with ΔW = 0 (a rewriting init, :mod:`lorakit.inits`: W − s·B·A + s·B·A = W).
+        Factors in the kind's factor_dtype (fp32 on a half-precision base). ``dora``: also a DoRA
+        magnitude, m = ‖W + ΔW‖ (so the layer's output is unchanged)."""
         w = self.weight
         dtype = self.kind.factor_dtype(self.base_layer, w)
         a_shape, b_shape = self.kind.shapes(self.base_layer, w, r)
         a = torch.empty(a_shape, dtype=dtype, device=w.device)
         b = torch.empty(b_shape, dtype=dtype, device=w.device)
-        self.kind.init(a, b, init, r)
+        if not inits.rewrites(init):
+            self.kind.init(a, b, init, r)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.scale[name] = float(scale)
         self.dropout[name] = float(dropout)
+        if inits.rewrites(init):  # PiSSA / OLoRA: the factors come from W, which keeps the residual
+            inits.rewrite(self, name, init)
         if dora:
             m = _dora.weight_norm(self, name).reshape(_dora.magnitude_shape(self.kind, w))
             self.lora_magnitude_vector[name] = nn.Parameter(m)
         self.generation += 1
 
     def remove(self, name: str) -> None:
+        inits.restore(self, name)  # an adapter that rewrote W puts its initial part back
         del self.lora_A[name], self.lora_B[name], self.scale[name], self.dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]

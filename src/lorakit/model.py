@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import hf, quant
+from . import hf, inits, quant
 from .config import LoraConfig, LoraError, check_name
 from .distributed import is_sharded
 from .layers import LoraLayer, SavedModule
@@ -125,7 +125,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activ
             raise LoraError(f"adapter {adapter!r} already exists; delete it first or pick another name "
                             f"(existing: {sorted(reg.configs)})")
         _require_unmerged(reg, "add an adapter")
-    attach(model, adapter, config, plan(unwrap(model), config), plan_saved(unwrap(model), config), activate)
+    sites = plan(unwrap(model), config)
+    inits.check(unwrap(model), config, adapter, sites)
+    attach(model, adapter, config, sites, plan_saved(unwrap(model), config), activate)
     return model
 
 
@@ -148,8 +150,16 @@ def set_active(model: nn.Module, adapters: str | Sequence[str]) -> None:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model inside the block; adapters (and a merge) are restored on exit, always."""
+    """Run the base model inside the block; adapters (and a merge) are restored on exit, always.
+
+    Where a PiSSA/OLoRA adapter rewrote W (:mod:`lorakit.inits`), the base is the residual
+    W − s₀·B₀·A₀, as in PEFT, not the original model: a warning says so."""
     reg = registry(model)
+    rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)})
+    if rewriting:
+        warnings.warn(f"lorakit.disabled: adapters {rewriting} replaced their layers' weights by the residual "
+                      "W - s*B0*A0 (pissa/olora init), so the disabled model is the residual model, not the "
+                      "original one (as in PEFT)", stacklevel=3)
     merged, active = reg.merged, reg.active
     layers = [w for _, w in wrappers(model)]
     keep_copy = all(w._original is not None for _, w in lora_layers(model) if w.merged)

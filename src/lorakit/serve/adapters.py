@@ -29,6 +29,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import ADAPTER_NAME, LoraError, check_name as _check_name
+from ..inits import rewrites
 
 __all__ = ["AdapterError", "Entry", "Adapters", "check_name", "resolve_under", "discover", "shown"]
 
@@ -228,6 +229,9 @@ class Adapters:
                 raise LoraError("adapter_config.json is not valid JSON") from None
             if not isinstance(config, dict):
                 raise LoraError("adapter_config.json does not hold a JSON object")
+            if isinstance(config.get("init_lora_weights"), str) and rewrites(config["init_lora_weights"]):
+                raise LoraError(f"init_lora_weights={config['init_lora_weights']!r} rewrites the shared base "
+                                "weights; serve it converted to plain LoRA (lorakit.save(..., convert_to_lora=True))")
             action()
         except (LoraError, OSError, ValueError) as e:
             message = str(e) if self.root is None else _outside(self.root, str(e))

@@ -81,8 +81,11 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters (inject an adapter and set it active)")
-    b = [p for n, p in named if ".lora_B." in n or ".lora_embedding_B." in n]
-    rest = [p for n, p in named if not (".lora_B." in n or ".lora_embedding_B." in n)]
+    # LoRA+ as PEFT's create_loraplus_optimizer: B factors and 1-D parameters (biases, norms of
+    # saved modules) at lr x ratio, the rest at lr (PEFT's separate lr for embedding adapters is not copied)
+    in_b = lambda n, p: ".lora_B." in n or ".lora_embedding_B." in n or p.dim() == 1  # noqa: E731
+    b = [p for n, p in named if in_b(n, p)]
+    rest = [p for n, p in named if not in_b(n, p)]
     groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
     if b:
         lr_b = cfg.lr * cfg.lora_plus_ratio

@@ -55,6 +55,8 @@ class LoraSpec:
     dropout: float = 0.0
     full: bool = False
     dora: bool = False  # use_dora
+    init: str = "kaiming"  # lorakit.INITS: "pissa" / "olora" rewrite W (lorakit.inits)
+    rslora: bool = False  # scale alpha/sqrt(r)
 
 
 def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
@@ -108,7 +110,8 @@ def _prepare(model: nn.Module, lora: LoraSpec, saved: Sequence[str]) -> None:
         return
     targets = lora.targets[0] if lora.targets == ("all-linear",) else list(lora.targets)
     inject(model, LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
-                             modules_to_save=tuple(saved), use_dora=lora.dora))
+                             modules_to_save=tuple(saved), use_dora=lora.dora, init=lora.init,
+                             use_rslora=lora.rslora))
 
 
 def _trainable(model: nn.Module) -> int:

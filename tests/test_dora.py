@@ -514,3 +514,9 @@ def test_fsdp2_refuses_dora_adapters():
     lorakit.inject(net, LoraConfig(r=2, targets=["0"], use_dora=True))
     with pytest.raises(LoraError, match="not supported under FSDP2"):
         D.fully_shard_model(net)
+
+
+def test_dora_with_an_init_that_rewrites_w_is_refused():
+    for init in ("pissa", "olora", "pissa_niter_4"):
+        with pytest.raises(LoraError, match="use_dora with init"):
+            LoraConfig(r=2, targets=["0"], use_dora=True, init=init)

@@ -396,3 +396,14 @@ def test_minilm_files_both_ways(tmp_path, init):
     for folder in ("plain", "converted"):
         _close(out(lorakit.load(copy.deepcopy(base), tmp_path / folder)), trained)
     _close(out(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "converted"))), trained)
+
+
+def test_mixed_refuses_base_rows_on_a_rewritten_model():
+    # a None row means "the base model"; after PiSSA the layers hold the residual, so it would not be that
+    model = _net()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q"], init="pissa"))
+    with pytest.raises(LoraError, match="residual weights that adapters \\['default'\\]"):
+        with lorakit.mixed(model, ["default", None]):
+            pass
+    with lorakit.mixed(model, ["default", "default"]):  # rows that all use the adapter run as usual
+        _close(model(torch.stack([_x()[0], _x()[1]])), model(_x()[:2]))

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
@@ -289,3 +289,32 @@ def test_causal_lm_smollm2_learns_and_generate_uses_the_adapter(tmp_path, capsys
 
 BBC = ("Which topic is this BBC News headline about? Answer with one word: business, entertainment, politics, "
        "sport or tech.\nHeadline: {}")
+
+
+def test_resume_refuses_optimizer_state_numbered_for_other_parameters(tmp_path):
+    # AdamW stores its moments by position; a checkpoint whose positions mean other parameters (another version's
+    # grouping, e.g. LoRA+ moving biases to B's group) must be refused, not loaded into the wrong parameters.
+    model, data, collate, loss_fn = _problem()
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, save_every=5, log_every=1)
+    fit(model, data, collate=collate, loss_fn=loss_fn, cfg=cfg, out_dir=tmp_path / "a", progress=False)
+    ckpt = tmp_path / "a" / "checkpoint"
+    meta = json.loads((ckpt / "state.json").read_text())
+    meta["param_names"] = meta["param_names"][::-1]
+    (ckpt / "state.json").write_text(json.dumps(meta))
+    model, data, collate, loss_fn = _problem()
+    before = _weights(model)
+    with pytest.raises(lorakit.LoraError, match="numbered for other parameters"):
+        fit(model, data, collate=collate, loss_fn=loss_fn, cfg=cfg, out_dir=tmp_path / "a", resume=True,
+            progress=False)
+    assert all(torch.equal(w, before[n]) for n, w in _weights(model).items())
+    # a checkpoint without names (older lorakit) whose moments do not fit their parameters' shapes
+    del meta["param_names"]
+    (ckpt / "state.json").write_text(json.dumps(meta))
+    tensors = load_file(ckpt / "state.safetensors")
+    shapes = {k: t.shape for k, t in tensors.items() if k.startswith("opt.") and k.endswith(".exp_avg")}
+    a, b = [k for k in shapes if shapes[k] != shapes[next(iter(shapes))]][:1] + [next(iter(shapes))]
+    tensors[a], tensors[b] = tensors[b], tensors[a]
+    save_file(tensors, str(ckpt / "state.safetensors"))
+    with pytest.raises(lorakit.LoraError, match="does not fit this model's parameters"):
+        fit(model, data, collate=collate, loss_fn=loss_fn, cfg=cfg, out_dir=tmp_path / "a", resume=True,
+            progress=False)

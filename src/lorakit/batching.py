@@ -284,7 +284,8 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     ``num_return_sequences``, whose repeated rows lorakit observes). ``expand=k``: batches of
     k·len(adapters) rows, each name repeated k times (``repeat_interleave``). Adapters may differ in
     rank and in the modules they target. Raises :class:`LoraError` for unknown names, merged
-    adapters, or (at forward) a batch whose dim 0 does not match.
+    adapters, None rows on a model whose weights a PiSSA/OLoRA adapter rewrote (they would not run
+    the original model), or (at forward) a batch whose dim 0 does not match.
     """
     global _open_blocks, MIXED_OPEN
     from .model import registry, wrappers
@@ -300,6 +301,14 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are merged; unmerge before running mixed batches")
+    if None in adapters:
+        from . import inits
+        from .model import lora_layers
+        rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)})
+        if rewriting:
+            raise LoraError(f"rows without an adapter (None) would run the residual weights that adapters {rewriting} "
+                            "(PiSSA/OLoRA) left in their layers, not the original model; for the original model, "
+                            "save those adapters with convert_to_lora=True and load them on an unmodified model")
     _observe_generate(model)
     token = ROUTING.set(Routing({id(w): path for path, w in wrappers(model)}, adapters, reg.configs, expand))
     with _OPEN_LOCK:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import distributed as D
+from ..config import LoraError
 
 __all__ = ["TrainConfig", "fit", "peak_memory_mb"]
 
@@ -142,7 +143,7 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
     groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
     py_rng = random.getstate()
     meta = {**state, "param_groups": groups, "python_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
-            "world_size": D.world_size()}
+            "world_size": D.world_size(), "param_names": _optimizer_names(model, opt)}
     (tmp / "state.json").write_text(json.dumps(meta))
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -152,14 +153,19 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")  # killed between the two renames
+    return path
+
+
 def load_checkpoint_weights(path: str | Path, model: nn.Module) -> tuple[dict, dict]:
     """Copy a checkpoint's trained parameters into ``model``; returns (its JSON state, all its tensors).
 
     The file is read onto the CPU and each tensor copied into its parameter, which converts it to
     the parameter's device and dtype."""
-    path = Path(path)
-    if not path.exists() and path.with_name(path.name + ".old").exists():
-        path = path.with_name(path.name + ".old")  # killed between the two renames
+    path = _checkpoint_dir(path)
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))
     params = dict(model.named_parameters())
@@ -171,15 +177,31 @@ def load_checkpoint_weights(path: str | Path, model: nn.Module) -> tuple[dict, d
     return meta, tensors
 
 
+def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The parameters' names in the optimizer's numbering (its state is stored by that number)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
 def _load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> dict:
+    saved_names = json.loads((_checkpoint_dir(path) / "state.json").read_text()).get("param_names")
+    if saved_names is not None and saved_names != _optimizer_names(model, opt):  # checked before anything is loaded
+        raise LoraError(f"{path}: the checkpoint's optimizer state is numbered for other parameters or another "
+                        "order (another lorakit version or settings); resuming would give each parameter another's "
+                        "moments: start again without --resume, or with the settings that wrote it")
     meta, tensors = load_checkpoint_weights(path, model)
+    meta.pop("param_names", None)
     state: dict = {}
     params = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's numbering
     for key, t in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
-            p = params[int(idx)]
-            state.setdefault(int(idx), {})[name] = D.like_param(t, p) if t.shape == p.shape else t
+            p = params[int(idx)] if int(idx) < len(params) else None
+            if p is None or (t.dim() and t.shape != p.shape):  # a DTensor's shape is the whole one
+                # a checkpoint without names (older lorakit): at least each moment must fit its parameter
+                raise LoraError(f"{path}: the checkpoint's optimizer state does not fit this model's parameters "
+                                "(written by another lorakit version or settings); start again without --resume")
+            state.setdefault(int(idx), {})[name] = D.like_param(t, p) if t.dim() else t
     opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})  # moves state to the params
     suffix = f".rank{D.rank()}" if D.rank() else ""
     if f"rng.torch{suffix}" in tensors:

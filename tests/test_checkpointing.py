@@ -97,3 +97,37 @@ def test_cli_checkpointing_is_on_by_default_with_quantize(monkeypatch, argv, exp
     monkeypatch.setattr(cli, "_run_task", lambda args, lm, common: seen.update(common))
     assert cli.main(["train", "--task", "causal-lm", *argv]) == 0
     assert seen["train"].grad_checkpointing is expected
+
+
+# -- the chunked causal-LM loss ---------------------------------------------------------------------
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_chunked_causal_lm_loss_equals_transformers_loss_and_gradients(checkpointing):
+    from lorakit.train.lm_loss import causal_lm_loss, head_is_plain
+    batch = _batch(n=4, t=16)
+    model = _adapted(dropout=0.0).double()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert head_is_plain(model, batch) and model.training
+    expected = model(**batch).loss  # transformers' own loss over the full logits: the oracle
+    expected.backward()
+    oracle = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    loss = causal_lm_loss(model, batch, chunk=5)  # several chunks and a short last one
+    assert labelled % 5 != 0 and labelled > 10
+    loss.backward()
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-6, atol=0)
+    for n, g in oracle.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_head_is_plain_false_for_a_model_that_caps_its_logits():
+    from lorakit.train.lm_loss import head_is_plain
+    cfg = transformers.Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    final_logit_softcapping=0.5, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    assert not head_is_plain(model, _batch())
+    assert head_is_plain(_llama(), _batch())

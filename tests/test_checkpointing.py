@@ -131,3 +131,8 @@ def test_head_is_plain_false_for_a_model_that_caps_its_logits():
     model = transformers.Gemma2ForCausalLM(cfg)
     assert not head_is_plain(model, _batch())
     assert head_is_plain(_llama(), _batch())
+    dropping = _llama()
+    dropping.config.attention_dropout = 0.5  # read at forward time: training-mode forwards differ by dropout
+    for layer in dropping.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    assert head_is_plain(dropping.train(), _batch()) and dropping.training  # same masks in both forwards

@@ -62,11 +62,11 @@ def head_is_plain(model: nn.Module, batch: dict, tol: float = 1e-4) -> bool:
     if decoder is None or head is None:
         return False
     inputs = {k: v[:1, :16] for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    was = model.training
-    model.eval()
-    try:
+    # in the model's own mode (an eval forward would let bitsandbytes repack a transformers-loaded
+    # 4-bit weight), with the same dropout masks in both forwards
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         full = model(**inputs, use_cache=False).logits.float()
+        torch.manual_seed(0)
         ours = head(decoder(**inputs, use_cache=False).last_hidden_state).float()
-    finally:
-        model.train(was)
     return full.shape == ours.shape and bool(torch.allclose(full, ours, rtol=tol, atol=tol * full.abs().max()))

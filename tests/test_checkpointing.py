@@ -118,6 +118,8 @@ def test_chunked_causal_lm_loss_equals_transformers_loss_and_gradients(checkpoin
     assert labelled % 5 != 0 and labelled > 10
     loss.backward()
     torch.testing.assert_close(loss, expected.float(), rtol=1e-6, atol=0)
+    with torch.no_grad():  # the default chunk (16 MiB of logits: all positions here) and the no-grad path
+        torch.testing.assert_close(causal_lm_loss(model, batch), expected.detach().float(), rtol=1e-6, atol=0)
     for n, g in oracle.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-9, atol=1e-12, msg=n)
 

@@ -4,8 +4,8 @@
 words = 201 MB), and cross-entropy keeps their log-probabilities for the backward pass (as much
 again), plus the gradient of each in the backward pass. :func:`causal_lm_loss` gives the same value
 and gradients from the decoder's hidden states: only the positions that have a label are sent
-through the head, in chunks, each under (non-reentrant) activation checkpointing, so at most one
-chunk's logits exist at a time and the backward pass recomputes them.
+through the head, in chunks of 16 MiB of fp32 logits, each under (non-reentrant) activation
+checkpointing, so at most one chunk's logits exist at a time and the backward pass recomputes them.
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ def _chunk_sum(head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(head(hidden).float(), labels, reduction="sum")  # fp32 as transformers' loss
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 256) -> Tensor:
+CHUNK_LOGITS = 2 ** 22  # logits per chunk: 16 MiB in fp32 (85 positions of a 49k vocabulary)
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, chunk: int | None = None) -> Tensor:
     """Mean next-token cross-entropy over the labelled positions (``labels`` != -100, shifted by one),
-    equal to transformers' ``model(**batch).loss``; the head runs on ``chunk`` positions at a time.
+    equal to transformers' ``model(**batch).loss``; the head runs on ``chunk`` positions at a time
+    (default: as many as make :data:`CHUNK_LOGITS` logits).
 
     Only for models whose logits are ``head(decoder(...).last_hidden_state)`` (check once with
     :func:`head_is_plain`)."""
@@ -42,6 +46,9 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int = 256) -> Tensor:
     labels = batch["labels"][:, 1:].to(hidden.device)
     keep = labels != IGNORE
     hidden, labels = hidden[:, :-1][keep], labels[keep]  # (labelled positions, d)
+    if chunk is None:
+        vocab = getattr(getattr(getattr(model, "_orig_mod", model), "config", None), "vocab_size", None)
+        chunk = max(1, CHUNK_LOGITS // vocab) if vocab else 256
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, labels.shape[0], chunk):
         part = (head, hidden[i:i + chunk], labels[i:i + chunk])

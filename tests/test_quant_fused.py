@@ -123,3 +123,19 @@ def test_autocast_and_compile_take_the_autograd_path_and_stay_correct():
     _close(yc, _oracle(layer, x64), 2e-5)
     yc.sum().backward()
     _close(x.grad, ref, 2e-5)
+
+
+def test_fused_half_precision_input():
+    """bf16 activations (a bf16 model on an NF4 base): the update in the fp32 factors, added in bf16."""
+    layer = _layer("nf4", torch.bfloat16).train()
+    x = torch.randn(4, 128).bfloat16().requires_grad_()
+    y = layer(x)
+    assert y.grad_fn.name() == "_QuantLoraFnBackward" and y.dtype == torch.bfloat16
+    x64 = x.detach().double().requires_grad_()
+    ref = _oracle(layer, x64, torch.bfloat16)
+    _close(y, ref, 2e-2)
+    g = torch.randn(y.shape).bfloat16()
+    y.backward(g)
+    rx, ra = torch.autograd.grad(ref, [x64, layer.lora_A["default"]], g.double())
+    _close(x.grad, rx, 2e-2)
+    _close(layer.lora_A["default"].grad, ra, 1e-2)  # from the bf16 gradient g

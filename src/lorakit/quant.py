@@ -160,7 +160,10 @@ class _QuantLoraFn(torch.autograd.Function):
             base = ctx.base
             dtype = x.dtype if format_of(base) == "int8" else (getattr(base, "compute_dtype", None) or x.dtype)
             dx = (g2.to(dtype) @ dequantized_weight(base, dtype)).to(x.dtype)
-            dx.addmm_(gh.to(x.dtype), a.to(x.dtype))
+            if dx.dtype == a.dtype:
+                dx.addmm_(gh, a)
+            else:  # a half-precision x: the update's part in the factors' dtype, as autograd would
+                dx.add_((gh @ a).to(dx.dtype))
             dx = dx.view(x.shape)
         if ctx.needs_input_grad[1]:
             da = gh.t() @ x.reshape(-1, x.shape[-1]).to(a.dtype)

@@ -80,18 +80,25 @@ def worker(args) -> None:
         print("RESULT " + json.dumps(out), flush=True)
         return
     model.train()
+    if "ckpt" in args.recipe:  # transformers' activation checkpointing of every block (non-reentrant)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if "chunked" in args.recipe:  # lorakit's causal-LM loss: labelled positions' logits a chunk at a time
+        from lorakit.train.lm_loss import causal_lm_loss
+        loss_fn = causal_lm_loss
+    else:
+        loss_fn = lambda m, b: m(**b).loss  # noqa: E731
     opt = torch.optim.AdamW(params, lr=1e-4)
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        res = model(**b)
-        res.loss.backward()
+        loss = loss_fn(model, b)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(res.loss.item())
-        del res
+        losses.append(loss.item())
+        del loss
     out.update(train_peak_mb=_hwm(), step_s=statistics.median(times), steps_s=times, losses=losses)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -169,7 +176,7 @@ def _hwm() -> float:
 
 def spawn(args, key, precision, lib, mode) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{key}:{precision}:{lib}:{mode}", "--threads",
-            str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup), "--recipe", args.recipe]
     proc = subprocess.run(["/bin/sh", "-c", shlex.join(argv) + "; exit $?"], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -226,7 +233,8 @@ def report(runs: dict, qual: dict) -> str:
                     vs = (f"{r['step_s'] / other['step_s']:.2f} / "
                           f"{over / max(other['train_peak_mb'] - other['rss_load_mb'], 1):.2f}")
                 lines.append(f"| {label} | {prec} | {lib} | {r['model_mb']:.0f} | {r['rss_load_mb']:.0f} | {over:.0f} / {total:.0f} | "
-                             f"{r['serve_peak_mb'] - r['serve_load_mb']:.0f} / {r['serve_peak_mb']:.0f} | "
+                             + (f"{r['serve_peak_mb'] - r['serve_load_mb']:.0f} / {r['serve_peak_mb']:.0f} | "
+                                if r.get("serve_load_mb") else "| ") +
                              f"{r['step_s']:.2f} | {rel} | {vs} |")
     if qual:
         lines += ["", "| model | base | metric before → after | s/step | peak MB | wall s |", "|---|---|---|---|---|---|"]
@@ -259,6 +267,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/lorakit-quant-bench")
     p.add_argument("--name", default="quant_bench")
     p.add_argument("--interleave", help="MODEL:PRECISION: lorakit vs PEFT step time, interleaved in one process")
+    p.add_argument("--recipe", default="plain", choices=["plain", "ckpt", "ckpt+chunked"],
+                   help="training memory recipe: activation checkpointing, and lorakit's chunked causal-LM loss")
+    p.add_argument("--no-serve", action="store_true", help="skip the serving runs")
     p.add_argument("--seed-runs", help="JSON of runs measured earlier (same format), kept and not rerun")
     args = p.parse_args()
     if args.worker:
@@ -277,9 +288,11 @@ def main() -> None:
                     if f"{key}:{prec}:{lib}" in runs:
                         continue
                     r = spawn(args, key, prec, lib, "train")
-                    serve = spawn(args, key, prec, lib, "serve")
-                    r.update({k: v for k, v in serve.items() if k in ("serve_peak_mb", "forward_s", "error")})
-                    r["serve_load_mb"] = serve.get("rss_load_mb")
+                    if not args.no_serve:
+                        serve = spawn(args, key, prec, lib, "serve")
+                        r.update({k: v for k, v in serve.items() if k in ("serve_peak_mb", "forward_s", "error")})
+                        r["serve_load_mb"] = serve.get("rss_load_mb")
+                    r["recipe"] = args.recipe
                     runs[f"{key}:{prec}:{lib}"] = r
                     log(f"{key} {prec} {lib}: {json.dumps({k: v for k, v in r.items() if k not in ('steps_s', 'losses')})[:300]}")
     if args.quality:

@@ -66,7 +66,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
                    help="hold the frozen base's linear layers (not the head) in 4 or 8 bits (QLoRA; bitsandbytes)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--gradient-checkpointing", "--grad-checkpointing", dest="grad_checkpointing",
+                   action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block's activations in the backward pass instead of keeping them (less "
+                        "memory, more compute; default: on with --quantize, as in the QLoRA recipe, else off)")
     p.add_argument("--max-length", type=int, default=None,
                    help="max tokens per example (default: 128 classify, 96 causal-lm)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0: no limit)")
@@ -152,11 +155,12 @@ def _train(args) -> int:
         raise _UsageError("--rslora, --init and --lora-plus-ratio configure LoRA; --full trains every weight")
     lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
                     dora=args.dora, init=args.init, rslora=args.rslora)
+    checkpointing = bool(args.quantize) if args.grad_checkpointing is None else args.grad_checkpointing
     train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
                         lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,
                         schedule=args.schedule, warmup=args.warmup, grad_accum=args.grad_accum,
                         max_grad_norm=args.max_grad_norm or None, bf16=args.bf16,
-                        grad_checkpointing=args.grad_checkpointing, seed=args.seed, eval_every=args.eval_every,
+                        grad_checkpointing=checkpointing, seed=args.seed, eval_every=args.eval_every,
                         max_steps=args.max_steps)
     common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
                   train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LoraError
-from .kinds import LinearKind, _skinny, kind_of, register_kind
+from .kinds import LinearKind, _skinny, autocast_dtype, kind_of, register_kind
 from .layers import LoraLayer
 from .targets import _matcher, _output_heads, walk
 
@@ -107,7 +107,13 @@ class QuantizedLinear(LinearKind):
                         "its error), or keep the adapter unmerged")
 
     def forward(self, layer, names, x, *args, **kwargs):
-        result = layer.base_layer(x, *args, **kwargs)
+        base = layer.base_layer
+        if (len(names) == 1 and torch.is_grad_enabled() and not args and not kwargs
+                and not (layer.training and layer.dropout[names[0]] > 0) and autocast_dtype(x) is None
+                and not torch.compiler.is_compiling() and not any(p.requires_grad for p in base.parameters())):
+            a, b = layer.lora_A[names[0]], layer.lora_B[names[0]]
+            return _QuantLoraFn.apply(x, a, b, layer.scale[names[0]], base)
+        result = base(x, *args, **kwargs)
         for name in names:
             a, b, s = layer.lora_A[name], layer.lora_B[name], layer.scale[name]
             h = _skinny(a, layer.dropped(x, name).to(a.dtype).reshape(-1, x.shape[-1]))  # (tokens, r)
@@ -116,6 +122,56 @@ class QuantizedLinear(LinearKind):
             else:
                 result = result + (F.linear(h, b) * s).to(result.dtype).view(result.shape)
         return result
+
+
+class _QuantLoraFn(torch.autograd.Function):
+    """y = base(x) + s·(x·Aᵀ)·Bᵀ on a frozen bitsandbytes layer, with a hand-written backward
+    (training with one adapter, dropout 0, no autocast, eager).
+
+    The forward runs the layer's own kernel without autograd and adds the update into its output
+    in place; only x, A, B and h = x·Aᵀ are saved (bitsandbytes' Function saves the packed weight,
+    and autograd over the update kept the output-sized sum and product). The backward dequantizes W
+    once (bitsandbytes' own dequantization) for dx = g·W_deq + (s·g·B)·A, computing g·W_deq in the
+    dtype bitsandbytes' backward uses (4-bit: compute dtype; int8: x's); the packed weight gets no
+    gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, s, base):
+        with torch.no_grad():
+            out = base(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = _skinny(a, x2.to(a.dtype))  # (tokens, r)
+        out2 = out.view(-1, out.shape[-1])
+        if out2.dtype == b.dtype:
+            out2.addmm_(h, b.t(), alpha=s)
+        else:  # a half-precision output: the update in the factors' dtype, added in the output's
+            out2.add_((h @ b.t()).mul_(s).to(out2.dtype))
+        ctx.save_for_backward(x, a, b, h)
+        ctx.s, ctx.base = s, base
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a, b, h = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gb = g2.to(b.dtype)
+        gh = _skinny(b.t(), gb).mul_(ctx.s)  # (tokens, r)
+        dx = da = db = None
+        if ctx.needs_input_grad[0]:
+            base = ctx.base
+            dtype = x.dtype if format_of(base) == "int8" else (getattr(base, "compute_dtype", None) or x.dtype)
+            dx = (g2.to(dtype) @ dequantized_weight(base, dtype)).to(x.dtype)
+            if dx.dtype == a.dtype:
+                dx.addmm_(gh, a)
+            else:  # a half-precision x: the update's part in the factors' dtype, as autograd would
+                dx.add_((gh @ a).to(dx.dtype))
+            dx = dx.view(x.shape)
+        if ctx.needs_input_grad[1]:
+            da = gh.t() @ x.reshape(-1, x.shape[-1]).to(a.dtype)
+        if ctx.needs_input_grad[2]:
+            db = (h.t() @ gb).mul_(ctx.s).t()
+        return dx, da, db, None, None
 
 
 LINEAR4BIT, LINEAR8BIT = QuantizedLinear("linear4bit"), QuantizedLinear("linear8bit")

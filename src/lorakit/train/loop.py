@@ -377,10 +377,16 @@ def _to_device(batch, device: torch.device):
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing of every block, non-reentrant: the adapters inside a
+    block get their gradients though its (frozen) input does not require one."""
     root = getattr(model, "_orig_mod", model)
-    if not hasattr(root, "gradient_checkpointing_enable"):
+    enable = getattr(root, "activation_checkpointing_enable", None)  # transformers >= 5.24's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(root, "gradient_checkpointing_enable"):
+        root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
         raise ValueError("gradient checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
-    root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _progress(total: int, initial: int, enabled: bool):

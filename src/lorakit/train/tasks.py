@@ -33,6 +33,7 @@ from ..model import inject, summary
 from ..pretrained import load_model, model_path  # noqa: F401  (model_path: re-exported)
 from .data import (DataError, LabelledText, PromptCompletion, chat_prompt, check_labels, check_split_labels, collate,
                    encode_causal, encode_classification, read_labelled, read_prompts, split)
+from .lm_loss import causal_lm_loss, head_is_plain
 from .loop import TrainConfig, _to_device, fit, peak_memory_mb
 
 __all__ = ["LoraSpec", "classify", "causal_lm", "load_model", "generate", "predict", "bbc_headline_task",
@@ -397,13 +398,17 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
     _prepare(model, lora, ())
     _shard(model, fsdp)
     pad = lambda items: collate(items, tok.pad_token_id)  # noqa: E731
+    # the loss from the labelled positions' logits only, a chunk at a time (lm_loss.py), where it is
+    # the model's own loss; else (or on an FSDP-sharded model, whose root must run) transformers' loss
+    plain = not D.is_sharded(model) and head_is_plain(model, _to_device(pad(enc["train"][:1]), _model_device(model)))
+    loss_fn = causal_lm_loss if plain else (lambda m, b: m(**b).loss)
 
     def evaluate(m):
         losses, tokens = 0.0, 0
         for chunk, counted in D.shard_batches(enc["val"], 16, pad=D.is_sharded(m)):
             batch = _to_device(pad(chunk), _model_device(m))
             n = (batch["labels"][:, 1:] != -100).sum().item() if counted else 0
-            losses += m(**batch).loss.item() * n
+            losses += loss_fn(m, batch).item() * n
             tokens += n
         losses, tokens = D.reduce_sums([losses, tokens])
         return {"loss": losses / tokens, "perplexity": math.exp(losses / tokens)}
@@ -417,7 +422,7 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
     if overwrite and D.is_main():
         _clear_run(out)
     t0 = time.perf_counter()
-    records = fit(model, enc["train"], collate=pad, loss_fn=lambda m, b: m(**b).loss, cfg=train, evaluate=evaluate,
+    records = fit(model, enc["train"], collate=pad, loss_fn=loss_fn, cfg=train, evaluate=evaluate,
                   metric="loss", out_dir=out, resume=resume, on_best=save_best, progress=progress)
     seconds = time.perf_counter() - t0
     D.barrier()  # rank 0 has written best/ before the others read it

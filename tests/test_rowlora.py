@@ -191,3 +191,18 @@ def test_a_build_failure_warns_once_and_the_plain_path_runs(monkeypatch, tmp_pat
     with torch.no_grad():
         for i, name in enumerate(rows):
             torch.testing.assert_close(y[i], _alone(net, x[i:i + 1], name)[0], atol=1e-12, rtol=0)
+
+
+def test_the_kernel_reads_the_factors_themselves(monkeypatch):
+    """A write through ``param.data`` (no version bump) inside an open block is seen by the next step."""
+    net = _net(F64)
+    count = _Count(monkeypatch)
+    x = torch.randn(3, 12, dtype=F64)
+    rows = ["a", "c", None]
+    with torch.no_grad(), lorakit.mixed(net, rows):
+        net(x)
+        net[0].lora_B["c"].data.mul_(-3)
+        y = net(x)
+    assert count.calls == 4
+    with torch.no_grad():
+        torch.testing.assert_close(y[1], _alone(net, x[1:2], "c")[0], atol=1e-12, rtol=0)

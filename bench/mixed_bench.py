@@ -65,6 +65,18 @@ def build(kind: str, n: int, log):
     return pm, ours, merged
 
 
+def _lorakit_only(n: int):
+    """SmolLM2 with n all-linear r=8 adapters injected by lorakit (for the memory table: no PEFT twin)."""
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit.builtin import smollm2_path
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+    for i in range(n):
+        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, targets="all-linear"), adapter=f"a{i}")
+    return model
+
+
 def compare(kind: str, B: int, n: int, args, models, log) -> dict:
     import torch
 
@@ -139,19 +151,16 @@ def memory(models, log) -> list[dict]:
     import lorakit
     from lorakit import rowlora
 
-    class Allocations(TorchDispatchMode):  # fresh storages returned by every op (views excluded)
+    class Allocations(TorchDispatchMode):  # fresh storages returned by every op (outputs aliasing an input excluded)
         def __enter__(self):
-            self.seen, self.bytes = set(), 0
+            self.bytes = 0
             return super().__enter__()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor):
-                    self.seen.add(t.untyped_storage().data_ptr())
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
             for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
-                    self.seen.add(t.untyped_storage().data_ptr())
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                     self.bytes += t.untyped_storage().nbytes()
             return out
 
@@ -242,7 +251,7 @@ def main() -> None:
     results = {"machine": common.machine(), "decode": [], "prefill": None}
     n_max = 16 if args.quick else 64
     log(f"decode: building SmolLM2 with {n_max} adapters")
-    models = build("decode", n_max, log)
+    models = build("decode", n_max, log) if not args.memory else (None, _lorakit_only(n_max), None)
     results["memory"] = memory(models, log) if not args.quick else []
     mem = ["| path | adapters | B | extra bytes of a mixed step (MB) | held after it (MB) | "
            "adapters' own factors (MB) | B·r_max floats per layer (MB) |", "|---|---|---|---|---|---|---|"]

@@ -119,7 +119,7 @@ def test_mixed_runs_the_kernel_and_each_row_equals_that_row_alone(monkeypatch, d
 
 
 class _Allocations(TorchDispatchMode):
-    """Bytes of every tensor the ops under it return."""
+    """Bytes of every fresh storage the ops under it return (outputs that alias an input are views)."""
 
     def __init__(self):
         super().__init__()
@@ -127,18 +127,12 @@ class _Allocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):  # outputs on these are views, not allocations
-            if isinstance(t, torch.Tensor):
-                self.seen.add(t.untyped_storage().data_ptr())
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:  # not a view
-                self.seen.add(t.untyped_storage().data_ptr())
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.sizes.append((str(func), t.untyped_storage().nbytes()))
         return out
-
-    def __enter__(self):
-        self.seen = set()
-        return super().__enter__()
 
 
 @pytest.mark.parametrize("n_adapters", [4, 16])

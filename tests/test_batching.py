@@ -68,6 +68,18 @@ def _build(dtype, seed):
     return net.eval()
 
 
+@contextlib.contextmanager
+def _path(kernel):
+    """Mixed batches through lorakit.rowlora's kernel (the default on CPU) or the plain PyTorch path."""
+    from lorakit import rowlora
+    was = rowlora._wanted
+    rowlora.use(kernel)
+    try:
+        yield
+    finally:
+        rowlora.use(was)
+
+
 def _alone(net, row, name):
     if name is None:
         with lorakit.disabled(net):
@@ -76,14 +88,15 @@ def _alone(net, row, name):
     return net(row)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
 @settings(max_examples=30, deadline=None)
 @given(rows=st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=7),
        dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 99))
-def test_mixed_batch_equals_each_row_alone(rows, dtype, seed):
+def test_mixed_batch_equals_each_row_alone(kernel, rows, dtype, seed):
     net = _build(dtype, seed)
     x = torch.randint(0, 20, (len(rows), 5), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        with lorakit.mixed(net, rows):
+        with _path(kernel), lorakit.mixed(net, rows):
             y = net(x)
         for i, name in enumerate(rows):
             ref = _alone(net, x[i:i + 1], name)[0]
@@ -329,8 +342,14 @@ def _check_rows(net, x, rows, tol=1e-10):
             torch.testing.assert_close(y[i], ref, atol=tol * max(ref.abs().max().item(), 1.0), rtol=0)
 
 
-def test_bank_follows_dtype_data_replacement_inplace_load_and_reinject(tmp_path):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_bank_follows_dtype_data_replacement_inplace_load_and_reinject(tmp_path, kernel):
     """Every change of a factor is seen by the next mixed forward (the oracle: each row alone)."""
+    with _path(kernel):
+        _follows_changes(tmp_path)
+
+
+def _follows_changes(tmp_path):
     rows = ["a", "b", "c", None]
     x = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(0))
     net = _build(torch.float32, 5)
@@ -355,13 +374,14 @@ def test_bank_follows_dtype_data_replacement_inplace_load_and_reinject(tmp_path)
     _check_rows(net, x, rows)
 
 
-def test_factors_changed_inside_one_block_are_seen():
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_factors_changed_inside_one_block_are_seen(kernel):
     """The factors a routing gathered are not reused after a change between two forwards of one block."""
     net = _build(torch.float64, 7)
     x = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
     rows = ["a", "b", "c"]
     layers = dict(lorakit.lora_layers(net))
-    with torch.no_grad(), lorakit.mixed(net, rows):
+    with torch.no_grad(), _path(kernel), lorakit.mixed(net, rows):
         net(x)
         with torch.no_grad():
             layers["q"].lora_B["a"].mul_(3)  # in place

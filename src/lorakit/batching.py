@@ -10,20 +10,24 @@ Under ``torch.compile`` (compiled code cannot read the ContextVar) each adapted 
 graph while any ``mixed`` block is open in the process and runs routed in eager mode: exact, at
 eager speed (see :data:`MIXED_OPEN`); outside such blocks compiled models have no graph breaks.
 
-Kernel: each adapted Linear / Conv1D / Embedding keeps a bank of its adapters' factors (A as
-[slot, r_max, in] — for embeddings [slot, num, r_max] — and B·s as [slot, r_max, out], ranks
-zero-padded, slot 0 all zeros), rebuilt only when an adapter is added, removed or changed (see
-Staleness). Inside a routing each layer decides once per input shape how to run (a plan,
-cached for the routing, so every decode step of ``generate`` reuses it): the rows' factors are
-gathered from the bank (two ``index_select``) and applied with two batched matmuls, the first as
-(A·xᵀ)ᵀ (the layout BLAS runs fast for thin r), the second added in place to the base output.
-Batches that use one adapter take the plain single-adapter path. Layers with a DoRA adapter
-(per-row magnitudes: each row is scaled by its own adapter's m/‖W + ΔW‖), other layer kinds
-(convolutions, raw parameters), ``modules_to_save`` copies, training with dropout, and any forward
-that needs gradients for the factors run per adapter group through the plain (differentiable)
-path; they reassemble rows only from one output tensor whose dim 0 is the batch (a module returning
-a tuple, e.g. ``nn.GRU``, raises :class:`LoraError` when rows of one batch need different copies).
-The bank costs one extra copy of the adapters' factors per layer, made on first mixed use.
+Kernel: inside a routing each layer decides once per input shape how to run (a plan, cached for
+the routing, so every decode step of ``generate`` reuses it). Linear / Conv1D layers on CPU with
+gradients off use :mod:`lorakit.rowlora`: one C++ op reads each row's factors from the adapters' own
+parameters by a per-row slot index and adds the update into the base output; nothing the size of
+the rows' factors is allocated and no second copy of the factors is kept. Otherwise (the kernel not
+built, ``rowlora.use(False)``, gradients on, another device, embeddings) the plain PyTorch path
+runs: a per-layer bank of the adapters' factors (A as [slot, r_max, in] — for embeddings
+[slot, num, r_max] — and B·s as [slot, r_max, out], ranks zero-padded, slot 0 all zeros, rebuilt
+only when an adapter changes: see Staleness), from which the rows' factors are gathered (two
+``index_select``) and applied with two batched matmuls, the first as (A·xᵀ)ᵀ (the layout BLAS runs
+fast for thin r), the second added in place to the base output; this path is the kernel's reference
+in the tests, and its bank is one extra copy of the factors, made on first use. Batches that use one
+adapter take the plain single-adapter path. Layers with a DoRA adapter (per-row magnitudes: each
+row is scaled by its own adapter's m/‖W + ΔW‖), other layer kinds (convolutions, raw parameters),
+``modules_to_save`` copies, training with dropout, and any forward that needs gradients for the
+factors run per adapter group through the plain (differentiable) path; they reassemble rows only
+from one output tensor whose dim 0 is the batch (a module returning a tuple, e.g. ``nn.GRU``,
+raises :class:`LoraError` when rows of one batch need different copies).
 
 Rows are dim 0 of each routed layer's input. A batch must have exactly n rows for n names, or k·n
 for an expansion lorakit knows of: ``expand=k`` given to :func:`mixed`, or the beams /
@@ -52,6 +56,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import rowlora
 from .config import LoraError
 from .kinds import embed_scaled
 
@@ -133,6 +138,8 @@ class Routing:
             # decided once per layer and shape (every decode step of generate reuses it), again if a factor changed
             plan = self._plans[key] = self._plan(layer, x, bool(args or kwargs))
         how, data, _, _ = plan
+        if how == "rows":
+            return _kernel_forward(layer, x, data)
         if how == "plain":
             return layer.kind.forward(layer, data, x, *args, **kwargs)
         if how == "group":
@@ -155,9 +162,10 @@ class Routing:
         return result + torch.bmm(h, b_rows).view(result.shape).to(result.dtype)
 
     def _plan(self, layer: LoraLayer, x: Tensor, extra_args: bool) -> tuple[str, object, int, tuple | None]:
-        """How this layer runs this batch: ("plain", names) | ("group", names) | ("bmm", gathered factors),
-        then the layer's adapter generation and, for "bmm", the stamp of the factors gathered (see
-        :func:`_unchanged`); the plan is remade when either changes.
+        """How this layer runs this batch: ("plain", names) | ("group", names) | ("rows", the kernel's
+        slots and factor lists) | ("bmm", gathered factors), then the layer's adapter generation and,
+        for "rows" and "bmm", the stamp of the factors used (see :func:`_unchanged`); the plan is
+        remade when either changes.
 
         Measured alternatives that lost everywhere on 2 CPU threads (SmolLM2 decode B=64 with 4 or 64
         adapters, B=16/16; MiniLM prefill 32x128 with 4 or 16): one GEMM per adapter group (0.17-0.82x
@@ -172,6 +180,13 @@ class Routing:
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
         if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct)):
             return "group", names, layer.generation, None
+        if layer.kind.mixed == "matmul" and _kernel_fits(layer, x, distinct):
+            used = sorted(distinct)
+            slot = {n: i for i, n in enumerate(used)}
+            slots = torch.tensor([slot[n] if n else -1 for n in names])
+            return ("rows", (slots, [layer.lora_A[n] for n in used], [layer.lora_B[n] for n in used],
+                             [layer.scale[n] for n in used], layer.kind.owns_output(layer.base_layer)),
+                    layer.generation, _stamp(layer, distinct))
         return ("bmm", (*_gather(layer, names), layer.kind.owns_output(layer.base_layer)), layer.generation,
                 _stamp(layer, distinct))
 
@@ -188,6 +203,35 @@ class Routing:
         if len(set(names)) == 1:
             return module(names[0])(x, *args, **kwargs)
         return _groups(self.label(wrapper), names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
+
+
+def _kernel_fits(layer: LoraLayer, x: Tensor, names) -> bool:
+    """Whether :mod:`lorakit.rowlora`'s op can run this layer's rows: gradients off, CPU, floating
+    tensors, 2-D contiguous factors that fit x (checked again in C++), and the op built."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or not x.is_floating_point():
+        return False
+    for n in names:
+        a, b = layer.lora_A[n], layer.lora_B[n]
+        if not (a.dim() == b.dim() == 2 and a.shape[1] == x.shape[-1] and b.shape[1] == a.shape[0]
+                and a.is_contiguous() and b.is_contiguous() and a.device.type == b.device.type == "cpu"
+                and a.is_floating_point() and b.is_floating_point()):
+            return False
+    return rowlora.available()
+
+
+def _kernel_forward(layer: LoraLayer, x: Tensor, data: tuple) -> Tensor:
+    """The base output plus each row's update, added in place by the kernel (into a copy if the base
+    output is not the layer's own fresh, contiguous tensor)."""
+    slots, a, b, scale, fresh = data
+    result = layer.base_layer(x)
+    if not (fresh and result.is_contiguous()):
+        result = result.clone(memory_format=torch.contiguous_format)
+    rows = x.shape[0]
+    x3 = x.reshape(rows, -1, x.shape[-1])
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    rowlora.add_rows_(result.view(rows, -1, result.shape[-1]), x3, a, b, scale, slots)
+    return result
 
 
 _VERSION = operator.attrgetter("_version")

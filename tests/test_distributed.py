@@ -78,12 +78,15 @@ def test_resolve_device_picks_the_accelerator_and_the_local_rank(monkeypatch):
         D.resolve_device("cuda")
 
 
-def test_cli_device_error_is_one_line(capsys):
+@pytest.mark.parametrize("argv", [["generate", "--device", "cuda", "hello"],
+                                  ["serve", "--device", "cuda", "--model", "/no/such/model"]])
+def test_cli_device_error_is_one_line(capsys, argv):
+    # serve refuses the device before loading anything (the model path does not exist either)
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert cli(["generate", "--device", "cuda", "hello"]) == 2
+    assert cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"lorakit generate: error: device 'cuda': no CUDA device is available here "
+    assert err == [f"lorakit {argv[0]}: error: device 'cuda': no CUDA device is available here "
                    f"(torch {torch.__version__}); use --device cpu"]
 
 

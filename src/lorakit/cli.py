@@ -453,6 +453,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
                    help="hold the base model's linear layers (not the head) in 4 or 8 bits (bitsandbytes)")
+    _device_option(p)
 
 
 def _serve(args) -> int:

@@ -103,7 +103,7 @@ class Batch:
         if not rows:
             self.kv, self.mask, self.positions = [], None, None
             return
-        idx = torch.tensor(list(rows))
+        idx = torch.tensor(list(rows), device=self.mask.device)
         mask = self.mask.index_select(0, idx)
         start = int((mask.sum(0) > 0).long().argmax())  # first column some row really uses
         self.mask = mask[:, start:]
@@ -127,8 +127,9 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
 
     Computed in float64 with the logits shifted by their maximum, so any positive temperature,
     however small (1e-300 is 0 in float32), gives finite probabilities: the limit is greedy.
-    Raises ValueError when the logits hold NaN or +inf (e.g. from an adapter with NaN factors)."""
-    logits = logits.double()
+    Raises ValueError when the logits hold NaN or +inf (e.g. from an adapter with NaN factors).
+    Sampled on the CPU (the row's generator is a CPU one), so a seed gives the same tokens on any device."""
+    logits = logits.detach().to("cpu", torch.float64)
     if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
         raise ValueError("the model produced non-finite logits (NaN or inf)")
     if temperature <= 0:

@@ -104,6 +104,7 @@ class Engine:
                  max_queue: int = 256, timeout: float = 120.0, metrics: Metrics | None = None,
                  prefill_tokens: int = 4096) -> None:
         self.model, self.tok, self.adapters = model.eval(), tokenizer, adapters
+        self.device = next(model.parameters()).device  # inputs are built on the CPU and moved there
         self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
         self.prefill_tokens = prefill_tokens  # padded tokens per prefill forward (one long prompt may exceed it)
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
@@ -277,6 +278,7 @@ class Engine:
             r.text = TextStream(self.tok, r.stop)
             seed = r.seed % SEED_MODULUS if r.seed is not None else random.getrandbits(63)
             r.generator = torch.Generator().manual_seed(seed)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         with self._route([r.adapter.internal if r.adapter else None for r in group], persistent=False):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                              cache=full_cache(), use_cache=True, logits_to_keep=1)
@@ -287,7 +289,7 @@ class Engine:
             return
         kv = cache_tensors(out.cache)
         if len(ok) < len(group):
-            idx = torch.tensor(ok)
+            idx = torch.tensor(ok, device=self.device)
             kv, mask = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in kv], mask.index_select(0, idx)
         self._batch.add(kv, mask)
         first = len(self._rows)
@@ -318,7 +320,7 @@ class Engine:
             if not self._rows:
                 return
         rows = self._rows
-        tokens = torch.tensor([r.tokens[-1] for r in rows])
+        tokens = torch.tensor([r.tokens[-1] for r in rows], device=self.device)
         try:
             self._route([r.adapter.internal if r.adapter else None for r in rows])
             logits = self._batch.step(self.model, tokens)

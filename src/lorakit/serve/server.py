@@ -20,10 +20,12 @@ import sys
 from pathlib import Path
 
 import h11
+import torch
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..distributed import resolve_device
 from .adapters import AdapterError, Adapters, discover
 from .app import MAX_BODY_BYTES, create_app
 from .engine import Engine
@@ -42,16 +44,20 @@ def base_name(spec: str) -> str:
 def build(model: str = "builtin:smollm2", adapters: str | os.PathLike | None = None, admin_token: str | None = None,
           max_batch: int = 32, max_queue: int = 256, timeout: float = 120.0, max_adapters: int = 0,
           max_context: int | None = None, name: str | None = None, prefill_tokens: int = 4096,
-          max_body: int = MAX_BODY_BYTES, log=print, quantize: str | None = None) -> FastAPI:
+          max_body: int = MAX_BODY_BYTES, log=print, quantize: str | None = None,
+          device: str | torch.device | None = None) -> FastAPI:
     """The app serving ``model`` and every adapter folder directly under ``adapters``.
 
     Every adapter folder is checked completely now (config, tensor names and shapes, finite
     values), whatever ``max_adapters`` is; one that fails is reported through ``log`` with the
     reason and not served. With ``max_adapters`` > 0, the first ``max_adapters`` good ones (by
     name) are loaded now and the rest on first use. ``quantize``: the base's linear layers in
-    "nf4", "fp4" or "int8" (:func:`lorakit.quantize`)."""
+    "nf4", "fp4" or "int8" (:func:`lorakit.quantize`); ``device``: where the model runs (moved after
+    loading and quantizing, as ``lorakit train`` does; None: the CPU it loads on)."""
     from ..pretrained import load_model
     net, tok = load_model(model, "causal-lm", quantize=quantize)
+    if device is not None:
+        net.to(device)
     metrics = Metrics()
     root = Path(adapters).resolve() if adapters else None
     if root is not None and not root.is_dir():
@@ -144,9 +150,10 @@ def run(args) -> int:
     logging.getLogger("lorakit.serve").addHandler(handler)
     logging.getLogger("lorakit.serve").setLevel(args.log_level.upper())
     token = args.admin_token or os.environ.get("LORAKIT_ADMIN_TOKEN") or None
+    device = resolve_device(args.device)  # before loading anything: a missing device is refused at once
     app = build(args.model, args.adapters, token, args.max_batch, args.max_queue, args.timeout,
                 args.max_adapters, args.max_context, args.served_model_name, args.prefill_tokens,
-                args.max_body_bytes, log=log, quantize=args.quantize)
+                args.max_body_bytes, log=log, quantize=args.quantize, device=device)
     srv = app.state.server
     names = srv.engine.adapters.names()
     log(f"lorakit serve: model {srv.base_name!r}, {len(names)} adapter(s) {names}, "

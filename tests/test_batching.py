@@ -15,6 +15,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, LoraError
+from test_layers import _randomise  # every factor non-zero, seeded
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
@@ -60,11 +61,7 @@ def _build(dtype, seed):
              "c": LoraConfig(r=3, targets=["emb", "v", "c_attn", "conv"])}
     for name, cfg in specs.items():
         lorakit.inject(net, cfg, adapter=name)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    _randomise(net, seed, std=0.3)
     return net.eval()
 
 

@@ -34,13 +34,13 @@ class Custom(nn.Module):
         return x @ self.w.t()
 
 
-def _randomise(model, seed):
-    """Give every factor non-zero values, so the update is not trivially zero."""
+def _randomise(model, seed, std=0.5):
+    """Give every factor non-zero values (N(0, std²), seeded), so the update is not trivially zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _factors(model, adapter, path):

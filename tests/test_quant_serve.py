@@ -3,12 +3,6 @@ folder (built as in test_serve_robust.py) with an adapter saved from the same mo
 NF4. Oracle: the raw HTTP answer against Hugging Face ``generate`` run alone (greedy) on the model
 that the library loads and quantizes the same way, with the adapter loaded by ``lorakit.load``."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
@@ -17,7 +11,7 @@ import lorakit
 pytest.importorskip("fastapi")
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.slow  # a server subprocess and three model loads: ~2 min on the busy 2 cores
-from test_serve_robust import _save_tiny  # noqa: E402
+from test_serve_robust import _save_tiny, serve_subprocess  # noqa: E402
 
 
 @torch.no_grad()
@@ -44,23 +38,8 @@ def test_serve_quantize_nf4_answers_like_the_library(tmp_path):
         for _, layer in lorakit.lora_layers(model):
             layer.lora_B["x"].normal_(0, 0.3)
     lorakit.save(model, root / "q", adapter="x")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w+")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--model", str(folder), "--adapters",
-                             str(root), "--port", str(port), "--threads", "1", "--quantize", "nf4"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc, url = serve_subprocess(tmp_path, folder, root, "--quantize", "nf4")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()
-                time.sleep(0.1)
         names = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
         assert "q" in names, names
         base_name = next(n for n in names if n != "q")

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
 from lorakit import LoraConfig, LoraError, rowlora
+from test_layers import _randomise  # every factor non-zero, seeded
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 ROUND = {F64: 2.0 ** -52, F32: 2.0 ** -23, BF16: 2.0 ** -8, F16: 2.0 ** -11}  # unit roundoff ·2
@@ -72,11 +73,7 @@ def _net(dtype, seed=0):
     lorakit.inject(net, LoraConfig(r=2, targets=["0", "2"]), adapter="a")
     lorakit.inject(net, LoraConfig(r=8, targets=["0"]), adapter="b")
     lorakit.inject(net, LoraConfig(r=5, targets=["0", "2"], alpha=3), adapter="c")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    _randomise(net, seed, std=0.3)
     return net.eval()
 
 

@@ -427,13 +427,10 @@ def test_every_adapter_checked_at_start_and_files_stay_in_the_root(world, tmp_pa
             assert sorted(a["path"] for a in listing) == ["good", "inside", "zgood"]
 
 
-# -- 6. SIGTERM -----------------------------------------------------------------------------------
-def test_sigterm_drains_then_ends_the_rest_with_errors_and_exits_0(world, tmp_path):
-    """Short requests finish; those still running at the deadline end with a 503 JSON error (a
-    stream with an SSE error event and [DONE]); new connections are refused; exit status 0; no
-    traceback in the log."""
+def serve_subprocess(tmp_path, model, root, *options: str):
+    """``lorakit serve`` in a subprocess on a free port (1 thread, log in tmp_path/server.log), once its
+    /health answers 200; returns (process, base URL). The caller terminates it."""
     import httpx
-    model, root, _ = world
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -441,16 +438,27 @@ def test_sigterm_drains_then_ends_the_rest_with_errors_and_exits_0(world, tmp_pa
     log = open(tmp_path / "server.log", "w+")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--model", str(model), "--adapters",
-                             str(root), "--port", str(port), "--threads", "1", "--shutdown-timeout", "2",
-                             "--log-level", "info"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             str(root), "--port", str(port), "--threads", "1", *options],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            time.sleep(0.1)
+    return proc, url
+
+
+# -- 6. SIGTERM -----------------------------------------------------------------------------------
+def test_sigterm_drains_then_ends_the_rest_with_errors_and_exits_0(world, tmp_path):
+    """Short requests finish; those still running at the deadline end with a 503 JSON error (a
+    stream with an SSE error event and [DONE]); new connections are refused; exit status 0; no
+    traceback in the log."""
+    import httpx
+    model, root, _ = world
+    proc, url = serve_subprocess(tmp_path, model, root, "--shutdown-timeout", "2", "--log-level", "info")
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()
-                time.sleep(0.1)
         pool = concurrent.futures.ThreadPoolExecutor(4)
         long = {"model": "a", "prompt": "Once", "max_tokens": 4000, "temperature": 0}
         stream = pool.submit(_stream, url, long)

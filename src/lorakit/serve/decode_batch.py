@@ -128,7 +128,7 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
     Computed in float64 with the logits shifted by their maximum, so any positive temperature,
     however small (1e-300 is 0 in float32), gives finite probabilities: the limit is greedy.
     Raises ValueError when the logits hold NaN or +inf (e.g. from an adapter with NaN factors).
-    Sampled on the CPU (the row's generator is a CPU one), so a seed gives the same tokens on any device."""
+    Sampled on the CPU (the row's generator is a CPU one), so a seed draws the same random numbers on any device."""
     logits = logits.detach().to("cpu", torch.float64)
     if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
         raise ValueError("the model produced non-finite logits (NaN or inf)")

@@ -372,6 +372,36 @@ def _follows_changes(tmp_path):
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
+def test_a_routing_kept_across_changes_sees_each_one(kernel):
+    """One routing (its plans) reused, as a server keeps it across decode steps, after each change of
+    the adapters of a kernel-routed Linear: a scale, a new Parameter object, an in-place write, a dtype."""
+    from lorakit import batching
+    net = _build(torch.float64, 8)
+    x = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    rows = ["a", "b", None]
+    q = dict(lorakit.lora_layers(net))["q"]
+    with torch.no_grad(), _path(kernel):
+        with lorakit.mixed(net, rows):
+            net(x)
+            routing = batching.ROUTING.get()
+        changes = [lambda: q.scale.__setitem__("a", q.scale["a"] * 3),
+                   lambda: q.lora_A.__setitem__("b", nn.Parameter(q.lora_A["b"].detach() * -2)),
+                   lambda: q.lora_B["a"].mul_(5),
+                   lambda: net.to(torch.float32)]
+        for change in changes:
+            change()
+            token = batching.ROUTING.set(routing)
+            try:
+                y = net(x.clone())
+            finally:
+                batching.ROUTING.reset(token)
+            tol = TOL[y.dtype]
+            for i, name in enumerate(rows):
+                ref = _alone(net, x[i:i + 1], name)[0]
+                torch.testing.assert_close(y[i], ref, atol=tol * max(ref.abs().max().item(), 1.0), rtol=0)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
 def test_factors_changed_inside_one_block_are_seen(kernel):
     """The factors a routing gathered are not reused after a change between two forwards of one block."""
     net = _build(torch.float64, 7)

@@ -35,12 +35,15 @@ for an expansion lorakit knows of: ``expand=k`` given to :func:`mixed`, or the b
 ``_expand_inputs_for_generation``); row j then uses ``adapters[j // k]`` (``repeat_interleave``
 order). Anything else, e.g. a sequence-first [T, B, d] input, raises :class:`LoraError`.
 
-Staleness: a bank and the factors a plan gathered are reused only while every factor has the same
-tensor version (in-place writes under ``no_grad``) and data pointer (``.data =``, ``.to()``; dtype,
-device and shape cannot change without one), the scales are equal and no adapter was added or
-removed (``LoraLayer.generation``); this is checked at every forward, two ints per factor of the
-adapters the batch uses. As for autograd, in-place writes through ``param.data`` bypass the version
-counter and are not seen. An adapter deleted, or merged, inside an open block raises.
+Staleness: a plan is remade when it no longer holds. The kernel reads the adapters' parameters when
+it runs, so its plans only check that the layer has the same adapters, parameter objects and scales
+(~2 µs per layer for 64 adapters); in-place writes, ``.data =`` and ``.to()`` are read as they are.
+The plain path's bank and gathered factors are copies: they are reused only while every factor is the
+same parameter object with the same tensor version (in-place writes under ``no_grad``), data pointer
+and layout (``.data =``, ``.to()``), the scales are equal and no adapter was added or removed
+(``LoraLayer.generation``), checked at every forward. As for autograd, in-place writes through
+``param.data`` bypass the version counter and are not seen by the plain path. An adapter deleted, or
+merged, inside an open block raises.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import inspect
 import operator
 import threading
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,7 +89,9 @@ class Routing:
         self.expand = expand
         self.expansions = {expand}  # allowed row multiples: expand, and expand·k for generate's k
         self.uniform = len(set(self.adapters)) == 1  # one adapter (or none) for every row
-        self._plans: dict[tuple, tuple[str, object, int, tuple | None]] = {}
+        self._plans: dict[tuple, tuple[str, object, Callable[[LoraLayer], bool]]] = {}  # see _plan
+        self._rows: dict[int, tuple[str | None, ...]] = {}  # batch size -> adapter per row (validated)
+        self._slots: dict[tuple, tuple[Tensor, tuple[int, ...]]] = {}  # see _kernel_slots
 
     def expanded(self, k: int) -> None:
         """Hugging Face ``generate`` repeats each input row k times (beams, num_return_sequences)."""
@@ -108,6 +113,8 @@ class Routing:
         """Adapter per row of ``x`` (its batch dim ``dim``, None if it has none): n rows, or k·n for a
         known expansion k (each name k times)."""
         n, batch = len(self.adapters), x.shape[dim] if dim is not None and x.dim() > dim else 0
+        if dim is not None and batch in self._rows:  # every layer of a step has the same batch: checked once
+            return self._rows[batch]
         k = batch // n
         if batch % n or k not in self.expansions:
             allowed = " or ".join(str(n * m) for m in sorted(self.expansions))
@@ -118,7 +125,8 @@ class Routing:
                             f"the batch, {allowed} rows for the {n} adapter names of this routing (for other "
                             "expansions of the rows pass lorakit.mixed(..., expand=k); sequence-first "
                             "inputs are not supported)")
-        return self.adapters if k == 1 else tuple(a for a in self.adapters for _ in range(k))
+        rows = self._rows[batch] = self.adapters if k == 1 else tuple(a for a in self.adapters for _ in range(k))
+        return rows
 
     def forward(self, layer: LoraLayer, x: Tensor, *args, **kwargs) -> Tensor:
         if layer.merged:
@@ -132,12 +140,12 @@ class Routing:
         if self.uniform:  # the plain single-adapter path, without per-row bookkeeping
             name = self.adapters[0]
             return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)
-        key = (id(layer), x.shape, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
+        key = (id(layer), x.shape, x.device, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
         plan = self._plans.get(key)
-        if plan is None or plan[2] != layer.generation or (plan[3] is not None and not _unchanged(layer, plan[3])):
-            # decided once per layer and shape (every decode step of generate reuses it), again if a factor changed
+        if plan is None or not plan[2](layer):
+            # decided once per layer and shape (every decode step of generate reuses it), again if it went stale
             plan = self._plans[key] = self._plan(layer, x, bool(args or kwargs))
-        how, data, _, _ = plan
+        how, data, _ = plan
         if how == "rows":
             return _kernel_forward(layer, x, data)
         if how == "plain":
@@ -161,34 +169,52 @@ class Routing:
             return result
         return result + torch.bmm(h, b_rows).view(result.shape).to(result.dtype)
 
-    def _plan(self, layer: LoraLayer, x: Tensor, extra_args: bool) -> tuple[str, object, int, tuple | None]:
+    def _plan(self, layer: LoraLayer, x: Tensor, extra_args: bool) -> tuple[str, object, Callable[[LoraLayer], bool]]:
         """How this layer runs this batch: ("plain", names) | ("group", names) | ("rows", the kernel's
-        slots and factor lists) | ("bmm", gathered factors), then the layer's adapter generation and,
-        for "rows" and "bmm", the stamp of the factors used (see :func:`_unchanged`); the plan is
-        remade when either changes.
+        slots and factor lists) | ("bmm", gathered factors), then a check of whether the plan still holds
+        for the layer (it is remade when not): the same adapters (``generation``); for "rows" also the same
+        parameter objects and scales (the kernel reads the parameters' data when it runs, so in-place
+        writes, ``.data =`` and ``.to()`` need no new plan); for "bmm", whose factors were copied, the
+        same factors and scales (:func:`_unchanged`).
 
         Measured alternatives that lost everywhere on 2 CPU threads (SmolLM2 decode B=64 with 4 or 64
         adapters, B=16/16; MiniLM prefill 32x128 with 4 or 16): one GEMM per adapter group (0.17-0.82x
         of a merged model vs bmm's 0.87-0.94x) and two GEMMs over the used adapters' concatenated
         factors with a per-row block mask (0.57-0.90x)."""
         rows = self.rows(layer, x, layer.kind.batch_dim(layer.base_layer, x))
+        if (layer.kind.mixed == "matmul" and not extra_args and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and x.is_floating_point() and rowlora.available()):
+            table = _kernel_table(layer)
+            if table.fits(x):
+                slots, used, uniform = self._kernel_slots(table, rows)
+                dropout = layer.training and any(layer.dropout[table.names[i]] > 0 for i in used)
+                if not (uniform or dropout):
+                    return "rows", (slots, *table.select(used), table.fresh), table.current
         names = [a if a in layer.lora_A else None for a in rows]
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
-            return "plain", tuple(distinct), layer.generation, None
+            return "plain", tuple(distinct), _same_adapters(layer)
         fast = layer.kind.mixed is not None and not extra_args
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
         if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct)):
-            return "group", names, layer.generation, None
-        if layer.kind.mixed == "matmul" and _kernel_fits(layer, x, distinct):
-            used = sorted(distinct)
-            slot = {n: i for i, n in enumerate(used)}
-            slots = torch.tensor([slot[n] if n else -1 for n in names])
-            return ("rows", (slots, [layer.lora_A[n] for n in used], [layer.lora_B[n] for n in used],
-                             [layer.scale[n] for n in used], layer.kind.owns_output(layer.base_layer)),
-                    layer.generation, _stamp(layer, distinct))
-        return ("bmm", (*_gather(layer, names), layer.kind.owns_output(layer.base_layer)), layer.generation,
-                _stamp(layer, distinct))
+            return "group", names, _same_adapters(layer)
+        generation, stamp = layer.generation, _stamp(layer, distinct)
+        return ("bmm", (*_gather(layer, names), layer.kind.owns_output(layer.base_layer)),
+                lambda now: now.generation == generation and _unchanged(now, stamp))
+
+    def _kernel_slots(self, table: _KernelTable, rows: tuple[str | None, ...]) -> tuple[Tensor, tuple[int, ...], bool]:
+        """The kernel's slot per row (-1: no adapter in this layer) into the adapters the rows use, their
+        indices in ``table``, and whether all rows have the same one (or none); computed once per routing for
+        all layers that have the same adapters."""
+        key = (table.names, len(rows))
+        cached = self._slots.get(key)
+        if cached is None:
+            where = [table.index.get(a, -1) for a in rows]
+            used = tuple(sorted({i for i in where if i >= 0}))
+            local = {i: j for j, i in enumerate(used)}
+            slots = torch.tensor([local.get(i, -1) for i in where], dtype=torch.long)
+            cached = self._slots[key] = slots, used, len(set(where)) == 1
+        return cached
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""
@@ -205,18 +231,61 @@ class Routing:
         return _groups(self.label(wrapper), names, x, lambda n, rows: module(n)(rows, *args, **kwargs))
 
 
-def _kernel_fits(layer: LoraLayer, x: Tensor, names) -> bool:
-    """Whether :mod:`lorakit.rowlora`'s op can run this layer's rows: gradients off, CPU, floating
-    tensors, 2-D contiguous factors that fit x (checked again in C++), and the op built."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or not x.is_floating_point():
-        return False
-    for n in names:
-        a, b = layer.lora_A[n], layer.lora_B[n]
-        if not (a.dim() == b.dim() == 2 and a.shape[1] == x.shape[-1] and b.shape[1] == a.shape[0]
-                and a.is_contiguous() and b.is_contiguous() and a.device.type == b.device.type == "cpu"
-                and a.is_floating_point() and b.is_floating_point()):
-            return False
-    return rowlora.available()
+class _KernelTable:
+    """A layer's adapters as :mod:`lorakit.rowlora`'s op reads them: names in the order of the layer's
+    ParameterDict (``index``), the factor parameters and scales in that order, and whether the op can read
+    them (2-D contiguous floating CPU factors whose shapes fit the layer). Cached on the layer
+    (:func:`_kernel_table`) while :meth:`current`, so planning a new routing costs a few dict lookups per
+    layer instead of reading every adapter's parameters. The op reads the parameters' data when it runs
+    (and checks their shapes, layout and device again), so their values need no stamp."""
+
+    __slots__ = ("generation", "names", "index", "a", "b", "scale", "scales", "order_a", "order_b", "readable",
+                 "in_features", "fresh")
+
+    def __init__(self, layer: LoraLayer) -> None:
+        self.generation = layer.generation
+        self.order_a = tuple(layer.lora_A._parameters.values())  # ParameterDict keeps its entries there
+        self.order_b = tuple(layer.lora_B._parameters.values())
+        self.names = tuple(layer.lora_A._parameters)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.a = list(self.order_a)
+        self.b = [layer.lora_B[n] for n in self.names]
+        self.scales = dict(layer.scale)
+        self.scale = [float(layer.scale[n]) for n in self.names]
+        self.readable = all(a.dim() == b.dim() == 2 and b.shape[1] == a.shape[0] and a.shape[1] == self.a[0].shape[1]
+                            and b.shape[0] == self.b[0].shape[0] and a.is_contiguous() and b.is_contiguous()
+                            and a.device.type == b.device.type == "cpu" and a.is_floating_point()
+                            and b.is_floating_point() for a, b in zip(self.a, self.b))
+        self.in_features = self.a[0].shape[-1] if self.a else -1
+        self.fresh = layer.kind.owns_output(layer.base_layer)
+
+    def current(self, layer: LoraLayer) -> bool:
+        """Whether the layer still has these adapters, parameter objects and scales (~2 µs for 64 adapters)."""
+        return (layer.generation == self.generation and layer.scale == self.scales
+                and all(map(operator.is_, self.order_a, layer.lora_A._parameters.values()))
+                and all(map(operator.is_, self.order_b, layer.lora_B._parameters.values())))
+
+    def fits(self, x: Tensor) -> bool:
+        return self.readable and x.shape[-1] == self.in_features
+
+    def select(self, used: tuple[int, ...]) -> tuple[list[Tensor], list[Tensor], list[float]]:
+        """The op's factor and scale lists for the adapters at ``used``."""
+        if len(used) == len(self.names):
+            return self.a, self.b, self.scale
+        return [self.a[i] for i in used], [self.b[i] for i in used], [self.scale[i] for i in used]
+
+
+def _kernel_table(layer: LoraLayer) -> _KernelTable:
+    """The layer's :class:`_KernelTable`, rebuilt when it is no longer :meth:`~_KernelTable.current`."""
+    table = layer.__dict__.get("_kernel_table")
+    if table is None or not table.current(layer):
+        table = layer.__dict__["_kernel_table"] = _KernelTable(layer)  # a plain cache, not in state_dict
+    return table
+
+
+def _same_adapters(layer: LoraLayer) -> Callable[[LoraLayer], bool]:
+    generation = layer.generation
+    return lambda now: now.generation == generation
 
 
 def _kernel_forward(layer: LoraLayer, x: Tensor, data: tuple) -> Tensor:
@@ -230,7 +299,7 @@ def _kernel_forward(layer: LoraLayer, x: Tensor, data: tuple) -> Tensor:
     x3 = x.reshape(rows, -1, x.shape[-1])
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    rowlora.add_rows_(result.view(rows, -1, result.shape[-1]), x3, a, b, scale, slots)
+    rowlora.add_rows_unchecked_(result.view(rows, -1, result.shape[-1]), x3, a, b, scale, slots)
     return result
 
 
@@ -238,20 +307,25 @@ _VERSION = operator.attrgetter("_version")
 
 
 def _stamp(layer: LoraLayer, names) -> tuple:
-    """What the factors of ``names`` are now: the tensors (their storage kept alive, so that no other
-    tensor can get the same data pointer while compared), their versions and data pointers, and the
-    layer's scales (a copy). Dtype, device and shape cannot change without a new data pointer."""
-    params = tuple(p for n in sorted(names) for p in (layer.lora_A[n], layer.lora_B[n]))
+    """What the factors of ``names`` are now, for the copies the plain PyTorch path makes (bank, gathered
+    factors): the layer's names (to look its parameters up again), the parameter objects with their
+    storage kept alive (so that no other tensor can get the same data pointer while compared), their
+    versions, data pointers and layouts (a ``.data =`` view keeps the pointer), and the scales (a copy)."""
+    names = sorted(names)
+    params = tuple(p for n in names for p in (layer.lora_A[n], layer.lora_B[n]))
     kept = tuple(p.detach() for p in params)
-    return params, kept, list(map(_VERSION, params)), list(map(Tensor.data_ptr, params)), dict(layer.scale)
+    return (names, params, kept, list(map(_VERSION, params)), list(map(Tensor.data_ptr, params)),
+            [(p.shape, p.stride()) for p in params], dict(layer.scale))
 
 
 def _unchanged(layer: LoraLayer, stamp: tuple) -> bool:
-    """Whether the factors are still those of ``stamp``: two ints per factor (~16 µs for 64 adapters'
-    128 factors on this machine; ~3 ms, ~1 %, of a 274 ms SmolLM2 decode step at B=64), one dict compare."""
-    params, _, versions, pointers, scale = stamp
-    return (list(map(_VERSION, params)) == versions and list(map(Tensor.data_ptr, params)) == pointers
-            and layer.scale == scale)
+    """Whether the factors are still those of ``stamp``: the same parameter objects in the layer, with the
+    same version, data pointer and layout each (~30 µs for 64 adapters' 128 factors), and the same scales."""
+    names, params, _, versions, pointers, layouts, scale = stamp
+    a, b = layer.lora_A._parameters, layer.lora_B._parameters  # ParameterDict keeps its entries there
+    return (all(map(operator.is_, params, [p for n in names for p in (a.get(n), b.get(n))]))
+            and list(map(_VERSION, params)) == versions and list(map(Tensor.data_ptr, params)) == pointers
+            and [(p.shape, p.stride()) for p in params] == layouts and layer.scale == scale)
 
 
 def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:

@@ -100,6 +100,7 @@ class LoraLayer(nn.Module):
         self.active = tuple(n for n in self.active if n != name)
         self.generation += 1
         self.__dict__.pop("_bank", None)  # free the removed factors' copy now
+        self.__dict__.pop("_kernel_table", None)  # and lorakit.mixed's references to them
 
     def adapters(self) -> list[str]:
         return list(self.lora_A)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .config import LoraError
 
-__all__ = ["available", "use", "add_rows_", "build"]
+__all__ = ["available", "use", "add_rows_", "add_rows_unchecked_", "build"]
 
 _SOURCE = Path(__file__).with_name("rowlora.cpp")
 _LOCK = threading.Lock()
@@ -124,3 +124,10 @@ def add_rows_(y: Tensor, x: Tensor, a: Sequence[Tensor], b: Sequence[Tensor], sc
         raise LoraError("lorakit's per-row LoRA kernel has no backward; run it under torch.no_grad() / "
                         "inference_mode (lorakit.mixed takes the differentiable path when gradients are on)")
     torch.ops.lorakit.rowlora_(y, x, list(a), list(b), [float(s) for s in scale], slots)
+
+
+def add_rows_unchecked_(y: Tensor, x: Tensor, a: list[Tensor], b: list[Tensor], scale: list[float],
+                        slots: Tensor) -> None:
+    """:func:`add_rows_` for a caller that made its checks already (gradients off, lists of factors and
+    float scales prepared): :mod:`lorakit.batching`'s plans, which run once per layer per decode step."""
+    torch.ops.lorakit.rowlora_(y, x, a, b, scale, slots)

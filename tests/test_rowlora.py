@@ -52,6 +52,69 @@ def test_op_equals_the_float64_formula(xd, wd, yd):
     assert torch.equal(y[1], y0[1]) and torch.equal(y[5], y0[5])
 
 
+@pytest.mark.parametrize("ids_dtype", [torch.long, torch.int])
+@pytest.mark.parametrize("wd,yd", [(F32, F32), (BF16, BF16), (F32, BF16), (F64, F64), (F16, F32)])
+def test_lookup_op_equals_the_float64_formula(wd, yd, ids_dtype):
+    """Embeddings: A[s] (r, num) is looked up by column, y += s·B[s]·A[s][:, id]; a strided ids tensor,
+    rows with no adapter untouched."""
+    g = torch.Generator().manual_seed(0)
+    R, T, num, d = 6, 4, 23, 19
+    ranks, scale = (2, 8, 3), [0.5, 2.0, 1.25]
+    a = [torch.randn(r, num, generator=g).to(wd) for r in ranks]
+    b = [torch.randn(d, r, generator=g).to(wd) for r in ranks]
+    slots = torch.tensor([1, -1, 0, 2, 2, 0])
+    ids = torch.randint(0, num, (R, 2 * T), generator=g).to(ids_dtype)[:, ::2]  # stride 2
+    y = torch.randn(R, T, d, generator=g).to(yd)
+    y0 = y.clone()
+    with torch.no_grad():
+        rowlora.add_rows_(y, ids, a, b, scale, slots, lookup=True)
+    ref = y0.double().clone()
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            ref[i] += scale[s] * (a[s].double().t()[ids[i].long()] @ b[s].double().t())
+    acc = 2.0 ** -52 if F64 in (wd, yd) else 2.0 ** -23
+    bound = ROUND[yd] * ref.abs() + 64 * acc * (ref.abs().max() + 1)
+    assert ((y.double() - ref).abs() <= bound).all(), (y.double() - ref).abs().max()
+    assert torch.equal(y[1], y0[1])
+    with pytest.raises(RuntimeError, match=r"id 23 is outside \[0, 23\)"), torch.no_grad():
+        rowlora.add_rows_(y, torch.full((R, T), num), a, b, scale, slots, lookup=True)
+
+
+class _GemmaLikeEmbedding(nn.Embedding):
+    """An embedding that scales its lookup (as Gemma's): embed_scale rounded to the weight's dtype."""
+
+    def __init__(self, num, dim):
+        super().__init__(num, dim)
+        self.register_buffer("embed_scale", torch.tensor(dim ** 0.5), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, BF16])
+@pytest.mark.parametrize("cls", [nn.Embedding, _GemmaLikeEmbedding])
+def test_embeddings_run_the_kernel_and_each_row_equals_that_row_alone(monkeypatch, dtype, cls):
+    torch.manual_seed(0)
+    net = nn.Sequential(cls(30, 12), nn.Linear(12, 6)).to(dtype)
+    lorakit.inject(net, LoraConfig(r=2, targets=["0", "1"]), adapter="a")
+    lorakit.inject(net, LoraConfig(r=8, targets=["0"]), adapter="b")
+    _randomise(net, 0, std=0.3)
+    count = _Count(monkeypatch)
+    rows = ["a", None, "b", "a"]
+    g = torch.Generator().manual_seed(1)
+    for ids in (torch.randint(0, 30, (4, 5), generator=g), torch.randint(0, 30, (4,), generator=g)):
+        count.calls = 0
+        with torch.no_grad():
+            with lorakit.mixed(net, rows):
+                y = net(ids)
+            assert count.calls == 2  # the embedding and the Linear
+            tol = {F64: 1e-12, F32: 1e-5, BF16: 3e-2}[dtype]
+            for i, name in enumerate(rows):
+                ref = _alone(net, ids[i:i + 1], name)[0]
+                torch.testing.assert_close(y[i], ref, atol=tol * max(ref.abs().max().item(), 1.0), rtol=0)
+    assert not any("_bank" in layer.__dict__ for _, layer in lorakit.lora_layers(net))  # no copy of the factors
+
+
 def test_op_refuses_bad_slots_shapes_and_gradients():
     a, b = [torch.randn(2, 4)], [torch.randn(3, 2)]
     x, y = torch.randn(2, 1, 4), torch.zeros(2, 1, 3)
@@ -89,9 +152,9 @@ class _Count:
     def __init__(self, monkeypatch):
         self.calls, op = 0, rowlora.add_rows_unchecked_
 
-        def counted(*args):
+        def counted(*args, **kwargs):
             self.calls += 1
-            return op(*args)
+            return op(*args, **kwargs)
         monkeypatch.setattr(rowlora, "add_rows_unchecked_", counted)
 
 

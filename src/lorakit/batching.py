@@ -11,11 +11,13 @@ graph while any ``mixed`` block is open in the process and runs routed in eager 
 eager speed (see :data:`MIXED_OPEN`); outside such blocks compiled models have no graph breaks.
 
 Kernel: inside a routing each layer decides once per input shape how to run (a plan, cached for
-the routing, so every decode step of ``generate`` reuses it). Linear / Conv1D layers on CPU with
-gradients off use :mod:`lorakit.rowlora`: one C++ op reads each row's factors from the adapters' own
-parameters by a per-row slot index and adds the update into the base output; nothing the size of
-the rows' factors is allocated and no second copy of the factors is kept. Otherwise (the kernel not
-built, ``rowlora.use(False)``, gradients on, another device, embeddings) the plain PyTorch path
+the routing, so every decode step of ``generate`` reuses it; what a plan needs of a layer's adapters
+is cached on the layer across routings, so planning a new one costs a few dict lookups per layer).
+Linear / Conv1D / Embedding layers on CPU with gradients off use :mod:`lorakit.rowlora`: one C++ op
+reads each row's factors from the adapters' own parameters by a per-row slot index and adds the
+update into the base output; nothing the size of the rows' factors is allocated and no second copy
+of the factors is kept. Otherwise (the kernel not built, ``rowlora.use(False)``, gradients on,
+another device) the plain PyTorch path
 runs: a per-layer bank of the adapters' factors (A as [slot, r_max, in] — for embeddings
 [slot, num, r_max] — and B·s as [slot, r_max, out], ranks zero-padded, slot 0 all zeros, rebuilt
 only when an adapter changes: see Staleness), from which the rows' factors are gathered (two
@@ -182,8 +184,8 @@ class Routing:
         of a merged model vs bmm's 0.87-0.94x) and two GEMMs over the used adapters' concatenated
         factors with a per-row block mask (0.57-0.90x)."""
         rows = self.rows(layer, x, layer.kind.batch_dim(layer.base_layer, x))
-        if (layer.kind.mixed == "matmul" and not extra_args and not torch.is_grad_enabled()
-                and x.device.type == "cpu" and x.is_floating_point() and rowlora.available()):
+        if (layer.kind.mixed is not None and not extra_args and not torch.is_grad_enabled()
+                and x.device.type == "cpu" and rowlora.available()):
             table = _kernel_table(layer)
             if table.fits(x):
                 slots, used, uniform = self._kernel_slots(table, rows)
@@ -240,7 +242,7 @@ class _KernelTable:
     (and checks their shapes, layout and device again), so their values need no stamp."""
 
     __slots__ = ("generation", "names", "index", "a", "b", "scale", "scales", "order_a", "order_b", "readable",
-                 "in_features", "fresh")
+                 "in_features", "fresh", "lookup")
 
     def __init__(self, layer: LoraLayer) -> None:
         self.generation = layer.generation
@@ -258,6 +260,7 @@ class _KernelTable:
                             and b.is_floating_point() for a, b in zip(self.a, self.b))
         self.in_features = self.a[0].shape[-1] if self.a else -1
         self.fresh = layer.kind.owns_output(layer.base_layer)
+        self.lookup = layer.kind.mixed == "lookup"  # embeddings: x are ids, A is (r, num)
 
     def current(self, layer: LoraLayer) -> bool:
         """Whether the layer still has these adapters, parameter objects and scales (~2 µs for 64 adapters)."""
@@ -266,7 +269,9 @@ class _KernelTable:
                 and all(map(operator.is_, self.order_b, layer.lora_B._parameters.values())))
 
     def fits(self, x: Tensor) -> bool:
-        return self.readable and x.shape[-1] == self.in_features
+        if self.lookup:
+            return self.readable and x.dtype in (torch.long, torch.int)
+        return self.readable and x.is_floating_point() and x.shape[-1] == self.in_features
 
     def select(self, used: tuple[int, ...]) -> tuple[list[Tensor], list[Tensor], list[float]]:
         """The op's factor and scale lists for the adapters at ``used``."""
@@ -296,10 +301,17 @@ def _kernel_forward(layer: LoraLayer, x: Tensor, data: tuple) -> Tensor:
     if not (fresh and result.is_contiguous()):
         result = result.clone(memory_format=torch.contiguous_format)
     rows = x.shape[0]
+    y = result.view(rows, -1, result.shape[-1])
+    if layer.kind.mixed == "lookup":  # token ids; a scaled embedding (Gemma's) scales the update as its lookup
+        if getattr(layer.base_layer, "embed_scale", None) is not None:
+            factor = float(embed_scaled(layer.base_layer, torch.ones((), dtype=torch.float64)))
+            scale = [s * factor for s in scale]
+        rowlora.add_rows_unchecked_(y, x.reshape(rows, -1), a, b, scale, slots, lookup=True)
+        return result
     x3 = x.reshape(rows, -1, x.shape[-1])
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    rowlora.add_rows_unchecked_(result.view(rows, -1, result.shape[-1]), x3, a, b, scale, slots)
+    rowlora.add_rows_unchecked_(y, x3, a, b, scale, slots)
     return result
 
 

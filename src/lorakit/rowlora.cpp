@@ -7,6 +7,9 @@
 // have an adapter, ordered by slot, split over ATen's threads: a thread reads a slot's factors once
 // for its run of tokens with that slot. Products are accumulated in float (double if any operand is
 // double) and added into y, rounded once. Nothing the size of the batch's factors is allocated.
+//
+// lorakit::rowlora_lookup_ — the same for embeddings: x are token ids (R, T) and A[s] is (r_s, num),
+// so A[s] @ one-hot(id) is A[s]'s column id:   y[i, t] += scale[s] * B[s] @ A[s][:, ids[i, t]]
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -103,10 +106,18 @@ inline const char* at_bytes(const Tensor& t, int64_t offset) {
   return static_cast<const char*>(t.const_data_ptr()) + offset * t.element_size();
 }
 
+// x[offset] of an integer tensor (token ids).
+inline int64_t id_at(const Tensor& x, int64_t offset) {
+  return x.scalar_type() == ScalarType::Long ? x.const_data_ptr<int64_t>()[offset]
+                                             : static_cast<int64_t>(x.const_data_ptr<int32_t>()[offset]);
+}
+
+// lookup: x holds ids (R, T) and A[s] is (r, num): h = A[s][:, id], read element by element (no copy of A).
 template <typename acc_t>
 void run(Tensor& y, const Tensor& x, const std::vector<Tensor>& a, const std::vector<Tensor>& b,
-         const std::vector<double>& scale, const std::vector<int64_t>& slot, const std::vector<int64_t>& order) {
-  const int64_t T = x.size(1), k = x.size(2), d = y.size(2);
+         const std::vector<double>& scale, const std::vector<int64_t>& slot, const std::vector<int64_t>& order,
+         bool lookup) {
+  const int64_t T = x.size(1), k = lookup ? 1 : x.size(2), d = y.size(2);
   const int64_t items = static_cast<int64_t>(order.size()) * T;
   int64_t r_max = 1;
   for (const auto& f : a) r_max = std::max(r_max, f.size(0));
@@ -124,7 +135,9 @@ void run(Tensor& y, const Tensor& x, const std::vector<Tensor>& a, const std::ve
       const int64_t row = order[w / T], t = w % T, s = slot[row];
       if (s != current) {  // this thread's run of tokens with slot s starts: its factors as acc_t
         r = a[s].size(0);
-        if (a[s].scalar_type() == acc) {
+        if (lookup) {
+          A = nullptr;  // read per token
+        } else if (a[s].scalar_type() == acc) {
           A = static_cast<const acc_t*>(a[s].const_data_ptr());
         } else {
           load(a[s].const_data_ptr(), a[s].scalar_type(), abuf.data(), r * k);
@@ -138,15 +151,24 @@ void run(Tensor& y, const Tensor& x, const std::vector<Tensor>& a, const std::ve
         }
         current = s;
       }
-      const acc_t* xv;
       const int64_t xoff = row * x.stride(0) + t * x.stride(1);
+      const acc_t sc = static_cast<acc_t>(scale[s]);
+      if (lookup) {
+        const int64_t id = id_at(x, xoff), num = a[s].size(1);
+        TORCH_CHECK(id >= 0 && id < num, "lorakit::rowlora_lookup_: id ", id, " is outside [0, ", num, ")");
+        load(at_bytes(a[s], id), a[s].scalar_type(), h.data(), r, num);
+        for (int64_t j = 0; j < r; ++j) h[j] *= sc;
+        expand(B, h.data(), sum.data(), d, r);
+        add_into(ybase + (row * y.stride(0) + t * y.stride(1)) * y.element_size(), yt, sum.data(), d);
+        continue;
+      }
+      const acc_t* xv;
       if (xt == acc) {
         xv = static_cast<const acc_t*>(x.const_data_ptr()) + xoff;
       } else {
         load(at_bytes(x, xoff), xt, xbuf.data(), k);
         xv = xbuf.data();
       }
-      const acc_t sc = static_cast<acc_t>(scale[s]);
       for (int64_t j = 0; j < r; ++j) h[j] = sc * dot(A + j * k, xv, k);
       expand(B, h.data(), sum.data(), d, r);
       add_into(ybase + (row * y.stride(0) + t * y.stride(1)) * y.element_size(), yt, sum.data(), d);
@@ -159,36 +181,44 @@ bool floating(const Tensor& t) {
   return st == ScalarType::Float || st == ScalarType::Double || st == ScalarType::BFloat16 || st == ScalarType::Half;
 }
 
-void rowlora_(Tensor y, const Tensor& x, at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
-              const Tensor& slots) {
+// The checks and the dispatch shared by both ops; lookup: x are ids and A[s] is (r_s, num).
+void rows_(Tensor& y, const Tensor& x, at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
+           const Tensor& slots, bool lookup) {
+  const char* op = lookup ? "lorakit::rowlora_lookup_: " : "lorakit::rowlora_: ";
   const int64_t n = static_cast<int64_t>(a.size());
-  TORCH_CHECK(x.dim() == 3 && y.dim() == 3, "lorakit::rowlora_: x and y must be (rows, tokens, features)");
-  TORCH_CHECK(x.size(0) == y.size(0) && x.size(1) == y.size(1), "lorakit::rowlora_: x ", x.sizes(),
-              " and y ", y.sizes(), " differ in rows or tokens");
-  TORCH_CHECK(x.stride(2) == 1 && y.stride(2) == 1, "lorakit::rowlora_: x and y need a unit last stride");
-  TORCH_CHECK(floating(x) && floating(y), "lorakit::rowlora_: x and y must be floating point");
-  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && slots.device().is_cpu(), "lorakit::rowlora_: CPU only");
-  TORCH_CHECK(static_cast<int64_t>(b.size()) == n && static_cast<int64_t>(scale.size()) == n,
-              "lorakit::rowlora_: a, b and scale must have one entry per adapter");
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == x.size(0) && slots.scalar_type() == ScalarType::Long,
-              "lorakit::rowlora_: slots must be int64, one per row");
-  bool wide = x.scalar_type() == ScalarType::Double || y.scalar_type() == ScalarType::Double;
+  if (lookup) {
+    TORCH_CHECK(x.dim() == 2 && y.dim() == 3, op, "ids must be (rows, tokens) and y (rows, tokens, features)");
+    TORCH_CHECK(x.scalar_type() == ScalarType::Long || x.scalar_type() == ScalarType::Int, op,
+                "ids must be int64 or int32");
+    TORCH_CHECK(floating(y) && y.stride(2) == 1, op, "y must be floating point with a unit last stride");
+  } else {
+    TORCH_CHECK(x.dim() == 3 && y.dim() == 3, op, "x and y must be (rows, tokens, features)");
+    TORCH_CHECK(x.stride(2) == 1 && y.stride(2) == 1, op, "x and y need a unit last stride");
+    TORCH_CHECK(floating(x) && floating(y), op, "x and y must be floating point");
+  }
+  TORCH_CHECK(x.size(0) == y.size(0) && x.size(1) == y.size(1), op, "x ", x.sizes(), " and y ", y.sizes(),
+              " differ in rows or tokens");
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && slots.device().is_cpu(), op, "CPU only");
+  TORCH_CHECK(static_cast<int64_t>(b.size()) == n && static_cast<int64_t>(scale.size()) == n, op,
+              "a, b and scale must have one entry per adapter");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == x.size(0) && slots.scalar_type() == ScalarType::Long, op,
+              "slots must be int64, one per row");
+  bool wide = (!lookup && x.scalar_type() == ScalarType::Double) || y.scalar_type() == ScalarType::Double;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(a[i].dim() == 2 && b[i].dim() == 2 && a[i].size(1) == x.size(2) && b[i].size(0) == y.size(2) &&
-                    b[i].size(1) == a[i].size(0),
-                "lorakit::rowlora_: adapter ", i, ": A ", a[i].sizes(), " and B ", b[i].sizes(),
-                " do not fit x ", x.sizes(), " and y ", y.sizes());
+    TORCH_CHECK(a[i].dim() == 2 && b[i].dim() == 2 && (lookup || a[i].size(1) == x.size(2)) &&
+                    b[i].size(0) == y.size(2) && b[i].size(1) == a[i].size(0),
+                op, "adapter ", i, ": A ", a[i].sizes(), " and B ", b[i].sizes(), " do not fit x ", x.sizes(),
+                " and y ", y.sizes());
     TORCH_CHECK(a[i].is_contiguous() && b[i].is_contiguous() && floating(a[i]) && floating(b[i]) &&
                     a[i].device().is_cpu() && b[i].device().is_cpu(),
-                "lorakit::rowlora_: adapter ", i, ": factors must be contiguous floating CPU tensors");
+                op, "adapter ", i, ": factors must be contiguous floating CPU tensors");
     wide = wide || a[i].scalar_type() == ScalarType::Double || b[i].scalar_type() == ScalarType::Double;
   }
   const Tensor s = slots.contiguous();
   std::vector<int64_t> slot(s.const_data_ptr<int64_t>(), s.const_data_ptr<int64_t>() + s.numel());
   std::vector<int64_t> order;
   for (int64_t i = 0; i < static_cast<int64_t>(slot.size()); ++i) {
-    TORCH_CHECK(slot[i] >= -1 && slot[i] < n, "lorakit::rowlora_: slot ", slot[i], " of row ", i,
-                " is outside [-1, ", n, ")");
+    TORCH_CHECK(slot[i] >= -1 && slot[i] < n, op, "slot ", slot[i], " of row ", i, " is outside [-1, ", n, ")");
     if (slot[i] >= 0) order.push_back(i);
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return slot[p] < slot[q]; });
@@ -196,15 +226,29 @@ void rowlora_(Tensor y, const Tensor& x, at::TensorList a, at::TensorList b, at:
   const std::vector<Tensor> av(a.begin(), a.end()), bv(b.begin(), b.end());
   const std::vector<double> sv(scale.begin(), scale.end());
   if (wide)
-    run<double>(y, x, av, bv, sv, slot, order);
+    run<double>(y, x, av, bv, sv, slot, order, lookup);
   else
-    run<float>(y, x, av, bv, sv, slot, order);
+    run<float>(y, x, av, bv, sv, slot, order, lookup);
+}
+
+void rowlora_(Tensor y, const Tensor& x, at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
+              const Tensor& slots) {
+  rows_(y, x, a, b, scale, slots, false);
+}
+
+void rowlora_lookup_(Tensor y, const Tensor& ids, at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
+                     const Tensor& slots) {
+  rows_(y, ids, a, b, scale, slots, true);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(lorakit, m) {
   m.def("rowlora_(Tensor(a!) y, Tensor x, Tensor[] a, Tensor[] b, float[] scale, Tensor slots) -> ()");
+  m.def("rowlora_lookup_(Tensor(a!) y, Tensor ids, Tensor[] a, Tensor[] b, float[] scale, Tensor slots) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(lorakit, CPU, m) { m.impl("rowlora_", &rowlora_); }
+TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
+  m.impl("rowlora_", &rowlora_);
+  m.impl("rowlora_lookup_", &rowlora_lookup_);
+}

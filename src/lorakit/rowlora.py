@@ -2,6 +2,8 @@
 
     y[i] += s[slot[i]] · B[slot[i]] · (A[slot[i]] · x[i])      for every token of row i (slot -1: nothing)
 
+and ``torch.ops.lorakit.rowlora_lookup_`` for embeddings (x are token ids, A[s]·x is A[s]'s column).
+
 It reads each row's factors from the adapters' own parameters, by index (the list of the adapters
 the batch uses and one slot per row), so a mixed batch allocates nothing the size of its factors:
 no per-row copies and no stacked bank. The op is C++ (``rowlora.cpp``, ATen threads over the
@@ -114,20 +116,22 @@ def build(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def add_rows_(y: Tensor, x: Tensor, a: Sequence[Tensor], b: Sequence[Tensor], scale: Sequence[float],
-              slots: Tensor) -> None:
+              slots: Tensor, lookup: bool = False) -> None:
     """``y[i, t] += scale[s]·B[s]·(A[s]·x[i, t])`` with ``s = slots[i]`` (-1: row i unchanged), in place.
 
     x (R, T, k) and y (R, T, d) with a unit last stride; A[s] (r_s, k), B[s] (d, r_s) contiguous;
-    any floating dtypes (accumulated in float, or double if any is double; y rounded once). Needs
-    :func:`available`; refuses tensors that require gradients while gradients are on."""
+    any floating dtypes (accumulated in float, or double if any is double; y rounded once).
+    ``lookup``: embeddings, x are token ids (R, T) (int64 or int32) and A[s] is (r_s, num), so the
+    update is ``scale[s]·B[s]·A[s][:, x[i, t]]``. Needs :func:`available`; refuses tensors that
+    require gradients while gradients are on."""
     if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or any(t.requires_grad for t in (*a, *b))):
         raise LoraError("lorakit's per-row LoRA kernel has no backward; run it under torch.no_grad() / "
                         "inference_mode (lorakit.mixed takes the differentiable path when gradients are on)")
-    torch.ops.lorakit.rowlora_(y, x, list(a), list(b), [float(s) for s in scale], slots)
+    add_rows_unchecked_(y, x, list(a), list(b), [float(s) for s in scale], slots, lookup)
 
 
 def add_rows_unchecked_(y: Tensor, x: Tensor, a: list[Tensor], b: list[Tensor], scale: list[float],
-                        slots: Tensor) -> None:
+                        slots: Tensor, lookup: bool = False) -> None:
     """:func:`add_rows_` for a caller that made its checks already (gradients off, lists of factors and
     float scales prepared): :mod:`lorakit.batching`'s plans, which run once per layer per decode step."""
-    torch.ops.lorakit.rowlora_(y, x, a, b, scale, slots)
+    (torch.ops.lorakit.rowlora_lookup_ if lookup else torch.ops.lorakit.rowlora_)(y, x, a, b, scale, slots)

@@ -1,15 +1,15 @@
 """Serving under traffic: requests arrive as a Poisson process; lorakit's continuous batching vs one
 request at a time vs a merged adapter swapped per request.
 
-    python bench/serve_traffic.py            # N = 8 and 64 adapters, 4 rates, 40 s traces (~15 min, 2 cores)
+    python bench/serve_traffic.py            # N = 8 and 64, rates 0.25-4/s, 25 s traces (~15 min, 2 cores)
     python bench/serve_traffic.py --quick    # N = 8, rates 1 and 3, 8 s traces: a smoke run (< 2 min)
 
 SmolLM2-135M fp32, N random all-linear r=8 adapters (seeded, saved once), greedy, ``--threads``
 torch threads for the server (and the in-process baseline). One fixed, seeded trace per (rate, N):
-exponential gaps at ``rate`` requests/s for ``--duration`` seconds (at most ``--max-requests``),
-the adapter uniform over the N, a prompt of 8-200 tokens (log-uniform; a slice of a fixed text,
-sent as token ids) and ``max_tokens`` uniform in 4-48 (EOS may end one earlier). The same trace is
-replayed against each variant:
+exponential gaps at ``rate`` requests/s for ``--duration`` seconds (at most ``--max-requests``; the
+same requests at every rate, only closer together), the adapter uniform over the N, a prompt of
+8-200 tokens (log-uniform; a slice of a fixed text, sent as token ids) and ``max_tokens`` uniform in
+4-48 (EOS may end one earlier). The same trace is replayed against each variant:
 
 * **batched**: ``lorakit serve --max-batch 32`` (a subprocess on 127.0.0.1), continuous batching;
 * **one at a time**: the same server with ``--max-batch 1``;
@@ -85,16 +85,19 @@ class Outcome:
 
 
 def make_trace(rate: float, n: int, duration: float, cap: int, seed: int, ids: list[int]) -> list[Job]:
-    """Poisson arrivals at ``rate``/s over ``duration`` s (at most ``cap``), seeded by (seed, rate, n)."""
-    rng = random.Random(f"{seed}:{rate}:{n}")
+    """Poisson arrivals at ``rate``/s over ``duration`` s (at most ``cap``). One seeded sequence per
+    (seed, n) of unit-rate gaps and request shapes, the gaps divided by ``rate``: every rate replays
+    the same requests in the same order, only closer together (a unit Poisson process scaled in time)."""
+    rng = random.Random(f"{seed}:{n}")
     jobs, t = [], 0.0
     while len(jobs) < cap:
-        t += rng.expovariate(rate)
-        if t > duration:
-            break
+        t += rng.expovariate(1.0)
         length = round(math.exp(rng.uniform(math.log(8), math.log(200))))
         start = rng.randrange(len(ids) - length)
-        jobs.append(Job(t, f"a{rng.randrange(n)}", ids[start:start + length], rng.randint(4, 48)))
+        job = Job(t / rate, f"a{rng.randrange(n)}", ids[start:start + length], rng.randint(4, 48))
+        if job.arrival > duration:
+            break
+        jobs.append(job)
     return jobs
 
 
@@ -360,26 +363,38 @@ def summary_sentence(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """TTFT p50/p95 and TPOT p50 vs offered load, one line per variant, one panel per N; a percentile
+    that fell on an unfinished request is an x at the top of its panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     ns = sorted({r["n"] for r in results["runs"]})
-    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 4.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 5), squeeze=False, sharey=True)
     colours = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")))
+    lines = (("ttft_p50_s", "o-", "TTFT p50"), ("ttft_p95_s", "s--", "TTFT p95"), ("tpot_p50_s", "^:", "TPOT p50"))
     for ax, n in zip(axes[0], ns):
-        for v in VARIANTS:
+        for j, v in enumerate(VARIANTS):
             runs = sorted((r for r in results["runs"] if r["n"] == n and r["variant"] == v), key=lambda r: r["rate"])
             rates = [r["rate"] for r in runs]
-            for key, style, label in (("ttft_p50_s", "o-", "TTFT p50"), ("ttft_p95_s", "s--", "TTFT p95"),
-                                      ("tpot_p50_s", "^:", "TPOT p50")):
-                ys = [r["median"][key] if math.isfinite(r["median"][key]) else math.nan for r in runs]
-                ax.plot(rates, ys, style, color=colours[v], label=f"{v}: {label}")
+            for k, (key, style, label) in enumerate(lines):
+                ys = [r["median"][key] for r in runs]
+                ax.plot(rates, [y if math.isfinite(y) else math.nan for y in ys], style, color=colours[v],
+                        label=f"{v}: {label}")
+                cut = [x for x, y in zip(rates, ys) if y == math.inf]
+                ax.plot(cut, [0.97 - 0.03 * (3 * j + k)] * len(cut), "x", color=colours[v], transform=ax.get_xaxis_transform())
         ax.set(xscale="log", yscale="log", xlabel="offered load (requests/s)", title=f"{n} adapters")
+        ax.set_xticks(sorted({r["rate"] for r in results["runs"]}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("seconds (unfinished percentiles not drawn)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("lorakit serve under Poisson traffic (SmolLM2-135M, CPU)")
-    fig.tight_layout()
+    low, high = axes[0][0].get_ylim()
+    axes[0][0].set_ylim(low, high * 10)  # room for the x marks above the data
+    axes[0][0].set_ylabel("seconds (x at the top: unfinished at the cut-off)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle("lorakit serve under Poisson traffic (SmolLM2-135M fp32, CPU)")
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -388,7 +403,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters", type=int, nargs="+", default=[8, 64], help="N values")
     p.add_argument("--rates", type=float, nargs="+", default=[0.25, 1.0, 2.0, 4.0], help="offered loads, req/s")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per trace")
+    p.add_argument("--duration", type=float, default=25.0, help="seconds of arrivals per trace")
     p.add_argument("--max-requests", type=int, default=150, help="at most this many requests per trace")
     p.add_argument("--grace", type=float, default=10.0, help="cut-off: seconds after the last arrival")
     p.add_argument("--rounds", type=int, default=1)

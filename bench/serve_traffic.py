@@ -15,7 +15,7 @@ same requests at every rate, only closer together), the adapter uniform over the
 * **one at a time**: the same server with ``--max-batch 1``;
 * **merged swap**: in-process, no HTTP (which favours it): a FIFO served one request at a time,
   each ``set_active`` -> ``merge`` -> ``generate`` -> ``unmerge``; a request starts no earlier
-  than its arrival.
+  than its arrival, and its TTFT includes its merge.
 
 Clients: one thread per request, started at its arrival time, streaming (SSE, stdlib http.client).
 TTFT = first token (first streamed chunk) - scheduled arrival; TPOT = (last token - first token) /
@@ -210,7 +210,7 @@ def replay_merged(model, tok, jobs: list[Job], grace: float) -> list[Outcome]:
 
     class Clock(BaseStreamer, StoppingCriteria):
         def __init__(self, out: Outcome):
-            self.out, self.calls, self.cut = out, 0, False
+            self.out, self.calls = out, 0
 
         def put(self, value):  # call 1: the prompt; then one call per new token
             self.calls += 1
@@ -222,9 +222,8 @@ def replay_merged(model, tok, jobs: list[Job], grace: float) -> list[Outcome]:
         def end(self):
             pass
 
-        def __call__(self, input_ids, scores, **kwargs):
-            self.cut = time.perf_counter() - t0 > deadline
-            return torch.full((input_ids.shape[0],), self.cut, dtype=torch.bool)
+        def __call__(self, input_ids, scores, **kwargs):  # stop at the cut-off
+            return torch.full((input_ids.shape[0],), time.perf_counter() - t0 > deadline, dtype=torch.bool)
 
     outcomes = [Outcome() for _ in jobs]
     with torch.no_grad():
@@ -248,7 +247,7 @@ def replay_merged(model, tok, jobs: list[Job], grace: float) -> list[Outcome]:
             new = new[:new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
             out.tokens = len(new)
             out.text = tok.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            out.done = not clock.cut
+            out.done = len(new) == job.max_tokens or tok.eos_token_id in new  # else the cut-off stopped it
             out.error = None if out.done else "cut off"
     return outcomes
 
@@ -434,7 +433,7 @@ def main() -> None:
         results["other_cores_busy"] = cpu_busy()
         results["machine"] = common.machine()
         log(f"load average {results['machine']['loadavg']}, {results['other_cores_busy']:.2f} cores busy before")
-        timeout = str(args.duration + args.grace + 120)  # the server's own timeout never fires before the cut-off
+        timeout = "86400"  # the server's own timeout must not end a request: the cut-off (or the check) decides
         for n in args.adapters:
             folder = root / f"n{n}"
             for i in range(n):
@@ -450,11 +449,14 @@ def main() -> None:
                     raise SystemExit(f"no arrival within --duration {args.duration:g} s at some rate of {args.rates}")
                 probe = [dataclasses.replace(j, arrival=0.0) for j in traces[max(args.rates)][:args.check]]
                 replay_merged(model, tok, probe[:2], 60)  # warm-up
-                texts = {"batched": [o.text for o in replay_http(ports["batched"], probe, 300)],
-                         "one at a time": [o.text for o in replay_http(ports["one at a time"], probe, 300)],
-                         "merged swap": [o.text for o in replay_merged(model, tok, probe, 300)]}
-                base = texts["one at a time"]
-                check = {v: sum(a == b for a, b in zip(texts[v], base)) for v in ("batched", "merged swap")}
+                outs = {"batched": replay_http(ports["batched"], probe, 600),
+                        "one at a time": replay_http(ports["one at a time"], probe, 600),
+                        "merged swap": replay_merged(model, tok, probe, 600)}
+                errors = sorted({f"{v}: {o.error}" for v, os_ in outs.items() for o in os_ if not o.done})
+                if errors:  # a text cut short is no evidence either way
+                    raise SystemExit(f"the output check did not complete within 600 s: {errors}")
+                base = [o.text for o in outs["one at a time"]]
+                check = {v: sum(o.text == b for o, b in zip(outs[v], base)) for v in ("batched", "merged swap")}
                 results["checks"].append({"n": n, "requests": len(probe), **check})
                 log(f"N={n}: outputs equal to one at a time: {check} of {len(probe)}")
                 for k, rate in enumerate(args.rates):

@@ -26,6 +26,11 @@ the server) and counted as unfinished; a percentile that falls on an unfinished 
 "cut". Variants run in a rotated order per rate and round; with ``--rounds`` > 1 the table shows
 medians over rounds. Before timing, the first ``--check`` requests of a trace go to all three
 variants (concurrently to the batched server, so they share batches): their greedy texts are compared.
+
+Run it on a quiet machine. With 2 torch threads on 2 cores, another busy process stalls every
+multi-row matmul at its thread barrier (seen here: one 576x1536 linear on 2 rows took 8 ms instead of
+0.1 ms while another job ran), which slows the batched server far more than the one-row variants;
+the .md records the load average and the cores other jobs kept busy just before the run.
 """
 
 from __future__ import annotations

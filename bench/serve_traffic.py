@@ -28,8 +28,8 @@ medians over rounds. Before timing, the first ``--check`` requests of a trace go
 variants (concurrently to the batched server, so they share batches): their greedy texts are compared.
 
 Run it on a quiet machine. With 2 torch threads on 2 cores, another busy process stalls every
-multi-row matmul at its thread barrier (seen here: one 576x1536 linear on 2 rows took 8 ms instead of
-0.1 ms while another job ran), which slows the batched server far more than the one-row variants;
+multi-row matmul at its thread barrier (seen here while another job ran: a 576->1536 linear took a
+median 8 ms on 2 rows, 0.08 ms on 1 row), which slows the batched server far more than the others;
 the .md records the load average and the cores other jobs kept busy just before the run.
 """
 

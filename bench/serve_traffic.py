@@ -386,7 +386,8 @@ def plot(results: dict, path: Path) -> None:
                 ax.plot(rates, [y if math.isfinite(y) else math.nan for y in ys], style, color=colours[v],
                         label=f"{v}: {label}")
                 cut = [x for x, y in zip(rates, ys) if y == math.inf]
-                ax.plot(cut, [0.97 - 0.03 * (3 * j + k)] * len(cut), "x", color=colours[v], transform=ax.get_xaxis_transform())
+                ax.plot(cut, [0.97 - 0.03 * (3 * j + k)] * len(cut), "x", color=colours[v],
+                        transform=ax.get_xaxis_transform())
         ax.set(xscale="log", yscale="log", xlabel="offered load (requests/s)", title=f"{n} adapters")
         ax.set_xticks(sorted({r["rate"] for r in results["runs"]}))
         ax.xaxis.set_major_formatter(ScalarFormatter())

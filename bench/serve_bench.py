@@ -61,14 +61,16 @@ def plan(requests: int, adapters: int) -> list[tuple[str, str]]:
     return [(f"a{i % adapters}", PROMPTS[(i // adapters) % len(PROMPTS)] + f" ({i})") for i in range(requests)]
 
 
-def server(root: Path, max_batch: int, threads: int):
+def server(root: Path, max_batch: int, threads: int, extra: tuple[str, ...] = ()):
+    """``lorakit serve`` over the adapters in ``root`` (a subprocess on a free port; ``extra``: more
+    options); returns ``(process, url)`` once /health answers."""
     import httpx
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--adapters", str(root), "--port",
                              str(port), "--threads", str(threads), "--max-batch", str(max_batch),
-                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--log-level", "warning", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

@@ -2,7 +2,7 @@
 # lorakit's one entry point for set-up, the main job and the tests (no make needed).
 #   bash tasks.sh demo    set up .venv if needed, then run the main job on the embedded model and data
 #   bash tasks.sh test    set up .venv if needed, then run the whole test suite (what CI runs)
-#   bash tasks.sh bench   set up .venv (+ loralib), then run every benchmark under bench/ (~1 h)
+#   bash tasks.sh bench   set up .venv (+ loralib), then run the main benchmarks under bench/ (~1.3 h)
 #   bash tasks.sh setup   only create/refresh .venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,6 +32,6 @@ case "${1:-}" in
     test) setup; shift; "$VENV/bin/python" -m pytest -q "$@" ;;
     bench) setup; shift
         "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[bench]"
-        for b in layer_bench model_bench mixed_bench finetune_table; do "$VENV/bin/python" "bench/$b.py" "$@"; done ;;
+        for b in layer_bench model_bench mixed_bench serve_traffic finetune_table; do "$VENV/bin/python" "bench/$b.py" "$@"; done ;;
     *) sed -n '2,6p' "$0" >&2; exit 2 ;;
 esac

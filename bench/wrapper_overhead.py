@@ -1,0 +1,85 @@
+"""What lorakit's wrappers cost before any adapter runs: SmolLM2 decode steps (B rows, 1 token on a
+KV cache of 128) of a plain model vs the same model with N all-linear r=8 adapters injected, run
+with every adapter disabled, with a routing of only base rows, and as a steady mixed step (row i
+uses adapter i mod N); interleaved rounds in one process, medians, 2 threads.
+
+    python bench/wrapper_overhead.py 16 16      # N adapters, B rows
+    python bench/wrapper_overhead.py 64 64 --rounds 12
+
+Prints each variant's median step time and its ratio to the plain model (higher is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapters", type=int)
+    p.add_argument("rows", type=int)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit import batching
+    from lorakit.builtin import smollm2_path
+    from mixed_bench import _lorakit_only
+    torch.set_num_threads(args.threads)
+    n, B = args.adapters, args.rows
+    model = _lorakit_only(n)
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_path()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    names = [f"a{i % n}" for i in range(B)]
+    prompt = torch.randint(100, 20000, (B, 128), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        pre = plain(input_ids=prompt, use_cache=True)
+    cache0, tok = pre.past_key_values, pre.logits[:, -1].argmax(-1, keepdim=True)
+    with torch.inference_mode(), lorakit.mixed(model, names):
+        model(input_ids=tok, past_key_values=copy.deepcopy(cache0))
+        routing = batching.ROUTING.get()  # kept with its plans: the steady state
+
+    def steady(kw):
+        token = batching.ROUTING.set(routing)
+        try:
+            model(**kw)
+        finally:
+            batching.ROUTING.reset(token)
+
+    def base_rows(kw):
+        with lorakit.mixed(model, [None] * B):
+            model(**kw)
+
+    def disabled(kw):
+        with lorakit.disabled(model):
+            model(**kw)
+
+    variants = {"plain": lambda kw: plain(**kw), "disabled": disabled, "base rows": base_rows, "steady mixed": steady}
+    times = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v, fn in variants.items():
+            kw = {"input_ids": tok, "past_key_values": copy.deepcopy(cache0), "use_cache": True}
+            t = time.perf_counter()
+            with torch.inference_mode():
+                fn(kw)
+            times[v].append(time.perf_counter() - t)
+    med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    print(f"N={n} B={B}, {args.rounds} rounds: " +
+          ", ".join(f"{v} {m:.1f} ms ({med['plain'] / m:.3f})" for v, m in med.items()))
+
+
+if __name__ == "__main__":
+    main()

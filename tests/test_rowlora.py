@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
 from lorakit import LoraConfig, LoraError, rowlora
+from test_batching import _alone  # the oracle: one row through the plain single-adapter path
 from test_layers import _randomise  # every factor non-zero, seeded
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -138,14 +139,6 @@ def _net(dtype, seed=0):
     lorakit.inject(net, LoraConfig(r=5, targets=["0", "2"], alpha=3), adapter="c")
     _randomise(net, seed, std=0.3)
     return net.eval()
-
-
-def _alone(net, row, name):
-    if name is None:
-        with lorakit.disabled(net):
-            return net(row)
-    lorakit.set_active(net, name)
-    return net(row)
 
 
 class _Count:

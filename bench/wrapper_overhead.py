@@ -8,7 +8,10 @@ model's modules, a cost of their own, so neither is timed here.)
     python bench/wrapper_overhead.py 16 16      # N adapters, B rows
     python bench/wrapper_overhead.py 64 64 --rounds 12
 
-Prints each variant's median step time and its ratio to the plain model (higher is better).
+Prints each variant's median step time and its ratio to the plain model (higher is better), then
+what surrounds a step: the machine's read bandwidth (``x.sum()`` over 640 MB), the CPU time a new
+routing's plans take (thread time of the first step minus a steady step, 1 thread), and the wall
+time of opening ``lorakit.mixed`` (with and without base rows) and ``lorakit.disabled``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,63 @@ def main() -> None:
     med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
     print(f"N={n} B={B}, {args.rounds} rounds: " +
           ", ".join(f"{v} {m:.1f} ms ({med['plain'] / m:.3f})" for v, m in med.items()))
+    _surroundings(model, names, tok, args.threads)
+
+
+def _surroundings(model, names: list, tok, threads: int) -> None:
+    """Bandwidth, planning CPU time and the cost of opening blocks (medians)."""
+    import torch
+
+    import lorakit
+    from lorakit import batching
+
+    def median_ms(fn, n):
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+    big = torch.randn(160_000_000)  # 640 MB
+    read = median_ms(big.sum, 5)
+    del big
+    torch.set_num_threads(1)  # thread time sees all of a step's work only with one thread
+
+    def cpu(fn):
+        t = time.thread_time()
+        fn()
+        return time.thread_time() - t
+
+    def first():
+        with torch.inference_mode(), lorakit.mixed(model, names):
+            model(input_ids=tok)
+    with torch.inference_mode(), lorakit.mixed(model, names):
+        model(input_ids=tok)
+        routing = batching.ROUTING.get()
+
+    def steady():
+        token = batching.ROUTING.set(routing)
+        try:
+            with torch.inference_mode():
+                model(input_ids=tok)
+        finally:
+            batching.ROUTING.reset(token)
+    pairs = [(cpu(first), cpu(steady)) for _ in range(7)]
+    planning = statistics.median(f for f, _ in pairs) - statistics.median(s for _, s in pairs)
+    torch.set_num_threads(threads)
+
+    def opened(rows):
+        with lorakit.mixed(model, rows):
+            pass
+
+    def disabled():
+        with lorakit.disabled(model):
+            pass
+    with_base = [None] + list(names[1:])
+    print(f"read bandwidth {0.64 / read * 1e3:.1f} GB/s ({read:.1f} ms for 640 MB); a new routing's planning "
+          f"{planning * 1e3:.1f} ms CPU (first step minus steady, no KV cache, 1 thread); opening lorakit.mixed "
+          f"{median_ms(lambda: opened(names), 50):.2f} ms, with a base row {median_ms(lambda: opened(with_base), 50):.2f}"
+          f" ms; lorakit.disabled {median_ms(disabled, 50):.2f} ms")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ to 1e-10.
 """
 
 import contextlib
+import copy
 import threading
 
 import pytest
@@ -90,15 +91,23 @@ def _alone(net, row, name):
 @given(rows=st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=7),
        dtype=st.sampled_from(list(TOL)), seed=st.integers(0, 99))
 def test_mixed_batch_equals_each_row_alone(kernel, rows, dtype, seed):
+    """Each row equals that row run alone, to TOL. In bf16 the kernel rounds once where the layers alone
+    round after each product, so through several layers the two may drift apart by more: there a row may
+    also pass by being at least as close (within 2x) as the row alone to the same net run in float64."""
     net = _build(dtype, seed)
     x = torch.randint(0, 20, (len(rows), 5), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         with _path(kernel), lorakit.mixed(net, rows):
             y = net(x)
+        wide = copy.deepcopy(net).to(torch.float64) if dtype == torch.bfloat16 else None
         for i, name in enumerate(rows):
             ref = _alone(net, x[i:i + 1], name)[0]
             err = (y[i].double() - ref.double()).abs().max().item()
-            assert err <= TOL[dtype] * max(ref.abs().max().item(), 1.0), (i, name, err)
+            bound = TOL[dtype] * max(ref.abs().max().item(), 1.0)
+            if err > bound and wide is not None:
+                exact = _alone(wide, x[i:i + 1], name)[0]
+                err, bound = (y[i].double() - exact).abs().max().item(), 2 * (ref.double() - exact).abs().max().item()
+            assert err <= bound, (i, name, err)
 
 
 def test_routing_is_cleared_on_exception_and_scoped_per_thread():

@@ -53,6 +53,69 @@ def test_op_equals_the_float64_formula(xd, wd, yd):
     assert torch.equal(y[1], y0[1]) and torch.equal(y[5], y0[5])
 
 
+@pytest.fixture(params=["binding", "torch.ops"])
+def entry(request, monkeypatch):
+    """The op through the library's Python binding (what lorakit.mixed calls) or through torch.ops."""
+    assert rowlora.available()
+    if request.param == "torch.ops":
+        monkeypatch.setattr(rowlora, "_direct", None)
+    else:
+        assert rowlora._direct is not None  # Python's headers are installed where the tests run
+    return request.param
+
+
+@pytest.mark.parametrize("wd", [F32, BF16])
+def test_both_entries_equal_the_float64_formula_on_layer_sized_inputs(entry, wd):
+    """Ranks with and without a templated loop (1, 3, 8, 12, 16, 32), widths that are not multiples of
+    16, several rows per slot and several tokens per row (runs split between threads), rows with no
+    adapter left bit for bit as they were."""
+    g = torch.Generator().manual_seed(3)
+    R, T, k, d = 11, 6, 200, 150
+    ranks = (1, 3, 8, 12, 16, 32)
+    scale = [0.5, 2.0, 1.25, 0.75, 1.5, 0.25]
+    a = [torch.randn(r, k, generator=g).to(wd) for r in ranks]
+    b = [torch.randn(d, r, generator=g).to(wd) for r in ranks]
+    slots = torch.tensor([5, 0, -1, 3, 3, 1, 2, 4, 5, -1, 2])
+    x = torch.randn(R, T, k, generator=g)
+    y = torch.randn(R, T, d, generator=g)
+    y0 = y.clone()
+    with torch.no_grad():
+        rowlora.add_rows_(y, x, a, b, scale, slots)
+    ref = _formula(y0, x, a, b, scale, slots)
+    bound = ROUND[F32] * ref.abs() + 64 * 2.0 ** -23 * (ref.abs().max() + 1) * k
+    assert ((y.double() - ref).abs() <= bound).all(), (y.double() - ref).abs().max()
+    assert torch.equal(y[2], y0[2]) and torch.equal(y[9], y0[9])
+
+
+def test_the_binding_reports_bad_input_as_the_op_does(entry):
+    """A RuntimeError with the op's message and no C++ backtrace, through either entry."""
+    a, b = [torch.randn(2, 4)], [torch.randn(3, 2)]
+    y = torch.zeros(2, 1, 3)
+    with torch.no_grad(), pytest.raises(RuntimeError) as caught:
+        rowlora.add_rows_(y, torch.randn(2, 1, 4), a, b, [1.0], torch.tensor([0, 3]))
+    assert "slot 3 of row 1 is outside [-1, 1)" in str(caught.value)
+    assert "frame #" not in str(caught.value) and "Exception raised from" not in str(caught.value)
+    assert not y.any()
+
+
+def test_a_dispatch_mode_sees_the_op():
+    """Under a TorchDispatchMode the op goes through torch.ops (the binding would hide it from the mode)."""
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    a, b = [torch.randn(2, 4)], [torch.randn(3, 2)]
+    y, x = torch.zeros(2, 1, 3), torch.randn(2, 1, 4)
+    with torch.no_grad(), Record():
+        rowlora.add_rows_(y, x, a, b, [1.0], torch.tensor([0, -1]))
+    assert "lorakit.rowlora_.default" in seen
+    torch.testing.assert_close(y[0, 0], (b[0] @ a[0] @ x[0, 0]), atol=1e-6, rtol=0)
+    assert not y[1].any()
+
+
 @pytest.mark.parametrize("ids_dtype", [torch.long, torch.int])
 @pytest.mark.parametrize("wd,yd", [(F32, F32), (BF16, BF16), (F32, BF16), (F64, F64), (F16, F32)])
 def test_lookup_op_equals_the_float64_formula(wd, yd, ids_dtype):

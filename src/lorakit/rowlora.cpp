@@ -4,20 +4,30 @@
 //
 // x (R, T, k) and y (R, T, d) may have any strides but the last (1); A[s] (r_s, k) and B[s] (d, r_s)
 // are contiguous (PEFT's layout), any floating dtype each. Work items are the tokens of the rows that
-// have an adapter, ordered by slot, split over ATen's threads: a thread reads a slot's factors once
-// for its run of tokens with that slot. Products are accumulated in float (double if any operand is
-// double) and added into y, rounded once. Nothing the size of the batch's factors is allocated.
+// have an adapter, ordered by slot, split over ATen's threads: a thread reads (and converts, if their
+// dtype is not the accumulator's) a slot's factors once for its run of tokens with that slot. Products
+// are accumulated in float (double if any operand is double) and added into y, rounded once. Nothing
+// the size of the batch's factors is allocated.
 //
 // lorakit::rowlora_lookup_ — the same for embeddings: x are token ids (R, T) and A[s] is (r_s, num),
 // so A[s] @ one-hot(id) is A[s]'s column id:   y[i, t] += scale[s] * B[s] @ A[s][:, ids[i, t]]
+//
+// Both are registered with torch.library (torch.ops.lorakit.*) and, unless built with
+// LORAKIT_NO_BINDING, also bound to Python as module _rowlora's rows_(..., lookup): the same checks and
+// loops without the dispatcher's boxing of the factor lists (~0.1 instead of ~0.4 µs per factor) and
+// with the GIL released.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#ifndef LORAKIT_NO_BINDING
+#include <torch/extension.h>
+#endif
 
 #include <algorithm>
-#include <numeric>
+#include <memory>
+#include <stdexcept>
 #include <vector>
 
 namespace {
@@ -75,30 +85,31 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return total;
 }
 
-// sum[o] = B[o, :r] · h for B (d, r) row-major. With r known at compile time the inner sum unrolls
-// and the loop over o vectorises (strided loads); each o keeps its own order of additions.
-template <typename acc_t, int R>
-void expand_fixed(const acc_t* B, const acc_t* h, acc_t* sum, int64_t d) {
+// out[o] (+)= B[o, :R]·h for B (d, R) row-major (Add: += into out, else =). With R known at compile time
+// the inner sum unrolls and the loop over o vectorises (strided loads); each o keeps its own order of
+// additions.
+template <typename acc_t, int R, bool Add>
+void expand_fixed(const acc_t* B, const acc_t* h, acc_t* out, int64_t d) {
   acc_t hv[R];
   for (int j = 0; j < R; ++j) hv[j] = h[j];
   for (int64_t o = 0; o < d; ++o) {
     acc_t acc = 0;
     for (int j = 0; j < R; ++j) acc += B[o * R + j] * hv[j];
-    sum[o] = acc;
+    out[o] = Add ? out[o] + acc : acc;
   }
 }
 
-template <typename acc_t>
-void expand(const acc_t* B, const acc_t* h, acc_t* sum, int64_t d, int64_t r) {
+template <typename acc_t, bool Add>
+void expand(const acc_t* B, const acc_t* h, acc_t* out, int64_t d, int64_t r) {
   switch (r) {
-    case 1: return expand_fixed<acc_t, 1>(B, h, sum, d);
-    case 2: return expand_fixed<acc_t, 2>(B, h, sum, d);
-    case 4: return expand_fixed<acc_t, 4>(B, h, sum, d);
-    case 8: return expand_fixed<acc_t, 8>(B, h, sum, d);
-    case 16: return expand_fixed<acc_t, 16>(B, h, sum, d);
-    case 32: return expand_fixed<acc_t, 32>(B, h, sum, d);
+    case 1: return expand_fixed<acc_t, 1, Add>(B, h, out, d);
+    case 2: return expand_fixed<acc_t, 2, Add>(B, h, out, d);
+    case 4: return expand_fixed<acc_t, 4, Add>(B, h, out, d);
+    case 8: return expand_fixed<acc_t, 8, Add>(B, h, out, d);
+    case 16: return expand_fixed<acc_t, 16, Add>(B, h, out, d);
+    case 32: return expand_fixed<acc_t, 32, Add>(B, h, out, d);
     default:
-      for (int64_t o = 0; o < d; ++o) sum[o] = dot(B + o * r, h, r);
+      for (int64_t o = 0; o < d; ++o) out[o] = Add ? out[o] + dot(B + o * r, h, r) : dot(B + o * r, h, r);
   }
 }
 
@@ -112,66 +123,85 @@ inline int64_t id_at(const Tensor& x, int64_t offset) {
                                              : static_cast<int64_t>(x.const_data_ptr<int32_t>()[offset]);
 }
 
+// An adapter as the loops read it.
+struct Factors {
+  const void* a;
+  const void* b;
+  ScalarType a_type, b_type;
+  int64_t r, columns;  // A is (r, columns)
+  double scale;
+};
+
+// Scratch of one thread, allocated once per call (uninitialised: every use writes before it reads).
+template <typename acc_t>
+struct Scratch {
+  std::unique_ptr<acc_t[]> x, a, b, h, sum;
+  Scratch(int64_t k, int64_t d, int64_t r_max, bool convert_x, bool convert_a, bool convert_b, bool convert_y)
+      : x(convert_x ? new acc_t[k] : nullptr),
+        a(convert_a ? new acc_t[r_max * k] : nullptr),
+        b(convert_b ? new acc_t[r_max * d] : nullptr),
+        h(new acc_t[r_max]),
+        sum(convert_y ? new acc_t[d] : nullptr) {}
+};
+
 // lookup: x holds ids (R, T) and A[s] is (r, num): h = A[s][:, id], read element by element (no copy of A).
 template <typename acc_t>
-void run(Tensor& y, const Tensor& x, const std::vector<Tensor>& a, const std::vector<Tensor>& b,
-         const std::vector<double>& scale, const std::vector<int64_t>& slot, const std::vector<int64_t>& order,
-         bool lookup) {
+void run(Tensor& y, const Tensor& x, const std::vector<Factors>& f, const std::vector<int64_t>& slot,
+         const std::vector<int64_t>& order, bool lookup) {
   const int64_t T = x.size(1), k = lookup ? 1 : x.size(2), d = y.size(2);
   const int64_t items = static_cast<int64_t>(order.size()) * T;
-  int64_t r_max = 1;
-  for (const auto& f : a) r_max = std::max(r_max, f.size(0));
   const ScalarType xt = x.scalar_type(), yt = y.scalar_type();
   const ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
-  char* ybase = static_cast<char*>(y.data_ptr());
+  int64_t r_max = 1;
+  bool convert_a = false, convert_b = false;
+  for (const auto& e : f) {
+    r_max = std::max(r_max, e.r);
+    convert_a = convert_a || (!lookup && e.a_type != acc);
+    convert_b = convert_b || e.b_type != acc;
+  }
+  const bool convert_x = !lookup && xt != acc, convert_y = yt != acc;
+  char* const ybase = static_cast<char*>(y.data_ptr());
+  const char* const xbase = static_cast<const char*>(x.const_data_ptr());
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), ys0 = y.stride(0), ys1 = y.stride(1);
+  const int64_t xsize = x.element_size(), ysize = y.element_size();
   // below ~64k multiply-adds a work range runs on one thread
   const int64_t grain = std::max<int64_t>(1, 65536 / (r_max * (k + d)));
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(k), abuf(r_max * k), bbuf(r_max * d), h(r_max), sum(d);
-    int64_t current = -1, r = 0;
-    const acc_t* A = nullptr;
-    const acc_t* B = nullptr;
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t row = order[w / T], t = w % T, s = slot[row];
-      if (s != current) {  // this thread's run of tokens with slot s starts: its factors as acc_t
-        r = a[s].size(0);
-        if (lookup) {
-          A = nullptr;  // read per token
-        } else if (a[s].scalar_type() == acc) {
-          A = static_cast<const acc_t*>(a[s].const_data_ptr());
-        } else {
-          load(a[s].const_data_ptr(), a[s].scalar_type(), abuf.data(), r * k);
-          A = abuf.data();
+    Scratch<acc_t> mem(k, d, r_max, convert_x, convert_a, convert_b, convert_y);
+    int64_t w = begin;
+    while (w < end) {  // one run: consecutive items with the same slot
+      const int64_t s = slot[order[w / T]];
+      int64_t stop = w + 1;
+      while (stop < end && slot[order[stop / T]] == s) ++stop;
+      const Factors& e = f[s];
+      const int64_t r = e.r;
+      const acc_t sc = static_cast<acc_t>(e.scale);
+      const acc_t* A = static_cast<const acc_t*>(e.a);
+      const acc_t* B = static_cast<const acc_t*>(e.b);
+      if (!lookup && e.a_type != acc) load(e.a, e.a_type, mem.a.get(), r * k), A = mem.a.get();
+      if (e.b_type != acc) load(e.b, e.b_type, mem.b.get(), d * r), B = mem.b.get();
+      acc_t* const h = mem.h.get();
+      for (; w < stop; ++w) {
+        const int64_t xoff = order[w / T] * xs0 + (w % T) * xs1;
+        if (lookup) {  // h = s·A[:, id]
+          const int64_t id = id_at(x, xoff);
+          TORCH_CHECK(id >= 0 && id < e.columns, "lorakit::rowlora_lookup_: id ", id, " is outside [0, ",
+                      e.columns, ")");
+          load(static_cast<const char*>(e.a) + id * c10::elementSize(e.a_type), e.a_type, h, r, e.columns);
+          for (int64_t j = 0; j < r; ++j) h[j] *= sc;
+        } else {  // h = s·A·x
+          const acc_t* xv = reinterpret_cast<const acc_t*>(xbase + xoff * xsize);
+          if (convert_x) load(xbase + xoff * xsize, xt, mem.x.get(), k), xv = mem.x.get();
+          for (int64_t j = 0; j < r; ++j) h[j] = sc * dot(A + j * k, xv, k);
         }
-        if (b[s].scalar_type() == acc) {
-          B = static_cast<const acc_t*>(b[s].const_data_ptr());
+        char* const yrow = ybase + (order[w / T] * ys0 + (w % T) * ys1) * ysize;
+        if (convert_y) {  // y += B·h, rounded once to y's dtype
+          expand<acc_t, false>(B, h, mem.sum.get(), d, r);
+          add_into(yrow, yt, mem.sum.get(), d);
         } else {
-          load(b[s].const_data_ptr(), b[s].scalar_type(), bbuf.data(), d * r);
-          B = bbuf.data();
+          expand<acc_t, true>(B, h, reinterpret_cast<acc_t*>(yrow), d, r);
         }
-        current = s;
       }
-      const int64_t xoff = row * x.stride(0) + t * x.stride(1);
-      const acc_t sc = static_cast<acc_t>(scale[s]);
-      if (lookup) {
-        const int64_t id = id_at(x, xoff), num = a[s].size(1);
-        TORCH_CHECK(id >= 0 && id < num, "lorakit::rowlora_lookup_: id ", id, " is outside [0, ", num, ")");
-        load(at_bytes(a[s], id), a[s].scalar_type(), h.data(), r, num);
-        for (int64_t j = 0; j < r; ++j) h[j] *= sc;
-        expand(B, h.data(), sum.data(), d, r);
-        add_into(ybase + (row * y.stride(0) + t * y.stride(1)) * y.element_size(), yt, sum.data(), d);
-        continue;
-      }
-      const acc_t* xv;
-      if (xt == acc) {
-        xv = static_cast<const acc_t*>(x.const_data_ptr()) + xoff;
-      } else {
-        load(at_bytes(x, xoff), xt, xbuf.data(), k);
-        xv = xbuf.data();
-      }
-      for (int64_t j = 0; j < r; ++j) h[j] = sc * dot(A + j * k, xv, k);
-      expand(B, h.data(), sum.data(), d, r);
-      add_into(ybase + (row * y.stride(0) + t * y.stride(1)) * y.element_size(), yt, sum.data(), d);
     }
   });
 }
@@ -182,7 +212,7 @@ bool floating(const Tensor& t) {
 }
 
 // The checks and the dispatch shared by both ops; lookup: x are ids and A[s] is (r_s, num).
-void rows_(Tensor& y, const Tensor& x, at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
+void rows_(Tensor& y, const Tensor& x, at::ArrayRef<Tensor> a, at::ArrayRef<Tensor> b, at::ArrayRef<double> scale,
            const Tensor& slots, bool lookup) {
   const char* op = lookup ? "lorakit::rowlora_lookup_: " : "lorakit::rowlora_: ";
   const int64_t n = static_cast<int64_t>(a.size());
@@ -204,6 +234,8 @@ void rows_(Tensor& y, const Tensor& x, at::TensorList a, at::TensorList b, at::A
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == x.size(0) && slots.scalar_type() == ScalarType::Long, op,
               "slots must be int64, one per row");
   bool wide = (!lookup && x.scalar_type() == ScalarType::Double) || y.scalar_type() == ScalarType::Double;
+  std::vector<Factors> f;
+  f.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(a[i].dim() == 2 && b[i].dim() == 2 && (lookup || a[i].size(1) == x.size(2)) &&
                     b[i].size(0) == y.size(2) && b[i].size(1) == a[i].size(0),
@@ -213,22 +245,23 @@ void rows_(Tensor& y, const Tensor& x, at::TensorList a, at::TensorList b, at::A
                     a[i].device().is_cpu() && b[i].device().is_cpu(),
                 op, "adapter ", i, ": factors must be contiguous floating CPU tensors");
     wide = wide || a[i].scalar_type() == ScalarType::Double || b[i].scalar_type() == ScalarType::Double;
+    f.push_back({a[i].const_data_ptr(), b[i].const_data_ptr(), a[i].scalar_type(), b[i].scalar_type(),
+                 a[i].size(0), a[i].size(1), scale[i]});
   }
   const Tensor s = slots.contiguous();
   std::vector<int64_t> slot(s.const_data_ptr<int64_t>(), s.const_data_ptr<int64_t>() + s.numel());
   std::vector<int64_t> order;
+  order.reserve(slot.size());
   for (int64_t i = 0; i < static_cast<int64_t>(slot.size()); ++i) {
     TORCH_CHECK(slot[i] >= -1 && slot[i] < n, op, "slot ", slot[i], " of row ", i, " is outside [-1, ", n, ")");
     if (slot[i] >= 0) order.push_back(i);
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return slot[p] < slot[q]; });
   if (order.empty() || x.size(1) == 0) return;
-  const std::vector<Tensor> av(a.begin(), a.end()), bv(b.begin(), b.end());
-  const std::vector<double> sv(scale.begin(), scale.end());
   if (wide)
-    run<double>(y, x, av, bv, sv, slot, order, lookup);
+    run<double>(y, x, f, slot, order, lookup);
   else
-    run<float>(y, x, av, bv, sv, slot, order, lookup);
+    run<float>(y, x, f, slot, order, lookup);
 }
 
 void rowlora_(Tensor y, const Tensor& x, at::TensorList a, at::TensorList b, at::ArrayRef<double> scale,
@@ -241,6 +274,20 @@ void rowlora_lookup_(Tensor y, const Tensor& ids, at::TensorList a, at::TensorLi
   rows_(y, ids, a, b, scale, slots, true);
 }
 
+#ifndef LORAKIT_NO_BINDING
+// The Python binding's entry: the same checks and loops, called without the dispatcher and the GIL. Its
+// errors are RuntimeErrors with the message alone, as the op's.
+void rows_direct(Tensor y, const Tensor& x, const std::vector<Tensor>& a, const std::vector<Tensor>& b,
+                 const std::vector<double>& scale, const Tensor& slots, bool lookup) {
+  pybind11::gil_scoped_release unlocked;
+  try {
+    rows_(y, x, a, b, scale, slots, lookup);
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY(lorakit, m) {
@@ -252,3 +299,9 @@ TORCH_LIBRARY_IMPL(lorakit, CPU, m) {
   m.impl("rowlora_", &rowlora_);
   m.impl("rowlora_lookup_", &rowlora_lookup_);
 }
+
+#ifndef LORAKIT_NO_BINDING
+PYBIND11_MODULE(_rowlora, m) {
+  m.def("rows_", &rows_direct, "rowlora_ (lookup=False) or rowlora_lookup_ (True), without the dispatcher");
+}
+#endif

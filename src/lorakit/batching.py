@@ -134,6 +134,10 @@ class Routing:
         if layer.merged:
             raise LoraError(f"adapters {list(layer.merged)} were merged inside a lorakit.mixed block; unmerge first")
         self.check_alive()
+        key = (id(layer), x.shape, x.device, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
+        plan = self._plans.get(key)
+        if plan is not None and plan[0] == "rows" and plan[2](layer):  # the kernel's plan, still valid: every
+            return _kernel_forward(layer, x, plan[1])  # decode step after the first (DoRA layers have none)
         if layer.lora_magnitude_vector:  # DoRA: each adapter's rows through the layer's own forward (exact)
             rows = self.adapters[:1] if self.uniform else self.rows(layer, x, layer.kind.batch_dim(layer.base_layer, x))
             names = [a if a in layer.lora_A else None for a in rows]
@@ -142,8 +146,6 @@ class Routing:
         if self.uniform:  # the plain single-adapter path, without per-row bookkeeping
             name = self.adapters[0]
             return layer.kind.forward(layer, (name,) if name in layer.lora_A else (), x, *args, **kwargs)
-        key = (id(layer), x.shape, x.device, torch.is_grad_enabled(), layer.training, bool(args or kwargs))
-        plan = self._plans.get(key)
         if plan is None or not plan[2](layer):
             # decided once per layer and shape (every decode step of generate reuses it), again if it went stale
             plan = self._plans[key] = self._plan(layer, x, bool(args or kwargs))
@@ -263,10 +265,12 @@ class _KernelTable:
         self.lookup = layer.kind.mixed == "lookup"  # embeddings: x are ids, A is (r, num)
 
     def current(self, layer: LoraLayer) -> bool:
-        """Whether the layer still has these adapters, parameter objects and scales (~2 µs for 64 adapters)."""
+        """Whether the layer still has these adapters, parameter objects and scales (~2 µs for 64 adapters;
+        the ParameterDicts are read from ``_modules``, which spares two ``Module.__getattr__``)."""
+        modules = layer._modules
         return (layer.generation == self.generation and layer.scale == self.scales
-                and all(map(operator.is_, self.order_a, layer.lora_A._parameters.values()))
-                and all(map(operator.is_, self.order_b, layer.lora_B._parameters.values())))
+                and all(map(operator.is_, self.order_a, modules["lora_A"]._parameters.values()))
+                and all(map(operator.is_, self.order_b, modules["lora_B"]._parameters.values())))
 
     def fits(self, x: Tensor) -> bool:
         if self.lookup:
@@ -297,18 +301,18 @@ def _kernel_forward(layer: LoraLayer, x: Tensor, data: tuple) -> Tensor:
     """The base output plus each row's update, added in place by the kernel (into a copy if the base
     output is not the layer's own fresh, contiguous tensor)."""
     slots, a, b, scale, fresh = data
-    result = layer.base_layer(x)
+    result = layer._modules["base_layer"](x)  # (not layer.base_layer: Module.__getattr__ costs ~1 µs)
     if not (fresh and result.is_contiguous()):
         result = result.clone(memory_format=torch.contiguous_format)
     rows = x.shape[0]
-    y = result.view(rows, -1, result.shape[-1])
+    y = result if result.dim() == 3 else result.view(rows, -1, result.shape[-1])  # (rows, tokens, features)
     if layer.kind.mixed == "lookup":  # token ids; a scaled embedding (Gemma's) scales the update as its lookup
         if getattr(layer.base_layer, "embed_scale", None) is not None:
             factor = float(embed_scaled(layer.base_layer, torch.ones((), dtype=torch.float64)))
             scale = [s * factor for s in scale]
         rowlora.add_rows_unchecked_(y, x.reshape(rows, -1), a, b, scale, slots, lookup=True)
         return result
-    x3 = x.reshape(rows, -1, x.shape[-1])
+    x3 = x if x.dim() == 3 else x.reshape(rows, -1, x.shape[-1])
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
     rowlora.add_rows_unchecked_(y, x3, a, b, scale, slots)
@@ -434,7 +438,8 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     if None in adapters:
         from . import inits
         from .model import lora_layers
-        rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)})
+        rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)}
+                           if any(inits.rewrites(c.init) for c in reg.configs.values()) else ())
         if rewriting:
             raise LoraError(f"rows without an adapter (None) would run the residual weights that adapters {rewriting} "
                             "(PiSSA/OLoRA) left in their layers, not the original model; for the original model, "

@@ -155,14 +155,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     Where a PiSSA/OLoRA adapter rewrote W (:mod:`lorakit.inits`), the base is the residual
     W − s₀·B₀·A₀, as in PEFT, not the original model: a warning says so."""
     reg = registry(model)
-    rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)})
+    rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)}
+                       if any(inits.rewrites(c.init) for c in reg.configs.values()) else ())  # (only their layers)
     if rewriting:
         warnings.warn(f"lorakit.disabled: adapters {rewriting} replaced their layers' weights by the residual "
                       "W - s*B0*A0 (pissa/olora init), so the disabled model is the residual model, not the "
                       "original one (as in PEFT)", stacklevel=3)
     merged, active = reg.merged, reg.active
     layers = [w for _, w in wrappers(model)]
-    keep_copy = all(w._original is not None for _, w in lora_layers(model) if w.merged)
+    keep_copy = all(w._original is not None for w in layers if isinstance(w, LoraLayer) and w.merged)
     if merged:
         unmerge(model)
     saved = [layer.active for layer in layers]

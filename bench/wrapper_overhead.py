@@ -1,7 +1,8 @@
 """What lorakit's wrappers cost before any adapter runs: SmolLM2 decode steps (B rows, 1 token on a
 KV cache of 128) of a plain model vs the same model with N all-linear r=8 adapters injected, run
 with no adapter active (``set_active(model, [])``, once, outside the timing), and as a steady mixed
-step (row i uses adapter i mod N, the routing kept open as during ``generate``); interleaved rounds
+step (row i uses adapter i mod N, the routing kept open as during ``generate``), and that step with
+the kernel's call replaced by nothing (what the routing costs besides the op); interleaved rounds
 in one process, medians, 2 threads. (``lorakit.disabled`` and opening ``lorakit.mixed`` walk the
 model's modules, a cost of their own, so neither is timed here.)
 
@@ -37,7 +38,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import lorakit
-    from lorakit import batching
+    from lorakit import batching, rowlora
     from lorakit.builtin import smollm2_path
     from mixed_bench import _lorakit_only
     torch.set_num_threads(args.threads)
@@ -64,8 +65,17 @@ def main() -> None:
         finally:
             batching.ROUTING.reset(token)
 
+    def without_op(kw):  # the same steady step with the kernel's call replaced by nothing: all but the op
+        op = rowlora.add_rows_unchecked_
+        rowlora.add_rows_unchecked_ = lambda *args, **kwargs: None
+        try:
+            steady(kw)
+        finally:
+            rowlora.add_rows_unchecked_ = op
+
     lorakit.set_active(model, [])  # no adapter: each wrapper runs its base layer (the routing ignores this)
-    variants = {"plain": lambda kw: plain(**kw), "no adapter active": lambda kw: model(**kw), "steady mixed": steady}
+    variants = {"plain": lambda kw: plain(**kw), "no adapter active": lambda kw: model(**kw), "steady mixed": steady,
+                "steady mixed, no-op kernel": without_op}
     times = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v, fn in variants.items():

@@ -98,6 +98,21 @@ def test_the_binding_reports_bad_input_as_the_op_does(entry):
     assert not y.any()
 
 
+def test_autograd_sees_the_in_place_update(entry):
+    """y saved by a backward and then updated by the op (under no_grad): the backward refuses to run
+    instead of using the changed y, as after torch's own in-place ops."""
+    w = torch.randn(3, 3, requires_grad=True)
+    y = torch.randn(2, 1, 3) @ w
+    loss = (y * y).sum()  # saves y
+    version = y._version
+    with torch.no_grad():
+        rowlora.add_rows_(y, torch.randn(2, 1, 4), [torch.randn(2, 4)], [torch.randn(3, 2)], [1.0],
+                          torch.tensor([0, -1]))
+    assert y._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_a_dispatch_mode_sees_the_op():
     """Under a TorchDispatchMode the op goes through torch.ops (the binding would hide it from the mode)."""
     seen = []

@@ -257,6 +257,9 @@ void rows_(Tensor& y, const Tensor& x, at::ArrayRef<Tensor> a, at::ArrayRef<Tens
     if (slot[i] >= 0) order.push_back(i);
   }
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return slot[p] < slot[q]; });
+  // An in-place update, as autograd must see it: a backward that saved y then refuses to run (and an
+  // inference tensor refuses the update outside inference mode), as for torch's own in-place ops.
+  y.unsafeGetTensorImpl()->bump_version();
   if (order.empty() || x.size(1) == 0) return;
   if (wide)
     run<double>(y, x, f, slot, order, lookup);

@@ -229,6 +229,7 @@ void rows_(Tensor& y, const Tensor& x, at::ArrayRef<Tensor> a, at::ArrayRef<Tens
   TORCH_CHECK(x.size(0) == y.size(0) && x.size(1) == y.size(1), op, "x ", x.sizes(), " and y ", y.sizes(),
               " differ in rows or tokens");
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && slots.device().is_cpu(), op, "CPU only");
+  TORCH_CHECK(!x.is_neg() && !y.is_neg(), op, "x and y must not be lazily negated views (call resolve_neg())");
   TORCH_CHECK(static_cast<int64_t>(b.size()) == n && static_cast<int64_t>(scale.size()) == n, op,
               "a, b and scale must have one entry per adapter");
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == x.size(0) && slots.scalar_type() == ScalarType::Long, op,
@@ -242,8 +243,8 @@ void rows_(Tensor& y, const Tensor& x, at::ArrayRef<Tensor> a, at::ArrayRef<Tens
                 op, "adapter ", i, ": A ", a[i].sizes(), " and B ", b[i].sizes(), " do not fit x ", x.sizes(),
                 " and y ", y.sizes());
     TORCH_CHECK(a[i].is_contiguous() && b[i].is_contiguous() && floating(a[i]) && floating(b[i]) &&
-                    a[i].device().is_cpu() && b[i].device().is_cpu(),
-                op, "adapter ", i, ": factors must be contiguous floating CPU tensors");
+                    a[i].device().is_cpu() && b[i].device().is_cpu() && !a[i].is_neg() && !b[i].is_neg(),
+                op, "adapter ", i, ": factors must be contiguous floating CPU tensors (not lazily negated views)");
     wide = wide || a[i].scalar_type() == ScalarType::Double || b[i].scalar_type() == ScalarType::Double;
     f.push_back({a[i].const_data_ptr(), b[i].const_data_ptr(), a[i].scalar_type(), b[i].scalar_type(),
                  a[i].size(0), a[i].size(1), scale[i]});

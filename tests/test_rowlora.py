@@ -1,6 +1,10 @@
 """lorakit.rowlora, the per-row LoRA kernel: the op against the float64 formula, and lorakit.mixed running
 it (each row against that row run alone), with no copy of the factors and a fallback when it cannot be built."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -312,6 +316,29 @@ def test_gradients_take_the_differentiable_path(monkeypatch):
         xi = x.detach()[i:i + 1].clone().requires_grad_()
         _alone(net, xi, name).square().sum().backward()
         torch.testing.assert_close(x.grad[i], xi.grad[0], atol=1e-12, rtol=0)
+
+
+def test_without_python_headers_the_op_is_built_and_called_through_torch_ops(tmp_path):
+    """Where Python.h is missing the library is built without the binding (a fresh process, a fresh
+    cache) and lorakit calls the op through torch.ops, with the same result."""
+    script = textwrap.dedent("""
+        import torch
+        from lorakit import rowlora
+        rowlora._python_headers = lambda: None
+        assert rowlora.available() and rowlora._direct is None
+        g = torch.Generator().manual_seed(0)
+        a, b = [torch.randn(3, 20, generator=g)], [torch.randn(9, 3, generator=g)]
+        x, y = torch.randn(2, 4, 20, generator=g), torch.zeros(2, 4, 9)
+        with torch.no_grad():
+            rowlora.add_rows_(y, x, a, b, [0.5], torch.tensor([-1, 0]))
+        assert not y[0].any()
+        torch.testing.assert_close(y[1], 0.5 * x[1] @ a[0].t() @ b[0].t(), atol=1e-5, rtol=1e-5)
+        print("ok")
+    """)
+    env = {**os.environ, "LORAKIT_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert len(list(tmp_path.glob("rowlora-*.so"))) == 1
 
 
 def test_a_build_failure_warns_once_and_the_plain_path_runs(monkeypatch, tmp_path):

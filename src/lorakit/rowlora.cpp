@@ -4,10 +4,11 @@
 //
 // x (R, T, k) and y (R, T, d) may have any strides but the last (1); A[s] (r_s, k) and B[s] (d, r_s)
 // are contiguous (PEFT's layout), any floating dtype each. Work items are the tokens of the rows that
-// have an adapter, ordered by slot, split over ATen's threads: a thread reads (and converts, if their
-// dtype is not the accumulator's) a slot's factors once for its run of tokens with that slot. Products
-// are accumulated in float (double if any operand is double) and added into y, rounded once. Nothing
-// the size of the batch's factors is allocated.
+// have an adapter, ordered by slot, split over ATen's threads: a thread reads a slot's factors once for
+// its run of tokens with that slot (bf16 factors converted to float in registers as they are read, other
+// dtypes that differ from the accumulator's converted into a scratch copy first). Products are
+// accumulated in float (double if any operand is double) and added into y, rounded once. Nothing the
+// size of the batch's factors is allocated.
 //
 // lorakit::rowlora_lookup_ — the same for embeddings: x are token ids (R, T) and A[s] is (r_s, num),
 // so A[s] @ one-hot(id) is A[s]'s column id:   y[i, t] += scale[s] * B[s] @ A[s][:, ids[i, t]]
@@ -28,6 +29,7 @@
 #include <algorithm>
 #include <memory>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -71,16 +73,17 @@ void add_into(void* dst, ScalarType st, const acc_t* add, int64_t n) {
   }
 }
 
-// Sixteen independent partial sums: the compiler vectorises them without reassociating one sum.
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+// Sixteen independent partial sums: the compiler vectorises them without reassociating one sum. a may
+// be stored in a narrower type S (bf16), converted in registers.
+template <typename acc_t, typename S>
+inline acc_t dot(const S* a, const acc_t* b, int64_t n) {
   constexpr int L = 16;
   acc_t part[L] = {};
   int64_t i = 0;
   for (; i + L <= n; i += L)
-    for (int l = 0; l < L; ++l) part[l] += a[i + l] * b[i + l];
+    for (int l = 0; l < L; ++l) part[l] += static_cast<acc_t>(a[i + l]) * b[i + l];
   acc_t total = 0;
-  for (; i < n; ++i) total += a[i] * b[i];
+  for (; i < n; ++i) total += static_cast<acc_t>(a[i]) * b[i];
   for (int l = 0; l < L; ++l) total += part[l];
   return total;
 }
@@ -88,28 +91,28 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 // out[o] (+)= B[o, :R]·h for B (d, R) row-major (Add: += into out, else =). With R known at compile time
 // the inner sum unrolls and the loop over o vectorises (strided loads); each o keeps its own order of
 // additions.
-template <typename acc_t, int R, bool Add>
-void expand_fixed(const acc_t* B, const acc_t* h, acc_t* out, int64_t d) {
+template <typename acc_t, int R, bool Add, typename S>
+void expand_fixed(const S* B, const acc_t* h, acc_t* out, int64_t d) {
   acc_t hv[R];
   for (int j = 0; j < R; ++j) hv[j] = h[j];
   for (int64_t o = 0; o < d; ++o) {
     acc_t acc = 0;
-    for (int j = 0; j < R; ++j) acc += B[o * R + j] * hv[j];
+    for (int j = 0; j < R; ++j) acc += static_cast<acc_t>(B[o * R + j]) * hv[j];
     out[o] = Add ? out[o] + acc : acc;
   }
 }
 
-template <typename acc_t, bool Add>
-void expand(const acc_t* B, const acc_t* h, acc_t* out, int64_t d, int64_t r) {
+template <typename acc_t, bool Add, typename S>
+void expand(const S* B, const acc_t* h, acc_t* out, int64_t d, int64_t r) {
   switch (r) {
-    case 1: return expand_fixed<acc_t, 1, Add>(B, h, out, d);
-    case 2: return expand_fixed<acc_t, 2, Add>(B, h, out, d);
-    case 4: return expand_fixed<acc_t, 4, Add>(B, h, out, d);
-    case 8: return expand_fixed<acc_t, 8, Add>(B, h, out, d);
-    case 16: return expand_fixed<acc_t, 16, Add>(B, h, out, d);
-    case 32: return expand_fixed<acc_t, 32, Add>(B, h, out, d);
+    case 1: return expand_fixed<acc_t, 1, Add, S>(B, h, out, d);
+    case 2: return expand_fixed<acc_t, 2, Add, S>(B, h, out, d);
+    case 4: return expand_fixed<acc_t, 4, Add, S>(B, h, out, d);
+    case 8: return expand_fixed<acc_t, 8, Add, S>(B, h, out, d);
+    case 16: return expand_fixed<acc_t, 16, Add, S>(B, h, out, d);
+    case 32: return expand_fixed<acc_t, 32, Add, S>(B, h, out, d);
     default:
-      for (int64_t o = 0; o < d; ++o) out[o] = Add ? out[o] + dot(B + o * r, h, r) : dot(B + o * r, h, r);
+      for (int64_t o = 0; o < d; ++o) out[o] = Add ? out[o] + dot<acc_t, S>(B + o * r, h, r) : dot<acc_t, S>(B + o * r, h, r);
   }
 }
 
@@ -176,31 +179,40 @@ void run(Tensor& y, const Tensor& x, const std::vector<Factors>& f, const std::v
       const Factors& e = f[s];
       const int64_t r = e.r;
       const acc_t sc = static_cast<acc_t>(e.scale);
-      const acc_t* A = static_cast<const acc_t*>(e.a);
-      const acc_t* B = static_cast<const acc_t*>(e.b);
-      if (!lookup && e.a_type != acc) load(e.a, e.a_type, mem.a.get(), r * k), A = mem.a.get();
-      if (e.b_type != acc) load(e.b, e.b_type, mem.b.get(), d * r), B = mem.b.get();
-      acc_t* const h = mem.h.get();
-      for (; w < stop; ++w) {
-        const int64_t xoff = order[w / T] * xs0 + (w % T) * xs1;
-        if (lookup) {  // h = s·A[:, id]
-          const int64_t id = id_at(x, xoff);
-          TORCH_CHECK(id >= 0 && id < e.columns, "lorakit::rowlora_lookup_: id ", id, " is outside [0, ",
-                      e.columns, ")");
-          load(static_cast<const char*>(e.a) + id * c10::elementSize(e.a_type), e.a_type, h, r, e.columns);
-          for (int64_t j = 0; j < r; ++j) h[j] *= sc;
-        } else {  // h = s·A·x
-          const acc_t* xv = reinterpret_cast<const acc_t*>(xbase + xoff * xsize);
-          if (convert_x) load(xbase + xoff * xsize, xt, mem.x.get(), k), xv = mem.x.get();
-          for (int64_t j = 0; j < r; ++j) h[j] = sc * dot(A + j * k, xv, k);
+      auto items_of_run = [&](auto A, auto B) {  // A, B: the factors as stored (acc_t, or bf16 read as float)
+        acc_t* const h = mem.h.get();
+        for (; w < stop; ++w) {
+          const int64_t xoff = order[w / T] * xs0 + (w % T) * xs1;
+          if (lookup) {  // h = s·A[:, id]
+            const int64_t id = id_at(x, xoff);
+            TORCH_CHECK(id >= 0 && id < e.columns, "lorakit::rowlora_lookup_: id ", id, " is outside [0, ",
+                        e.columns, ")");
+            load(static_cast<const char*>(e.a) + id * c10::elementSize(e.a_type), e.a_type, h, r, e.columns);
+            for (int64_t j = 0; j < r; ++j) h[j] *= sc;
+          } else {  // h = s·A·x
+            const acc_t* xv = reinterpret_cast<const acc_t*>(xbase + xoff * xsize);
+            if (convert_x) load(xbase + xoff * xsize, xt, mem.x.get(), k), xv = mem.x.get();
+            for (int64_t j = 0; j < r; ++j) h[j] = sc * dot(A + j * k, xv, k);
+          }
+          char* const yrow = ybase + (order[w / T] * ys0 + (w % T) * ys1) * ysize;
+          if (convert_y) {  // y += B·h, rounded once to y's dtype
+            expand<acc_t, false>(B, h, mem.sum.get(), d, r);
+            add_into(yrow, yt, mem.sum.get(), d);
+          } else {
+            expand<acc_t, true>(B, h, reinterpret_cast<acc_t*>(yrow), d, r);
+          }
         }
-        char* const yrow = ybase + (order[w / T] * ys0 + (w % T) * ys1) * ysize;
-        if (convert_y) {  // y += B·h, rounded once to y's dtype
-          expand<acc_t, false>(B, h, mem.sum.get(), d, r);
-          add_into(yrow, yt, mem.sum.get(), d);
-        } else {
-          expand<acc_t, true>(B, h, reinterpret_cast<acc_t*>(yrow), d, r);
-        }
+      };
+      const bool bf16 = std::is_same_v<acc_t, float> && e.a_type == ScalarType::BFloat16 &&
+                        e.b_type == ScalarType::BFloat16;
+      if (bf16) {
+        items_of_run(static_cast<const c10::BFloat16*>(e.a), static_cast<const c10::BFloat16*>(e.b));
+      } else {
+        const acc_t* A = static_cast<const acc_t*>(e.a);
+        const acc_t* B = static_cast<const acc_t*>(e.b);
+        if (!lookup && e.a_type != acc) load(e.a, e.a_type, mem.a.get(), r * k), A = mem.a.get();
+        if (e.b_type != acc) load(e.b, e.b_type, mem.b.get(), d * r), B = mem.b.get();
+        items_of_run(A, B);
       }
     }
   });

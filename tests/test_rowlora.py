@@ -91,6 +91,25 @@ def test_both_entries_equal_the_float64_formula_on_layer_sized_inputs(entry, wd)
     assert torch.equal(y[2], y0[2]) and torch.equal(y[9], y0[9])
 
 
+def test_adapters_of_different_dtypes_in_one_call_equal_the_float64_formula(entry):
+    """bf16 factors read as stored (converted in registers) next to factors converted into a scratch copy
+    (bf16 A with fp32 B, fp16, and fp32 as is), in one call."""
+    g = torch.Generator().manual_seed(4)
+    R, T, k, d = 8, 3, 40, 35
+    dtypes = [(BF16, BF16), (BF16, F32), (F16, F16), (F32, F32)]
+    a = [torch.randn(8, k, generator=g).to(da) for da, _ in dtypes]
+    b = [torch.randn(d, 8, generator=g).to(db) for _, db in dtypes]
+    scale = [0.5, 1.5, 2.0, 1.0]
+    slots = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    x, y = torch.randn(R, T, k, generator=g), torch.randn(R, T, d, generator=g)
+    y0 = y.clone()
+    with torch.no_grad():
+        rowlora.add_rows_(y, x, a, b, scale, slots)
+    ref = _formula(y0, x, a, b, scale, slots)
+    bound = ROUND[F32] * ref.abs() + 64 * 2.0 ** -23 * (ref.abs().max() + 1) * k
+    assert ((y.double() - ref).abs() <= bound).all(), (y.double() - ref).abs().max()
+
+
 def test_the_binding_reports_bad_input_as_the_op_does(entry):
     """A RuntimeError with the op's message and no C++ backtrace, through either entry."""
     a, b = [torch.randn(2, 4)], [torch.randn(3, 2)]

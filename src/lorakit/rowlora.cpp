@@ -155,12 +155,17 @@ void run(Tensor& y, const Tensor& x, const std::vector<Factors>& f, const std::v
   const int64_t items = static_cast<int64_t>(order.size()) * T;
   const ScalarType xt = x.scalar_type(), yt = y.scalar_type();
   const ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+  // bf16 factors with a float accumulator are read as stored (converted in registers); others of another
+  // dtype than the accumulator's are converted into a scratch copy per run
+  auto in_registers = [&](const Factors& e) {
+    return std::is_same_v<acc_t, float> && e.a_type == ScalarType::BFloat16 && e.b_type == ScalarType::BFloat16;
+  };
   int64_t r_max = 1;
   bool convert_a = false, convert_b = false;
   for (const auto& e : f) {
     r_max = std::max(r_max, e.r);
-    convert_a = convert_a || (!lookup && e.a_type != acc);
-    convert_b = convert_b || e.b_type != acc;
+    convert_a = convert_a || (!lookup && e.a_type != acc && !in_registers(e));
+    convert_b = convert_b || (e.b_type != acc && !in_registers(e));
   }
   const bool convert_x = !lookup && xt != acc, convert_y = yt != acc;
   char* const ybase = static_cast<char*>(y.data_ptr());
@@ -203,9 +208,7 @@ void run(Tensor& y, const Tensor& x, const std::vector<Factors>& f, const std::v
           }
         }
       };
-      const bool bf16 = std::is_same_v<acc_t, float> && e.a_type == ScalarType::BFloat16 &&
-                        e.b_type == ScalarType::BFloat16;
-      if (bf16) {
+      if (in_registers(e)) {
         items_of_run(static_cast<const c10::BFloat16*>(e.a), static_cast<const c10::BFloat16*>(e.b));
       } else {
         const acc_t* A = static_cast<const acc_t*>(e.a);

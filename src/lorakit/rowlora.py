@@ -12,7 +12,7 @@ tokens, ordered by slot so that a thread reads a slot's factors once per run), r
 into ``$LORAKIT_CACHE_DIR`` (default ``~/.cache/lorakit``), keyed by the source, torch's and
 Python's versions and the CPU, so later processes only load it. Where Python's headers are
 installed the same library is also a Python module whose ``rows_`` runs the op without the
-dispatcher (which boxes every factor of the lists, ~0.4 µs each: 50 µs per layer and step with 64
+dispatcher (which boxes every factor of the lists, ~0.4 µs each: 30 µs per layer and step with 64
 adapters) and with the GIL released; :func:`add_rows_unchecked_` calls it.
 
 If it cannot be built or loaded, :func:`available` warns once and returns False, and mixed batches
@@ -59,7 +59,7 @@ def use(flag: bool) -> None:
 
 def available() -> bool:
     """Whether mixed batches on CPU use the kernel: selected, and built and loaded (the first call
-    builds it if needed, ~20 s; a failure warns once and leaves the PyTorch path)."""
+    builds it if needed, ~30 s; a failure warns once and leaves the PyTorch path)."""
     global _state, _direct
     if not _wanted:
         return False

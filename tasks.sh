@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lorakit's one entry point for set-up, the main job and the tests (no make needed).
 #   bash tasks.sh demo    set up .venv if needed, then run the main job on the embedded model and data
-#   bash tasks.sh test    set up .venv if needed, then run the whole test suite (what CI runs)
+#   bash tasks.sh test    set up .venv if needed, then run the whole test suite (CI runs lint, then this)
+#   bash tasks.sh lint    ruff (lint + import order) and import-linter (the layers of src/lorakit)
 #   bash tasks.sh bench   set up .venv (+ loralib), then run the main benchmarks under bench/ (~1.3 h)
 #   bash tasks.sh setup   only create/refresh .venv
 set -euo pipefail
@@ -30,8 +31,9 @@ case "${1:-}" in
     setup) setup ;;
     demo) setup; shift; "$VENV/bin/python" -m lorakit.cli train "$@" ;;
     test) setup; shift; "$VENV/bin/python" -m pytest -q "$@" ;;
+    lint) setup; "$VENV/bin/ruff" check . && "$VENV/bin/lint-imports" --no-cache ;;
     bench) setup; shift
         "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[bench]"
         for b in layer_bench model_bench mixed_bench serve_traffic finetune_table; do "$VENV/bin/python" "bench/$b.py" "$@"; done ;;
-    *) sed -n '2,6p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,7p' "$0" >&2; exit 2 ;;
 esac

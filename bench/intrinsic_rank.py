@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import lorakit  # noqa: E402
-from lorakit.extraction import energy_at, extract  # noqa: E402
+from lorakit.ops.extraction import energy_at, extract  # noqa: E402
 from lorakit.targets import plan  # noqa: E402
 from lorakit.train.data import collate, encode_classification  # noqa: E402
 from lorakit.train.loop import TrainConfig, load_checkpoint_weights  # noqa: E402

@@ -11,7 +11,7 @@ weights serve both libraries (PEFT saves them, lorakit loads them), and the outp
 compared before timing. "lorakit (first step)" opens the routing inside the timed call, so it
 includes planning the routing (and, on the plain PyTorch path, gathering the rows' factors), which
 ``generate`` does once per call. Each lorakit variant runs twice in the same interleaved rounds: with
-the per-row kernel (``lorakit.rowlora``, the default) and with the plain PyTorch path it replaced
+the per-row kernel (``lorakit.batching.rowlora``, the default) and with the plain PyTorch path it replaced
 ("torch path": the bank and gathered bmm, ``rowlora.use(False)``).
 
 Memory (``--memory``, or part of the full run): the tensor bytes a mixed step of B rows x 1 token
@@ -95,14 +95,15 @@ def compare(kind: str, B: int, n: int, args, models, log) -> dict:
         ids = torch.randint(1000, 20000, (B, args.seq), generator=g)
         inputs = lambda: {"input_ids": ids}  # noqa: E731
         logits = lambda o: o.last_hidden_state  # noqa: E731
-    from lorakit import batching, rowlora
+    from lorakit import routing as routing_state
+    from lorakit.batching import rowlora
     routings, err = {}, {}
     for path in (True, False):  # correctness: lorakit (both paths) vs PEFT on the same weights
         rowlora.use(path)
         with torch.inference_mode():
             with lorakit.mixed(ours, names):
                 a = logits(ours(**inputs()))
-                routings[path] = batching.ROUTING.get()  # kept, with its plans, for the steady state
+                routings[path] = routing_state.ROUTING.get()  # kept, with its plans, for the steady state
             b = logits(pm(**inputs(), adapter_names=names))
         err[path] = (a - b).abs().max().item()
         log(f"  check: lorakit ({'kernel' if path else 'torch path'}) vs PEFT max |diff| = {err[path]:.2e} "
@@ -117,11 +118,11 @@ def compare(kind: str, B: int, n: int, args, models, log) -> dict:
 
     def steady(path):  # the routing of an open block, planned already (as during generate)
         def step(kw):
-            token = batching.ROUTING.set(routings[path])
+            token = routing_state.ROUTING.set(routings[path])
             try:
                 return ours(**kw)
             finally:
-                batching.ROUTING.reset(token)
+                routing_state.ROUTING.reset(token)
         return run(step)
 
     def first(path):  # a new routing opened inside the timed call
@@ -149,7 +150,7 @@ def memory(models, log) -> list[dict]:
     from torch.utils._pytree import tree_leaves
 
     import lorakit
-    from lorakit import rowlora
+    from lorakit.batching import rowlora
 
     class Allocations(TorchDispatchMode):  # fresh storages returned by every op (outputs aliasing an input excluded)
         def __enter__(self):
@@ -177,7 +178,7 @@ def memory(models, log) -> list[dict]:
                     total += t.untyped_storage().nbytes()
         return total
 
-    from lorakit import batching
+    from lorakit import routing as routing_state
     _, ours, _ = models
     layers = [layer for _, layer in lorakit.lora_layers(ours)]
     factors = sum(p.numel() * p.element_size() for layer in layers for p in
@@ -194,7 +195,7 @@ def memory(models, log) -> list[dict]:
                     with lorakit.mixed(ours, [f"a{i % n}" for i in range(B)]):
                         with Allocations() as step:
                             ours(input_ids=ids, use_cache=False)
-                        kept = held(layers, batching.ROUTING.get())
+                        kept = held(layers, routing_state.ROUTING.get())
                 for layer in layers:  # the next configuration starts without a bank
                     layer.__dict__.pop("_bank", None)
                 r_max = 8
@@ -287,7 +288,7 @@ def main() -> None:
           "step of one generate call after the first); first step: the routing is opened inside the timed "
           "call, so the step plans it (the torch path also gathers every row's factors there: the first step of "
           "each generate call, and of each new batch composition in lorakit serve). lorakit: the per-row kernel "
-          "(lorakit.rowlora, the default); torch path: the bank + gathered bmm path it replaced, same rounds.\n\n" + "\n".join(rows) +
+          "(lorakit.batching.rowlora, the default); torch path: the bank + gathered bmm path it replaced, same rounds.\n\n" + "\n".join(rows) +
           f"\n\nOne adapter for all 64 rows: lorakit.mixed / plain single-adapter time = {common.fmt(s)} "
           f"(median [p25-p75] / ratio of minima; {3 * args.rounds} rounds).\n\n"
           f"Measured under load (load average {results['machine']['loadavg'][0]:.1f} on "

@@ -38,7 +38,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import lorakit
-    from lorakit import batching, rowlora
+    from lorakit import routing as routing_state
+    from lorakit.batching import rowlora
     from lorakit.builtin import smollm2_path
     from mixed_bench import _lorakit_only
     torch.set_num_threads(args.threads)
@@ -56,14 +57,14 @@ def main() -> None:
     cache0, tok = pre.past_key_values, pre.logits[:, -1].argmax(-1, keepdim=True)
     with torch.inference_mode(), lorakit.mixed(model, names):
         model(input_ids=tok, past_key_values=copy.deepcopy(cache0))
-        routing = batching.ROUTING.get()  # kept with its plans: the steady state
+        routing = routing_state.ROUTING.get()  # kept with its plans: the steady state
 
     def steady(kw):
-        token = batching.ROUTING.set(routing)
+        token = routing_state.ROUTING.set(routing)
         try:
             model(**kw)
         finally:
-            batching.ROUTING.reset(token)
+            routing_state.ROUTING.reset(token)
 
     def without_op(kw):  # the same steady step with the kernel's call replaced by nothing: all but the op
         op = rowlora.add_rows_unchecked_
@@ -95,7 +96,7 @@ def _surroundings(model, names: list, tok, threads: int) -> None:
     import torch
 
     import lorakit
-    from lorakit import batching
+    from lorakit import routing as routing_state
 
     def median_ms(fn, n):
         times = []
@@ -119,15 +120,15 @@ def _surroundings(model, names: list, tok, threads: int) -> None:
             model(input_ids=tok)
     with torch.inference_mode(), lorakit.mixed(model, names):
         model(input_ids=tok)
-        routing = batching.ROUTING.get()
+        routing = routing_state.ROUTING.get()
 
     def steady():
-        token = batching.ROUTING.set(routing)
+        token = routing_state.ROUTING.set(routing)
         try:
             with torch.inference_mode():
                 model(input_ids=tok)
         finally:
-            batching.ROUTING.reset(token)
+            routing_state.ROUTING.reset(token)
     pairs = [(cpu(first), cpu(steady)) for _ in range(7)]
     planning = statistics.median(f for f, _ in pairs) - statistics.median(s for _, s in pairs)
     torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.algebra import combine
+from lorakit.ops.algebra import combine
 
 F64 = torch.float64
 
@@ -285,8 +285,8 @@ def test_cli_combine_writes_the_exact_sum_and_refuses_bad_input_with_one_line(tm
     from transformers import AutoModelForCausalLM
 
     from lorakit.cli import COMBINE_METHODS, main
-    from lorakit.extraction import spectra
-    assert COMBINE_METHODS == lorakit.algebra.METHODS
+    from lorakit.ops.extraction import spectra
+    assert COMBINE_METHODS == lorakit.ops.algebra.METHODS
     base = save_tiny_llama(tmp_path / "base")
     ma = random_adapter(base, tmp_path / "a", 2, ["q_proj", "v_proj"], 1)
     mb = random_adapter(base, tmp_path / "b", 3, ["q_proj", "v_proj"], 2)

@@ -68,8 +68,8 @@ def _build(dtype, seed):
 
 @contextlib.contextmanager
 def _path(kernel):
-    """Mixed batches through lorakit.rowlora's kernel (the default on CPU) or the plain PyTorch path."""
-    from lorakit import rowlora
+    """Mixed batches through lorakit.batching.rowlora's kernel (the default on CPU) or the plain PyTorch path."""
+    from lorakit.batching import rowlora
     was = rowlora._wanted
     rowlora.use(kernel)
     try:
@@ -384,7 +384,7 @@ def _follows_changes(tmp_path):
 def test_a_routing_kept_across_changes_sees_each_one(kernel):
     """One routing (its plans) reused, as a server keeps it across decode steps, after each change of
     the adapters of a kernel-routed Linear: a scale, a new Parameter object, an in-place write, a dtype."""
-    from lorakit import batching
+    from lorakit import routing as routing_state
     net = _build(torch.float64, 8)
     x = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(0))
     rows = ["a", "b", None]
@@ -392,18 +392,18 @@ def test_a_routing_kept_across_changes_sees_each_one(kernel):
     with torch.no_grad(), _path(kernel):
         with lorakit.mixed(net, rows):
             net(x)
-            routing = batching.ROUTING.get()
+            routing = routing_state.ROUTING.get()
         changes = [lambda: q.scale.__setitem__("a", q.scale["a"] * 3),
                    lambda: q.lora_A.__setitem__("b", nn.Parameter(q.lora_A["b"].detach() * -2)),
                    lambda: q.lora_B["a"].mul_(5),
                    lambda: net.to(torch.float32)]
         for change in changes:
             change()
-            token = batching.ROUTING.set(routing)
+            token = routing_state.ROUTING.set(routing)
             try:
                 y = net(x.clone())
             finally:
-                batching.ROUTING.reset(token)
+                routing_state.ROUTING.reset(token)
             tol = TOL[y.dtype]
             for i, name in enumerate(rows):
                 ref = _alone(net, x[i:i + 1], name)[0]

@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 RTOL = 1e-5
 PATHS = ("emb", "lin", "c1d", "conv1", "conv2", "gconv")
-PEFT_PATHS = PATHS[:-1]  # PEFT's grouped-conv factors have another layout (see lorakit.kinds._GroupedConv)
+PEFT_PATHS = PATHS[:-1]  # PEFT's grouped-conv factors have another layout (see lorakit.kinds.conv._GroupedConv)
 
 
 class Toy(nn.Module):
@@ -391,7 +391,7 @@ def test_bad_input_is_refused_naming_the_module(tmp_path):
     raw.experts.weight = nn.Parameter(torch.randn(2, 4, 4))
     with pytest.raises(LoraError, match=r"experts.weight: DoRA \(use_dora=True\) is not defined for raw parameters"):
         lorakit.inject(raw, LoraConfig(target_parameters=["experts.weight"], use_dora=True))
-    assert "lorakit_registry" not in raw.__dict__
+    assert not lorakit.state.has_adapters(raw)
     with pytest.raises(LoraError, match="use_dora must be True or False"):
         LoraConfig(targets=["lin"], use_dora="yes")
     zero_row = nn.Sequential(nn.Linear(4, 3))
@@ -399,7 +399,7 @@ def test_bad_input_is_refused_naming_the_module(tmp_path):
         zero_row[0].weight[1] = 0
     with pytest.raises(LoraError, match=r"0.weight: output unit\(s\) \[1\] of this weight are all zero"):
         lorakit.inject(zero_row, LoraConfig(targets=["0"], use_dora=True))
-    assert "lorakit_registry" not in zero_row.__dict__
+    assert not lorakit.state.has_adapters(zero_row)
     lorakit.inject(zero_row, LoraConfig(targets=["0"]))  # plain LoRA is fine there
     nan_m = lorakit.inject(nn.Sequential(nn.Linear(4, 3)), LoraConfig(targets=["0"], use_dora=True))
     with torch.no_grad():
@@ -427,7 +427,7 @@ def test_bad_input_is_refused_naming_the_module(tmp_path):
     save_file(tensors, tmp_path / "d/adapter_model.safetensors")
     with pytest.raises(LoraError, match="unexpected key base_model.model.lin.lora_magnitude_vector"):
         lorakit.load(target, tmp_path / "d")
-    assert "lorakit_registry" not in target.__dict__
+    assert not lorakit.state.has_adapters(target)
 
 
 # -- a real model ---------------------------------------------------------------------------------

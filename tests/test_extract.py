@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.extraction import effective_rank, extract, spectra
+from lorakit.ops.extraction import effective_rank, extract, spectra
 
 F64 = torch.float64
 
@@ -128,7 +128,7 @@ def test_mismatches_are_refused_naming_the_module_and_nothing_changes(tuned, kwa
     kwargs.setdefault("targets", ["q", "conv"])
     with pytest.raises(lorakit.LoraError, match=fragment):
         extract(base, other, **kwargs)
-    assert "lorakit_registry" not in base.__dict__
+    assert not lorakit.state.has_adapters(base)
     assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
 
 
@@ -169,4 +169,4 @@ def test_a_quantized_base_is_refused():
     lorakit.quantize(base, "int8", skip=["head"])
     with pytest.raises(lorakit.LoraError, match=r"q.weight: the base weight is stored packed"):
         extract(base, tuned, rank=2, targets=["q"])
-    assert "lorakit_registry" not in base.__dict__
+    assert not lorakit.state.has_adapters(base)

@@ -45,11 +45,11 @@ def _generate(model, ids, n, adapter=None, merged=False):
         model = copy.deepcopy(model)
         lorakit.set_active(model, [adapter])
         lorakit.merge(model, adapter)
-    elif "lorakit_registry" in model.__dict__:
+    elif lorakit.state.has_adapters(model):
         lorakit.set_active(model, [adapter] if adapter else [])
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id)
-    if not merged and "lorakit_registry" in model.__dict__:
+    if not merged and lorakit.state.has_adapters(model):
         lorakit.set_active(model, [])
     new = out[0, len(ids):].tolist()
     eos = model.generation_config.eos_token_id

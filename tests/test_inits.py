@@ -1,4 +1,4 @@
-"""PiSSA / OLoRA inits that rewrite W (lorakit.inits), their conversion to plain LoRA, and the
+"""PiSSA / OLoRA inits that rewrite W (lorakit.variants.rewriting_inits), their conversion to plain LoRA, and the
 train flags --init / --rslora / --loraplus-ratio.
 
 Oracles: the un-injected model (output unchanged at init), float64 SVD / QR of W (the textbook
@@ -155,7 +155,7 @@ def test_merge_unmerge_delete_disabled():
     _close(model(_x()), trained)
     # delete: the original weights come back (two roundings of fp32), as plain modules
     lorakit.delete(model, "default")
-    assert type(model.q) is nn.Linear and not hasattr(model, "lorakit_registry")
+    assert type(model.q) is nn.Linear and not lorakit.state.has_adapters(model)
     _close(model.q.weight, base.q.weight)
     _close(model(_x()), base(_x()))
 
@@ -265,7 +265,7 @@ def test_refused_inits(cfg, match):
     with pytest.raises(LoraError, match=match):
         lorakit.inject(model, LoraConfig(**cfg))
     _unchanged(model, before)
-    assert not hasattr(model, "lorakit_registry")
+    assert not lorakit.state.has_adapters(model)
 
 
 def test_refused_on_tied_and_integer_weights():
@@ -299,7 +299,7 @@ def test_load_refuses_inits_it_cannot_reproduce(tmp_path, init):
     fresh = _net()
     with pytest.raises(LoraError, match=f"init_lora_weights='{init}' is not supported"):
         lorakit.load(fresh, tmp_path)
-    assert not hasattr(fresh, "lorakit_registry")
+    assert not lorakit.state.has_adapters(fresh)
 
 
 # -- lorakit train flags ---------------------------------------------------------------------------

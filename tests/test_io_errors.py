@@ -96,7 +96,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lorakit  # noqa: E402
-import lorakit.io  # noqa: E402
+import lorakit.files.writer  # noqa: E402
 from lorakit import LoraConfig, LoraError  # noqa: E402
 
 PREFIX = "base_model.model."
@@ -174,7 +174,7 @@ def _freeze(value):
 
 
 def _snapshot(model) -> dict:
-    reg = model.__dict__.get("lorakit_registry")
+    reg = lorakit.state.registry_of(model)
     layers = [(p, type(layer.base_layer), layer.kind.name, layer.param_name, layer.active, layer.merged,
                dict(layer.scale), dict(layer.dropout), {n: tuple(a.shape) for n, a in layer.lora_A.items()},
                {n: tuple(b.shape) for n, b in layer.lora_B.items()}, layer._original is not None)
@@ -380,11 +380,11 @@ def test_malformed_folder_raises_and_changes_nothing(case, state, v1, tmp_path):
     for fragment in fragments:
         assert fragment.replace("{dir}", str(bad)) in message, f"{fragment!r} not in: {message}"
     with pytest.raises(LoraError) as info:  # the dry run finds the same problem
-        lorakit.io.check(model, bad)
+        lorakit.verify(model, bad)
     assert str(info.value) == message
     _assert_unchanged(before, _snapshot(model))
     if state == "fresh":
-        assert "lorakit_registry" not in model.__dict__
+        assert not lorakit.state.has_adapters(model)
     assert not marker.exists(), "lorakit unpickled the file"
 
 
@@ -393,7 +393,7 @@ def test_check_accepts_a_good_folder_and_changes_nothing(state, v1):
     good, expected = v1
     model = _model_in_state(state, good)
     before = _snapshot(model)
-    cfg = lorakit.io.check(model, good)
+    cfg = lorakit.verify(model, good)
     assert (cfg.r, cfg.alpha) == (CFG_V1.r, CFG_V1.alpha)
     _assert_unchanged(before, _snapshot(model))
     lorakit.load(model, good)  # and load agrees
@@ -447,7 +447,7 @@ def test_invalid_adapter_name_on_load_raises_and_changes_nothing(name, v1):
     with pytest.raises(LoraError, match="adapter name"):
         lorakit.load(model, good, adapter=name)
     _assert_unchanged(before, _snapshot(model))
-    assert "lorakit_registry" not in model.__dict__
+    assert not lorakit.state.has_adapters(model)
 
 
 def test_load_new_adapter_while_other_merged_changes_nothing(v1):
@@ -469,7 +469,7 @@ def _fd_name(fd: int) -> str:
 def _crash_st_save(monkeypatch):
     def boom(*a, **k):
         raise OSError("simulated crash while serialising the weights")
-    monkeypatch.setattr(lorakit.io, "st_save", boom)
+    monkeypatch.setattr(lorakit.files.writer, "st_save", boom)
 
 
 def _crash_fsync(name):

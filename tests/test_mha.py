@@ -186,7 +186,7 @@ def test_out_proj_cannot_be_adapted_alone():
     for cfg in (LoraConfig(r=2, targets=["attn.out_proj"]), LoraConfig(r=2, target_parameters=["attn.out_proj.weight"])):
         with pytest.raises(LoraError, match=refused):
             lorakit.inject(net, cfg)
-    assert not hasattr(net, "lorakit_registry")
+    assert not lorakit.state.has_adapters(net)
     net.ff = nn.Linear(E, E)
     lorakit.inject(net, LoraConfig(r=2, targets="all-linear"))
     assert [p for p, _ in lorakit.lora_layers(net)] == ["ff"]

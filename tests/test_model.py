@@ -84,7 +84,7 @@ def test_unmatched_target_lists_close_names_and_changes_nothing(net):
     with pytest.raises(LoraError, match="matches no module"):
         lorakit.inject(net, LoraConfig(targets=[nn.GRU]))
     assert not any(isinstance(m, lorakit.LoraLayer) for m in net.modules())
-    assert "lorakit_registry" not in net.__dict__
+    assert not lorakit.state.has_adapters(net)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(p.requires_grad for p in net.parameters())
 
@@ -197,7 +197,7 @@ def test_delete_restores_original_modules(net):
     assert isinstance(net.layers[0].value, nn.Linear) and isinstance(net.layers[0].query, lorakit.LoraLayer)
     assert lorakit.registry(net).active == ()
     lorakit.delete(net, "a")
-    assert "lorakit_registry" not in net.__dict__
+    assert not lorakit.state.has_adapters(net)
     assert net.state_dict().keys() == original.state_dict().keys()
     assert all(p.requires_grad for p in net.parameters())
     with pytest.raises(LoraError, match="no lorakit adapters"):

@@ -189,7 +189,7 @@ def test_merge_and_unload_dequantize_refused_merge_restores_quantized_layers():
     with pytest.raises(lorakit.LoraError, match="NaN"):
         lorakit.merge_and_unload(model, dequantize=True)
     assert quant.quantized_paths(model) == {"up": "nf4", "gate": "nf4", "down": "nf4"}
-    assert model.up.kind is quant.LINEAR4BIT
+    assert model.up.kind is lorakit.kinds.bitsandbytes.LINEAR4BIT
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
@@ -200,7 +200,7 @@ def test_merge_requantized_reports_the_error_it_introduced(fmt):
     merged = (_w64(model.up.base_layer) + model.up.scale["default"] * model.up.lora_B["default"].double()
               @ model.up.lora_A["default"].double()).float()
     report = lorakit.quant.merge_requantized(model)
-    assert quant.format_of(model.up) == fmt and "lorakit_registry" not in model.__dict__
+    assert quant.format_of(model.up) == fmt and not lorakit.state.has_adapters(model)
     # independent: quantize the float32 merged weight alone and measure
     lin = nn.Linear(64, 96)
     with torch.no_grad():
@@ -299,7 +299,7 @@ def test_adapter_refuses_a_base_quantized_otherwise(tmp_path):
         with pytest.raises(lorakit.LoraError, match=f"trained on a base with down in {was}, but this model "
                                                     f"holds it in {now} \\(2 layer"):
             lorakit.load(other, tmp_path / directory)
-        assert "lorakit_registry" not in other.__dict__
+        assert not lorakit.state.has_adapters(other)
         with torch.no_grad():
             assert torch.equal(other(x), before)
         lorakit.load(other, tmp_path / directory, allow_precision_change=True)  # explicit: applied anyway

@@ -1,4 +1,4 @@
-"""The fused training path of a LoRA layer on a bitsandbytes base (``quant._QuantLoraFn``).
+"""The fused training path of a LoRA layer on a bitsandbytes base (``lorakit.kinds.bitsandbytes._QuantLoraFn``).
 
 Oracles: the float64 formula y = x·W_degᵀ + b + s·(x·Aᵀ)·Bᵀ and its gradients on bitsandbytes' own
 dequantized weight; the bytes a forward + backward may allocate, counted from the shapes."""

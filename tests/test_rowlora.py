@@ -1,4 +1,4 @@
-"""lorakit.rowlora, the per-row LoRA kernel: the op against the float64 formula, and lorakit.mixed running
+"""lorakit.batching.rowlora, the per-row LoRA kernel: the op against the float64 formula, and lorakit.mixed running
 it (each row against that row run alone), with no copy of the factors and a fallback when it cannot be built."""
 
 import os
@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
-from lorakit import LoraConfig, LoraError, rowlora
+from lorakit import LoraConfig, LoraError
+from lorakit.batching import rowlora
 from test_batching import _alone  # the oracle: one row through the plain single-adapter path
 from test_layers import _randomise  # every factor non-zero, seeded
 
@@ -342,7 +343,7 @@ def test_without_python_headers_the_op_is_built_and_called_through_torch_ops(tmp
     cache) and lorakit calls the op through torch.ops, with the same result."""
     script = textwrap.dedent("""
         import torch
-        from lorakit import rowlora
+        from lorakit.batching import rowlora
         rowlora._python_headers = lambda: None
         assert rowlora.available() and rowlora._direct is None
         g = torch.Generator().manual_seed(0)

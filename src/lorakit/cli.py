@@ -10,7 +10,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")  # lorakit.algebra.METHODS (no torch import)
+COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")  # lorakit.ops.algebra.METHODS (no torch import)
 OUT = {"classify": "runs/classify", "causal-lm": "runs/causal-lm"}  # default output folder per task
 
 
@@ -187,7 +187,7 @@ def _run_task(args, lm: bool, common: dict) -> None:
 
 
 def _adapter_folder(path: str) -> Path:
-    from .io import CONFIG_NAME
+    from .files.format import CONFIG_NAME
     folder = Path(path)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder}: not an adapter folder (no {CONFIG_NAME}); a trained adapter is "
@@ -198,7 +198,7 @@ def _adapter_folder(path: str) -> Path:
 def _predict(args) -> int:
     import json
 
-    from . import load
+    from .api import load
     from .train.data import read_records
     from .train.tasks import adapter_task, load_model, predict
 
@@ -236,7 +236,7 @@ def _generate(args) -> int:
 
     import torch
 
-    from . import load
+    from .api import load
     from .train.tasks import adapter_task, generate, load_model
 
     model_spec = args.model
@@ -267,7 +267,7 @@ def _inspect(args) -> int:
 
     from safetensors import safe_open
 
-    from .io import CONFIG_NAME, WEIGHTS_NAME
+    from .files.format import CONFIG_NAME, WEIGHTS_NAME
     from .train.tasks import adapter_task
 
     folder = _adapter_folder(args.adapter)
@@ -288,7 +288,7 @@ def _inspect(args) -> int:
 
 def _inspect_spectrum(args, folder: Path) -> None:
     """``inspect``'s per-module table: rank, largest singular values of ΔW, effective rank; the plot."""
-    from .extraction import effective_rank, plot_spectra, spectra
+    from .ops.extraction import effective_rank, plot_spectra, spectra
     found = spectra(folder)
     print(f"{'module':<56} {'rank':>4} {'sigma_1':>10} {'sigma_r':>10} {f'rank@{args.energy:g}':>9}")
     for path, s in found.items():
@@ -316,8 +316,7 @@ def _load_base(folder: Path, model_spec: str | None):
 def _combine(args) -> int:
     import json
 
-    from . import load, save
-    from .algebra import combine
+    from .api import combine, load, save
     from .train.tasks import TASK_NAME
     folders = [_adapter_folder(a) for a in args.adapters]
     if len(args.weights) != len(folders):
@@ -341,8 +340,7 @@ def _combine(args) -> int:
 def _extract(args) -> int:
     import json
 
-    from . import save
-    from .extraction import extract
+    from .api import extract, save
     from .pretrained import _quiet_transformers, model_path
     from .train.tasks import TASK_NAME, load_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -517,8 +515,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _version() -> str:
-    from . import __version__
-    return f"lorakit {__version__}"
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"lorakit {version('lorakit')}"
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "lorakit (not installed: version unknown)"
 
 
 if __name__ == "__main__":

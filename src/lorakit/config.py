@@ -21,7 +21,7 @@ __all__ = ["LoraConfig", "LoraError", "INITS", "Target"]
 #: ``kaiming``: A ~ Kaiming-uniform(a=√5) (PEFT's default), ``gaussian``: A ~ N(0, 1/r),
 #: ``normal``: A ~ N(0, 1) (the plain init of the seed's minimal example); B is zero for these.
 #: ``pissa`` (SVD) and ``olora`` (QR) take A, B from W and leave W − s·B·A in W (see
-#: :mod:`lorakit.inits`); ``pissa_niter_<k>`` is PiSSA by a randomized SVD with k subspace iterations.
+#: :mod:`lorakit.variants.rewriting_inits`); ``pissa_niter_<k>`` is PiSSA by a randomized SVD with k subspace iterations.
 INITS = ("kaiming", "gaussian", "normal", "pissa", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
 
@@ -105,7 +105,7 @@ class LoraConfig:
         init: one of :data:`INITS`, or ``"pissa_niter_<k>"``.
         use_rslora: scale by ``alpha / √r`` instead of ``alpha / r``.
         use_dora: DoRA (weight-decomposed LoRA, as PEFT's ``use_dora``): each adapted weight also
-            gets a trainable magnitude per output, W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (see :mod:`lorakit.dora`).
+            gets a trainable magnitude per output, W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (see :mod:`lorakit.variants.dora`).
         modules_to_save: modules trained and saved whole with the adapter (e.g. a new
             classification head ``"classifier"``), same pattern rules as ``targets``.
     """

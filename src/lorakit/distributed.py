@@ -25,11 +25,13 @@ import torch
 import torch.distributed as dist
 
 from .config import LoraError
+from .sharding import full_tensor, is_main, is_sharded, like_param, rank, world_size
+from .state import registry_of
 
 __all__ = ["DEVICES", "RankFailure", "resolve_device", "setup", "teardown", "rank", "world_size", "is_main", "shard",
            "shard_batches",
            "all_reduce_grads", "broadcast_from_main", "reduce_sums",
-           "ADAPTER_LAYOUTS", "fully_shard_model", "reshard", "is_sharded", "full_tensor", "trainable_state",
+           "ADAPTER_LAYOUTS", "fully_shard_model", "reshard", "is_sharded", "full_tensor", "like_param", "trainable_state",
            "gather", "barrier", "DEFAULT_TIMEOUT_S"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -115,19 +117,6 @@ def teardown() -> None:
     """Leave the process group (if this process joined one)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    """Rank 0: the one process that writes files and prints."""
-    return rank() == 0
 
 
 def barrier() -> None:
@@ -262,7 +251,7 @@ def fully_shard_model(model: torch.nn.Module, param_dtype: torch.dtype | None = 
     fully_shard(model, mp_policy=policy, ignored_params=ignored)
     # lorakit's registry remembers each base parameter (its requires_grad flag, restored on unload): point it
     # at the shards, or it would keep every rank's whole unsharded copy alive (measured: the whole model's bytes)
-    reg = getattr(model, "_orig_mod", model).__dict__.get("lorakit_registry")
+    reg = registry_of(model)
     if reg is not None:
         now = dict(model.named_parameters(remove_duplicate=False))
         reg.frozen = [(now[names[id(p)]], flag) for p, flag in reg.frozen if id(p) in names]
@@ -281,26 +270,6 @@ def reshard(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def is_sharded(model: torch.nn.Module, trainable: bool = False) -> bool:
-    """True if ``model``'s parameters (``trainable``: its trainable ones) are FSDP2's ``DTensor`` shards."""
-    from torch.distributed.tensor import DTensor
-    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad or not trainable)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` whole: a ``DTensor`` is gathered from every rank (a collective), a tensor returned as is."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def like_param(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A whole tensor ``t`` laid out like ``param``: this rank's shard of it if ``param`` is a ``DTensor``."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if isinstance(param, DTensor):
-        return distribute_tensor(t.to(param.device_mesh.device_type), param.device_mesh, param.placements)
-    return t
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

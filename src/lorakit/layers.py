@@ -1,5 +1,5 @@
 """LoRA layers: one wrapper module with one merge path; what differs per layer kind is a
-:class:`~lorakit.kinds.Kind`.
+:class:`~lorakit.kinds.Kind`, and what differs per variant is a function in :mod:`lorakit.variants`.
 
 A :class:`LoraLayer` wraps an existing module (``base_layer``) and holds any number of named
 adapters for one of its weights W, in the shapes its kind gives. ΔW (from the kind's
@@ -16,18 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import batching as _batching  # the mixed routing: ROUTING, MIXED_OPEN
-from . import dora as _dora
-from . import inits
+from . import routing  # the mixed-batch routing: ROUTING, MIXED_OPEN (read as module attributes)
 from .config import LoraError
 from .kinds import Kind
+from .variants import dora as _dora
+from .variants import rewriting_inits as inits
 
 __all__ = ["LoraLayer", "SavedModule"]
 
 @torch.compiler.disable
 def _routed_eager(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     """The module's forward run eagerly from compiled code, where the mixed routing is visible
-    (see ``batching.MIXED_OPEN``)."""
+    (see :data:`lorakit.routing.MIXED_OPEN`)."""
     return module.forward(x, *args, **kwargs)
 
 
@@ -37,7 +37,7 @@ class LoraLayer(nn.Module):
     Attributes:
         base_layer: the wrapped, frozen module (its forward and buffers are untouched).
         lora_A, lora_B: the factors per adapter name, in PEFT's shapes.
-        lora_magnitude_vector: DoRA's magnitude m per DoRA adapter name (:mod:`lorakit.dora`).
+        lora_magnitude_vector: DoRA's magnitude m per DoRA adapter name (:mod:`lorakit.variants.dora`).
         scale: per adapter, s = α/r (or α/√r).
         active: names whose updates are applied in forward (set by :func:`lorakit.set_active`).
         merged: names currently merged into W (then forward is the base forward alone).
@@ -71,7 +71,7 @@ class LoraLayer(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------
     def add(self, name: str, r: int, scale: float, dropout: float, init: str, dora: bool = False) -> None:
-        """Create adapter ``name`` with ΔW = 0 (a rewriting init, :mod:`lorakit.inits`: W − s·B·A + s·B·A = W).
+        """Create adapter ``name`` with ΔW = 0 (a rewriting init, :mod:`lorakit.variants.rewriting_inits`: W − s·B·A + s·B·A = W).
         Factors in the kind's factor_dtype (fp32 on a half-precision base). ``dora``: also a DoRA
         magnitude, m = ‖W + ΔW‖ (so the layer's output is unchanged)."""
         w = self.weight
@@ -119,7 +119,7 @@ class LoraLayer(nn.Module):
 
     def check_active(self, names: Sequence[str], path: str) -> None:
         """Raise :class:`LoraError` if ``names`` would make a DoRA adapter active here together with
-        another adapter (their combination has no single W'; see :mod:`lorakit.dora`)."""
+        another adapter (their combination has no single W'; see :mod:`lorakit.variants.dora`)."""
         here = [n for n in names if n in self.lora_A]
         if len(here) > 1 and any(n in self.lora_magnitude_vector for n in here):
             dora = [n for n in here if n in self.lora_magnitude_vector]
@@ -159,19 +159,19 @@ class LoraLayer(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if torch.compiler.is_compiling():
-            if _batching.MIXED_OPEN:  # a guarded global: compiled code never ignores an open routing
+            if routing.MIXED_OPEN:  # a guarded global: compiled code never ignores an open routing
                 return _routed_eager(self, x, *args, **kwargs)
         else:
-            routing = _batching.ROUTING.get()
-            if routing is not None and id(self) in routing.layers:
-                return routing.forward(self, x, *args, **kwargs)
+            current = routing.ROUTING.get()
+            if current is not None and id(self) in current.layers:
+                return current.forward(self, x, *args, **kwargs)
         if self.merged or not self.active:
             return self.base_layer(x, *args, **kwargs)
         return self.run(self.active, x, *args, **kwargs)
 
     def run(self, names: Sequence[str], x: Tensor, *args, **kwargs) -> Tensor:
         """The unmerged forward with the updates of ``names`` (the base alone if there are none): a DoRA
-        adapter through :func:`lorakit.dora.forward`, plain ones through the kind's forward."""
+        adapter through :func:`lorakit.variants.dora.forward`, plain ones through the kind's forward."""
         if self.lora_magnitude_vector:
             if len(names) == 1 and names[0] in self.lora_magnitude_vector:
                 return _dora.forward(self, names[0], x, *args, **kwargs)
@@ -257,10 +257,10 @@ class SavedModule(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         if torch.compiler.is_compiling():
-            if _batching.MIXED_OPEN:  # as in LoraLayer.forward
+            if routing.MIXED_OPEN:  # as in LoraLayer.forward
                 return _routed_eager(self, x, *args, **kwargs)
         else:
-            routing = _batching.ROUTING.get()
-            if routing is not None and id(self) in routing.layers:
-                return routing.forward_saved(self, x, *args, **kwargs)
+            current = routing.ROUTING.get()
+            if current is not None and id(self) in current.layers:
+                return current.forward_saved(self, x, *args, **kwargs)
         return self.current()(x, *args, **kwargs)

@@ -1,10 +1,13 @@
-"""Model-level API: inject adapters in place, keep one registry per model, merge and unload.
+"""Model-level API, the mutations: inject adapters in place, activate, merge, delete and unload.
 
-The registry (:class:`Registry`, at ``model.lorakit_registry``) is the single record of which
-adapters exist, their configs, which are active and whether they are merged. The
-:class:`~lorakit.layers.LoraLayer` modules hold the weights and a copy of the active set for
-their forward. There are no hooks and no global state; the one other attribute lorakit sets is a
-transformers model's ``save_pretrained`` (:mod:`lorakit.hf`), removed with the registry.
+The record of a model's adapters is its :class:`~lorakit.state.Registry` (read-only queries in
+:mod:`lorakit.state`); the :class:`~lorakit.layers.LoraLayer` modules hold the weights and a copy of
+the active set for their forward. Every function here plans and checks first (:mod:`lorakit.targets`)
+and changes the model only when nothing can fail any more. The model's class, forward and
+``state_dict`` keys stay the user's; besides the wrappers and the registry the only thing set on a
+model is what an integration adds when the registry is created (:func:`lorakit.state.on_attach`: a
+transformers model's ``save_pretrained``). No forward hooks; the only process-wide state is
+:mod:`lorakit.routing`'s, for mixed batches.
 """
 
 from __future__ import annotations
@@ -18,80 +21,42 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import hf, inits, quant
 from .config import LoraConfig, LoraError, check_name
-from .distributed import is_sharded
+from .kinds import kind_of
 from .layers import LoraLayer, SavedModule
-from .targets import Site, Wrapper, plan, plan_saved, walk
+from .sharding import is_sharded
+from .state import (Registry, attach_registry, detach_registry, lora_layers, registry, registry_of, saved_modules,
+                    unwrap, wrappers)
+from .targets import Site, check_rewriting_inits, plan, plan_saved
+from .variants import rewriting_inits as inits
 
-__all__ = ["Registry", "inject", "set_active", "disabled", "delete", "merge", "unmerge",
-           "merge_and_unload", "summary", "Summary", "registry", "lora_layers", "saved_modules", "wrappers",
-           "attach", "unwrap"]
-
-@dataclass
-class Registry:
-    """What adapters a model has. ``paths[name]`` lists the modules adapter ``name`` is on."""
-
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
-    paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    active: tuple[str, ...] = ()
-    merged: tuple[str, ...] = ()
-    frozen: list = field(default_factory=list, repr=False)  # (param, requires_grad before inject), restored on unload
+__all__ = ["inject", "set_active", "disabled", "delete", "merge", "unmerge", "merge_and_unload", "summary",
+           "Summary", "apply_plan", "require_unmerged", "check_names", "dequantize", "restore_quantized", "Registry", "registry", "lora_layers",
+           "saved_modules", "wrappers", "unwrap"]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model itself, seen through ``torch.compile``'s wrapper (which holds the registry's owner)."""
-    return getattr(model, "_orig_mod", model)
-
-
-def registry(model: nn.Module) -> Registry:
-    """The model's adapter registry; raises if the model has no lorakit adapters."""
-    reg = unwrap(model).__dict__.get("lorakit_registry")
-    if reg is None:
-        raise LoraError("this model has no lorakit adapters; call lorakit.inject(model, config) first")
-    return reg
-
-
-def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
-    """``(path, wrapper)`` for every LoraLayer and SavedModule, in the original model's naming."""
-    for path, _, _, _, wrapper in walk(unwrap(model)):
-        if wrapper is not None:
-            yield path, wrapper
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """``(path, layer)`` for every LoraLayer, with paths in the original model's naming."""
-    return ((p, w) for p, w in wrappers(model) if isinstance(w, LoraLayer))
-
-
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
-    """``(path, wrapper)`` for every module saved whole with an adapter (modules_to_save)."""
-    return ((p, w) for p, w in wrappers(model) if isinstance(w, SavedModule))
-
-
-def _require_unmerged(reg: Registry, action: str) -> None:
+def require_unmerged(reg: Registry, action: str) -> None:
     if reg.merged:
         raise LoraError(f"cannot {action} while adapters {list(reg.merged)} are merged into the weights; "
                         "call lorakit.unmerge(model) first")
 
 
-def _check_names(reg: Registry, names: Sequence[str]) -> None:
+def check_names(reg: Registry, names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in reg.configs]
     if unknown:
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
 
 
-def attach(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple],
-           activate: bool = True) -> None:
+def apply_plan(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple],
+               activate: bool = True) -> None:
     """Wrap (or reuse) a LoraLayer at every site and a SavedModule at every ``saved`` entry,
     add adapter ``name`` to them, then make it the active adapter (or leave it inactive, frozen).
-    The mutating half of :func:`inject` and :func:`lorakit.io.load`, which plan and check first."""
+    The mutating half of :func:`inject`, :func:`lorakit.files.load` and :func:`lorakit.combine`,
+    which plan and check first."""
     root = unwrap(model)
-    reg = root.__dict__.get("lorakit_registry")
+    reg = registry_of(root)
     if reg is None:
-        reg = Registry(frozen=[(p, p.requires_grad) for p in root.parameters()])
-        root.lorakit_registry = reg
-        hf.attach(root)  # transformers models: save_pretrained writes the base model + adapters
+        reg = attach_registry(root)
         for p in root.parameters():
             p.requires_grad_(False)
     for site in sites:
@@ -119,15 +84,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activ
     All targets are resolved before anything changes, so an error leaves the model untouched.
     """
     check_name(adapter)
-    reg = unwrap(model).__dict__.get("lorakit_registry")
+    reg = registry_of(model)
     if reg is not None:
         if adapter in reg.configs:
             raise LoraError(f"adapter {adapter!r} already exists; delete it first or pick another name "
                             f"(existing: {sorted(reg.configs)})")
-        _require_unmerged(reg, "add an adapter")
+        require_unmerged(reg, "add an adapter")
     sites = plan(unwrap(model), config)
-    inits.check(unwrap(model), config, adapter, sites)
-    attach(model, adapter, config, sites, plan_saved(unwrap(model), config), activate)
+    check_rewriting_inits(unwrap(model), config, adapter, sites)
+    apply_plan(model, adapter, config, sites, plan_saved(unwrap(model), config), activate)
     return model
 
 
@@ -139,8 +104,8 @@ def set_active(model: nn.Module, adapters: str | Sequence[str]) -> None:
     """
     names = (adapters,) if isinstance(adapters, str) else tuple(dict.fromkeys(adapters))
     reg = registry(model)
-    _check_names(reg, names)
-    _require_unmerged(reg, "change the active adapters")
+    check_names(reg, names)
+    require_unmerged(reg, "change the active adapters")
     for path, layer in lora_layers(model):
         layer.check_active(names, path)
     reg.active = names
@@ -152,7 +117,7 @@ def set_active(model: nn.Module, adapters: str | Sequence[str]) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block; adapters (and a merge) are restored on exit, always.
 
-    Where a PiSSA/OLoRA adapter rewrote W (:mod:`lorakit.inits`), the base is the residual
+    Where a PiSSA/OLoRA adapter rewrote W (:mod:`lorakit.variants.rewriting_inits`), the base is the residual
     W − s₀·B₀·A₀, as in PEFT, not the original model: a warning says so."""
     reg = registry(model)
     rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)}
@@ -183,8 +148,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def delete(model: nn.Module, adapter: str) -> None:
     """Remove adapter ``adapter``; modules left without adapters get their original module back."""
     reg = registry(model)
-    _check_names(reg, [adapter])
-    _require_unmerged(reg, "delete an adapter")
+    check_names(reg, [adapter])
+    require_unmerged(reg, "delete an adapter")
     for path, wrapper in list(wrappers(model)):
         if adapter in wrapper.adapters():
             wrapper.remove(adapter)
@@ -287,10 +252,40 @@ def _unload(model: nn.Module) -> None:
     root = unwrap(model)
     for path, wrapper in list(wrappers(root)):
         _replace(root, path, wrapper.current() if isinstance(wrapper, SavedModule) else wrapper.base_layer)
-    reg = root.__dict__.pop("lorakit_registry")
-    hf.detach(root)
+    reg = detach_registry(root)
     for p, flag in reg.frozen:
         p.requires_grad_(flag)
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every layer whose weight is stored packed (a quantized layer: its kind's
+    :meth:`~lorakit.kinds.Kind.dequantized`) by the full-precision module its kind gives, in place, also
+    under lorakit adapters (which then become ordinary adapters of that module's kind).
+
+    Returns what was replaced, ``(parent, attr, quantized module)``, for :func:`restore_quantized`.
+    Every module is converted before anything is replaced."""
+    root = unwrap(model)
+    found = [(parent, attr, child) for parent in root.modules() for attr, child in parent.named_children()
+             if (kind := kind_of(child)) is not None and not isinstance(child, (LoraLayer, SavedModule))]
+    plain = [kind_of(child).dequantized(child, dtype) for *_, child in found]
+    found = [f for f, p in zip(found, plain) if p is not None]
+    plain = [p for p in plain if p is not None]
+    for (parent, attr, _), module in zip(found, plain):
+        setattr(parent, attr, module)
+        if isinstance(parent, LoraLayer):
+            parent.kind = kind_of(module)
+    return found
+
+
+def restore_quantized(replaced: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put back the packed layers that :func:`dequantize` replaced."""
+    for parent, attr, child in replaced:
+        setattr(parent, attr, child)
+        if isinstance(parent, LoraLayer):
+            parent.kind = kind_of(child)
+
+
+_dequantize = dequantize  # merge_and_unload's argument has the function's name
 
 
 def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
@@ -304,12 +299,12 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """
     _refuse_sharded(model, "merge_and_unload")
     reg = registry(model)
-    found = quant.dequantize(model) if dequantize else []
+    replaced = _dequantize(model) if dequantize else []
     try:
         if reg.active and not reg.merged:
             merge(model, keep_copy=False)
     except LoraError:
-        quant.requantize_undo(found)  # all or nothing: the quantized layers go back
+        restore_quantized(replaced)  # all or nothing: the quantized layers go back
         raise
     _unload(model)
     return model

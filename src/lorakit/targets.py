@@ -2,8 +2,9 @@
 
 :func:`plan` walks the model, resolves every pattern of a :class:`LoraConfig` and returns one
 :class:`Site` per weight to adapt, or raises a :class:`LoraError` that names what was wrong and
-what would be valid. Injection (:mod:`lorakit.model`) and loading (:mod:`lorakit.io`) both build on
-it, so a load can be checked completely before anything is changed.
+what would be valid. Injection (:mod:`lorakit.model`) and loading (:mod:`lorakit.files`) both build on
+it, so a load can be checked completely before anything is changed. :func:`check_rewriting_inits`
+is the planning-time check of the inits that rewrite W (:mod:`lorakit.variants.rewriting_inits`).
 """
 
 from __future__ import annotations
@@ -11,19 +12,17 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Iterator
-
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import dora
 from .config import LoraConfig, LoraError, Target
-from .kinds import Kind, kind_of, parameter_kind, supported
+from .kinds import Kind, LinearKind, kind_of, parameter_kind, supported
 from .layers import LoraLayer, SavedModule
+from .state import walk
+from .variants import dora
+from .variants.rewriting_inits import FLOATS, rewrites, rewritten
 
-__all__ = ["Site", "plan", "plan_saved", "parts", "walk", "Wrapper"]
-
-Wrapper = LoraLayer | SavedModule
+__all__ = ["Site", "plan", "plan_saved", "parts", "matcher", "output_heads", "check_rewriting_inits"]
 
 _PLAIN = re.compile(r"[\w.\-]+")
 #: Names treated as the output head by "all-linear" (besides HF's get_output_embeddings()).
@@ -49,32 +48,14 @@ class Site:
         return getattr(self.module, self.param)
 
 
-def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, str, Wrapper | None]]:
-    """Yield ``(path, module, parent, attr, wrapper)`` for every submodule, in the original
-    model's naming: a wrapper (:class:`LoraLayer`, :class:`SavedModule`) at ``path`` is reported
-    as its base module, and the adapters' own containers are skipped."""
-
-    def rec(module: nn.Module, prefix: str):
-        for attr, child in module.named_children():
-            path = f"{prefix}.{attr}" if prefix else attr
-            if isinstance(child, (LoraLayer, SavedModule)):
-                yield path, child.base_layer, module, attr, child
-                yield from rec(child.base_layer, path)
-            else:
-                yield path, child, module, attr, None
-                yield from rec(child, path)
-
-    yield from rec(model, "")
-
-
-def _matcher(pattern: str):
+def matcher(pattern: str):
     if _PLAIN.fullmatch(pattern):
         return lambda path: path == pattern or path.endswith("." + pattern)
     rx = re.compile(pattern)
     return lambda path: rx.fullmatch(path) is not None
 
 
-def _output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
+def output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
     heads = {p for p in modules if p.rsplit(".", 1)[-1] in HEAD_NAMES}
     get = getattr(model, "get_output_embeddings", None)
     out = get() if callable(get) else None
@@ -99,20 +80,20 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
     """Resolve ``cfg``'s targets on ``model``; raise if any pattern matches nothing."""
     entries = list(walk(model))
     modules = {path: m for path, m, *_ in entries}
-    excluded = [_matcher(e) for e in cfg.exclude]
+    excluded = [matcher(e) for e in cfg.exclude]
     is_excluded = lambda p: any(m(p) for m in excluded)  # noqa: E731
     chosen: dict[str, tuple[Kind, str]] = {}
     owners = parts(modules)
 
     for target in cfg.targets:
         if target == "all-linear":
-            heads = _output_heads(model, modules)
+            heads = output_heads(model, modules)
             hits = [p for p, m in modules.items()
                     if getattr(kind_of(m), "all_linear", False) and p not in heads and p not in owners]
         elif isinstance(target, type):
             hits = [p for p, m in modules.items() if isinstance(m, target)]
         else:
-            match = _matcher(target)
+            match = matcher(target)
             hits = [p for p in modules if match(p)]
         if not hits:
             raise _unmatched(target, list(modules.values() if isinstance(target, type) else modules), "module")
@@ -132,7 +113,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                    for n in m.parametrizations})  # by their effective names, to be refused below
     params.update({n: ("", n) for n, _ in model.named_parameters(recurse=False)})
     for target in cfg.target_parameters:
-        match = _matcher(target)
+        match = matcher(target)
         hits = [full for full in params if match(full)]
         if not hits:
             raise _unmatched(target, list(params), "parameter")
@@ -168,7 +149,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
         if layer is not None and layer.param_name != param:
             raise LoraError(f"{path}: already has adapters on {layer.param_name!r}; cannot add one on {param!r}")
         _check_not_parametrized(entries, path, module, param)
-        kind.check(module, path)
+        kind.check_base(module, path)
         if cfg.dropout > 0 and not kind.supports_dropout:
             what = "raw parameters" if kind.selected_by == "target_parameters" else f"{kind.name} layers"
             raise LoraError(f"{path}.{param}: dropout is not supported on {what} (the adapter sees no input "
@@ -180,7 +161,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                             "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv1d/2d/3d: keep this "
                             "module out of the targets")
         if cfg.use_dora:
-            dora.check(kind, getattr(module, param), f"{path}.{param}")
+            dora.check_weight(kind, getattr(module, param), f"{path}.{param}")
         owner = owners.get(path, path)
         sites.append(Site(path, module, kind, param, cfg.rank_for(owner), cfg.scale_for(owner),
                           parent, attr, layer))
@@ -235,7 +216,7 @@ def plan_saved(model: nn.Module, cfg: LoraConfig, entries: list | None = None) -
     entries = list(walk(model)) if entries is None else entries
     chosen = []
     for pattern in cfg.modules_to_save:
-        match = _matcher(pattern)
+        match = matcher(pattern)
         hits = [e for e in entries if match(e[0]) and not _inside_saved(entries, e[0])]
         if not hits:
             raise _unmatched(pattern, [e[0] for e in entries], "module")
@@ -244,3 +225,37 @@ def plan_saved(model: nn.Module, cfg: LoraConfig, entries: list | None = None) -
                 raise LoraError(f"{e[0]} has LoRA adapters; it cannot also be in modules_to_save")
         chosen += [e for e in hits if e not in chosen]
     return chosen
+
+
+def check_rewriting_inits(model: nn.Module, cfg: LoraConfig, adapter: str, sites: list[Site]) -> None:
+    """Raise :class:`LoraError` (before anything changes) if adapter ``adapter`` with ``cfg`` cannot
+    go on ``sites``: a rewriting init needs a float (fp32/fp16/bf16) Linear or Conv1D weight, not
+    shared with another module, with r <= min(out, in) and no other adapter on the layer; and no
+    adapter joins a layer whose weight a rewriting adapter has replaced by its residual."""
+    shared = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    for s in sites:
+        others = rewritten(s.layer) if s.layer is not None else []
+        if others:
+            raise LoraError(f"{s.path}: adapter {others[0]!r} initialised W by {s.layer._init_kind[others[0]]} and "
+                            f"left the residual in W, so adapter {adapter!r} would be trained on, and run with, "
+                            "the residual instead of the original weight; save that adapter with "
+                            "convert_to_lora=True and load the conversion on the unmodified model instead")
+        if not rewrites(cfg.init):
+            continue
+        w = s.weight
+        if not isinstance(s.kind, LinearKind) or s.kind.selected_by != "target_modules" or w.dim() != 2:
+            raise LoraError(f"{s.path}: init={cfg.init!r} is defined for Linear and Conv1D layers (as in PEFT), "
+                            f"not for a {s.kind.name!r} weight; target only linear layers or use init='kaiming'")
+        if w.dtype not in FLOATS:
+            raise LoraError(f"{s.path}: init={cfg.init!r} needs a float32/float16/bfloat16 weight, found {w.dtype} "
+                            "(initialise on the full-precision model, then quantize the residual)")
+        if s.r > min(w.shape):
+            raise LoraError(f"{s.path}: init={cfg.init!r} with r={s.r} needs r <= min(out, in) = {min(w.shape)}")
+        if s.layer is not None and s.layer.adapters():
+            raise LoraError(f"{s.path}: init={cfg.init!r} rewrites W, which adapters {s.layer.adapters()} were "
+                            f"trained against; a {cfg.init} adapter must be the only adapter on its layers")
+        if len(shared.get(id(w), ())) > 1:
+            names = [n.replace(".base_layer", "") for n in shared[id(w)]]
+            raise LoraError(f"{s.path}: init={cfg.init!r} would rewrite a weight shared by {names}")

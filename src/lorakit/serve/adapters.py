@@ -29,7 +29,9 @@ from pathlib import Path
 from torch import nn
 
 from ..config import ADAPTER_NAME, LoraError, check_name as _check_name
-from ..inits import rewrites
+from ..api import delete, load, set_active, verify
+from ..state import has_adapters
+from ..variants.rewriting_inits import rewrites
 
 __all__ = ["AdapterError", "Entry", "Adapters", "check_name", "resolve_under", "discover", "shown"]
 
@@ -170,8 +172,7 @@ class Adapters:
     def register(self, name: str, path: Path) -> Entry:
         """Check an adapter completely (config, keys, shapes, finite values; the tensors are read and
         dropped) and list it without loading it (it loads on first use). Raises AdapterError."""
-        from ..io import check
-        self._guarded(name, path, lambda: check(self.model, path, adapter="srvcheck"))
+        self._guarded(name, path, lambda: verify(self.model, path, adapter="srvcheck"))
         with self._lock:
             entry = self.catalog[check_name(name)] = Entry(name, path)
             return entry
@@ -238,13 +239,12 @@ class Adapters:
             raise AdapterError(400, f"cannot load adapter {name!r}: {message}") from None
 
     def _load(self, entry: Entry) -> None:
-        import lorakit
         internal = f"srv{next(self._ids)}"
         try:
-            self._guarded(entry.name, entry.path, lambda: lorakit.load(self.model, entry.path, adapter=internal))
+            self._guarded(entry.name, entry.path, lambda: load(self.model, entry.path, adapter=internal))
         finally:
-            if "lorakit_registry" in self.model.__dict__:
-                lorakit.set_active(self.model, [])  # rows choose adapters through lorakit.mixed only
+            if has_adapters(self.model):
+                set_active(self.model, [])  # rows choose adapters through lorakit.mixed only
         entry.internal = internal
         self.resident.append(entry)
         self.version += 1
@@ -252,8 +252,7 @@ class Adapters:
             self.metrics.inc("lorakit_adapter_loads_total")
 
     def _unload(self, entry: Entry, evicted: bool = False) -> None:
-        import lorakit
-        lorakit.delete(self.model, entry.internal)
+        delete(self.model, entry.internal)
         entry.internal = None
         self.resident.remove(entry)
         self.version += 1

@@ -39,7 +39,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-import lorakit
+from ..api import mixed
+from ..state import has_adapters
 
 from .adapters import Adapters, Entry
 from .decode_batch import Batch, cache_tensors, full_cache, sample
@@ -395,18 +396,18 @@ class Engine:
     def _route(self, names: list[str | None], persistent: bool = True):
         """Enter ``lorakit.mixed`` for these rows. Persistent routings stay open (their gathered
         factors cached) while the batch's adapters and the model's adapter set are unchanged."""
-        if "lorakit_registry" not in self.model.__dict__:  # no adapters at all: the plain model
+        if not has_adapters(self.model):  # no adapters at all: the plain model
             self._close_routing()
             return contextlib.nullcontext()
         if not persistent:  # nested inside the open routing, which it overrides
-            return lorakit.mixed(self.model, names)
+            return mixed(self.model, names)
         if all(n is None for n in names):  # only base rows: no adapter is active, no routing needed
             self._close_routing()
             return None
         key = (tuple(names), self.adapters.version)
         if key != self._routing_key:
             self._close_routing()
-            self._routing.enter_context(lorakit.mixed(self.model, names))
+            self._routing.enter_context(mixed(self.model, names))
             self._routing_key = key
         return None
 

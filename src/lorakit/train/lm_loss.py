@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..state import unwrap
+
 __all__ = ["causal_lm_loss", "head_is_plain"]
 
 IGNORE = -100
@@ -22,7 +24,7 @@ IGNORE = -100
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(decoder, head) of a transformers causal LM."""
-    root = getattr(model, "_orig_mod", model)
+    root = unwrap(model)
     return root.get_decoder(), root.get_output_embeddings()
 
 
@@ -47,7 +49,7 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk: int | None = None) -> T
     keep = labels != IGNORE
     hidden, labels = hidden[:, :-1][keep], labels[keep]  # (labelled positions, d)
     if chunk is None:
-        vocab = getattr(getattr(getattr(model, "_orig_mod", model), "config", None), "vocab_size", None)
+        vocab = getattr(getattr(unwrap(model), "config", None), "vocab_size", None)
         chunk = max(1, CHUNK_LOGITS // vocab) if vocab else 256
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, labels.shape[0], chunk):

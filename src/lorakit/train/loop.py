@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..config import LoraError
+from ..state import unwrap
 
 __all__ = ["TrainConfig", "fit", "peak_memory_mb"]
 
@@ -379,7 +380,7 @@ def _to_device(batch, device: torch.device):
 def _enable_checkpointing(model: nn.Module) -> None:
     """transformers' activation checkpointing of every block, non-reentrant: the adapters inside a
     block get their gradients though its (frozen) input does not require one."""
-    root = getattr(model, "_orig_mod", model)
+    root = unwrap(model)
     enable = getattr(root, "activation_checkpointing_enable", None)  # transformers >= 5.24's name
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})

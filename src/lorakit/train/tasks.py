@@ -27,9 +27,9 @@ from torch import nn
 from .. import builtin
 from .. import distributed as D
 from ..config import LoraConfig, LoraError
-from ..io import load as load_adapter
-from ..io import save as save_adapter
-from ..model import inject, summary
+from ..api import inject, summary
+from ..api import load as load_adapter
+from ..api import save as save_adapter
 from ..pretrained import load_model, model_path  # noqa: F401  (model_path: re-exported)
 from .data import (DataError, LabelledText, PromptCompletion, chat_prompt, check_labels, check_split_labels, collate,
                    encode_causal, encode_classification, read_labelled, read_prompts, split)
@@ -56,7 +56,7 @@ class LoraSpec:
     dropout: float = 0.0
     full: bool = False
     dora: bool = False  # use_dora
-    init: str = "kaiming"  # lorakit.INITS: "pissa" / "olora" rewrite W (lorakit.inits)
+    init: str = "kaiming"  # lorakit.INITS: "pissa" / "olora" rewrite W (lorakit.variants.rewriting_inits)
     rslora: bool = False  # scale alpha/sqrt(r)
 
 

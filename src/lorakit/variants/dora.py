@@ -26,18 +26,13 @@ order of activation).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from .config import LoraError
+from ..config import LoraError
+from ..kinds import AdapterHost, Kind
 
-if TYPE_CHECKING:
-    from .kinds import Kind
-    from .layers import LoraLayer
-
-__all__ = ["check", "magnitude_shape", "weight_norm", "factor", "forward", "merged", "unmerged"]
+__all__ = ["check_weight", "magnitude_shape", "weight_norm", "factor", "forward", "merged", "unmerged"]
 
 
 def _axis(kind: Kind) -> int:
@@ -50,7 +45,7 @@ def _norm(kind: Kind, v: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != _axis(kind)])
 
 
-def check(kind: Kind, weight: Tensor, path: str) -> None:
+def check_weight(kind: Kind, weight: Tensor, path: str) -> None:
     """Raise :class:`LoraError` if an output unit of ``weight`` is all zeros: its ‖W + ΔW‖ starts at 0
     and f = m/‖W + ΔW‖ would be 0/0 (PEFT's output is NaN there)."""
     if weight.device.type == "meta":
@@ -71,25 +66,25 @@ def magnitude_shape(kind: Kind, weight: Tensor) -> tuple[int, ...]:
     return (1, out, *([1] * (weight.dim() - 2))) if weight.dim() > 2 else (out,)
 
 
-def weight_norm(layer: "LoraLayer", name: str) -> Tensor:
+def weight_norm(layer: AdapterHost, name: str) -> Tensor:
     """‖W + ΔW‖ per output unit (out,), in the factors' dtype, without gradient."""
     with torch.no_grad():
         delta = layer.delta(name)
         return _norm(layer.kind, layer.weight.to(delta.dtype) + delta)
 
 
-def factor(layer: "LoraLayer", name: str) -> Tensor:
+def factor(layer: AdapterHost, name: str) -> Tensor:
     """f = m / ‖W + ΔW‖ (out,), differentiable in m only."""
     return layer.lora_magnitude_vector[name].flatten() / weight_norm(layer, name)
 
 
-def _on_output(layer: "LoraLayer", v: Tensor) -> Tensor:
+def _on_output(layer: AdapterHost, v: Tensor) -> Tensor:
     """A per-output vector shaped to broadcast over the layer's output: (out,) on the last dim, or
     (out, 1, …) on a convolution's channel dim (batched or not)."""
     return v.view(-1, *([1] * (layer.weight.dim() - 2)))
 
 
-def forward(layer: "LoraLayer", name: str, x: Tensor, *args, **kwargs) -> Tensor:
+def forward(layer: AdapterHost, name: str, x: Tensor, *args, **kwargs) -> Tensor:
     """The layer's output with DoRA adapter ``name`` (PEFT's formula, see the module docstring)."""
     base = layer.base_layer
     bias = getattr(base, "bias", None)
@@ -107,14 +102,14 @@ def forward(layer: "LoraLayer", name: str, x: Tensor, *args, **kwargs) -> Tensor
     return result + ((f - 1) * wx.to(f.dtype) + f * update).to(result.dtype)
 
 
-def _broadcast_on_weight(layer: "LoraLayer", v: Tensor) -> Tensor:
+def _broadcast_on_weight(layer: AdapterHost, v: Tensor) -> Tensor:
     """A per-output vector shaped to broadcast over W's layout."""
     shape = [1] * layer.weight.dim()
     shape[_axis(layer.kind)] = -1
     return v.view(shape)
 
 
-def merged(layer: "LoraLayer", name: str) -> tuple[Tensor, Tensor]:
+def merged(layer: AdapterHost, name: str) -> tuple[Tensor, Tensor]:
     """``(W', ‖W + ΔW‖)`` in float64: W' = m/‖W + ΔW‖ ⊙ (W + ΔW), for one rounding to W's dtype by the
     caller; the norm is what :func:`unmerged` needs to take W' apart again."""
     v = layer._shifted((name,), +1)
@@ -123,7 +118,7 @@ def merged(layer: "LoraLayer", name: str) -> tuple[Tensor, Tensor]:
     return v * _broadcast_on_weight(layer, m / norm), norm
 
 
-def unmerged(layer: "LoraLayer", name: str, norm: Tensor) -> Tensor:
+def unmerged(layer: AdapterHost, name: str, norm: Tensor) -> Tensor:
     """W = W'·‖W + ΔW‖/m − ΔW in float64 (the merge undone by arithmetic, when no copy was kept)."""
     m = layer.lora_magnitude_vector[name].detach().flatten().to(torch.float64)
     w = layer.weight.to(torch.float64) * _broadcast_on_weight(layer, norm / m)

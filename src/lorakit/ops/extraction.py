@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..config import LoraConfig, LoraError, check_name
+from ..files.format import module_path, read_adapter
+from ..model import require_unmerged
+from ..state import has_adapters, registry_of, saved_modules, unwrap
+from ..targets import plan, plan_saved
 from .algebra import as_matrix, check_plain, new_adapter
-from .config import LoraConfig, LoraError, check_name
-from .model import _require_unmerged, saved_modules, unwrap
-from .targets import plan, plan_saved
 
 __all__ = ["extract", "ExtractReport", "LayerReport", "effective_rank", "spectra"]
 
@@ -92,11 +94,11 @@ def extract(base: nn.Module, tuned: nn.Module, *, rank: int | None = None, energ
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
                                or not 0 < energy <= 1):
         raise LoraError(f"energy must be a number in (0, 1], got {energy!r}")
-    if "lorakit_registry" in unwrap(tuned).__dict__:
+    if has_adapters(tuned):
         raise LoraError("the tuned model has lorakit adapters; pass lorakit.merge_and_unload(tuned) instead")
-    reg = unwrap(base).__dict__.get("lorakit_registry")
+    reg = registry_of(base)
     if reg is not None:
-        _require_unmerged(reg, "extract an adapter")
+        require_unmerged(reg, "extract an adapter")
         if adapter in reg.configs:
             raise LoraError(f"adapter {adapter!r} already exists; pick another name (existing: {sorted(reg.configs)})")
     probe = LoraConfig(r=1, targets=targets, modules_to_save=modules_to_save)
@@ -158,17 +160,14 @@ def spectra(directory: str | os.PathLike) -> dict[str, Tensor]:
     """Singular values (descending, float64) of ΔW = s·B·A for every module of the adapter folder
     ``directory``, read from the file alone. Stacked-expert weights (3-D ``target_parameters``,
     whose A holds E·r rows) are left out: their ΔW is one matrix per expert."""
-    from .io import CONFIG_NAME, _module_path, _open_weights, _read_config, _to_lora_config
-    directory = Path(directory)
-    config = _read_config(directory)
-    tensors, _ = _open_weights(directory)
-    cfg = _to_lora_config(config, directory / CONFIG_NAME)
+    file = read_adapter(directory)
+    tensors, cfg = file.tensors, file.lora
     out = {}
     for key in sorted(tensors):
         if ".lora_A" not in key and ".lora_embedding_A" not in key:
             continue
         b_key = key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
-        path = _module_path(key)
+        path = module_path(key)
         a, b = tensors[key].to(torch.float64), tensors[b_key].to(torch.float64)
         r = cfg.rank_for(path)
         if a.shape[0] != r and a.shape[0] % r == 0 and any(path == p.rsplit(".", 1)[0] or

@@ -31,11 +31,12 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .config import LoraConfig, LoraError, check_name
-from .kinds import Kind
-from .layers import LoraLayer
-from .model import _check_names, _require_unmerged, attach, lora_layers, registry, saved_modules, unwrap
-from .targets import parts, plan, plan_saved, walk
+from ..config import LoraConfig, LoraError, check_name
+from ..kinds import Kind
+from ..layers import LoraLayer
+from ..model import apply_plan, check_names, require_unmerged
+from ..state import lora_layers, registry, saved_modules, unwrap, walk
+from ..targets import parts, plan, plan_saved
 
 __all__ = ["combine", "CombineReport", "METHODS"]
 
@@ -59,7 +60,7 @@ class CombineReport:
         return f"adapter {self.adapter!r} ({self.method}):\n" + "\n".join(rows)
 
 
-# -- shared with lorakit.extraction -------------------------------------------------------------
+# -- shared with lorakit.ops.extraction -------------------------------------------------------------
 def as_matrix(layer_kind: Kind, delta: Tensor) -> Tensor:
     """ΔW in W's layout → the (out, rest) matrix M with ΔW = M (transposed if the kind is), i.e.
     the space of B.flatten(1) @ A.flatten(1)."""
@@ -100,7 +101,7 @@ def new_adapter(model: nn.Module, adapter: str, factors: dict[str, tuple[Tensor,
     if got != {p: (r, 1.0) for p, r in ranks.items()}:  # the config selects exactly these, at these ranks
         raise LoraError(f"internal: the new adapter's config plans {sorted(got)} instead of {sorted(ranks)}")
     saved_plan = plan_saved(unwrap(model), cfg)
-    attach(model, adapter, cfg, sites, saved_plan, activate)
+    apply_plan(model, adapter, cfg, sites, saved_plan, activate)
     with torch.no_grad():
         for path, layer in lora_layers(model):
             if path in factors:
@@ -235,10 +236,10 @@ def combine(model: nn.Module, weights: Mapping[str, float], method: str = "cat",
     check_name(adapter)
     reg = registry(model)
     names = list(weights)
-    _check_names(reg, names)
+    check_names(reg, names)
     if adapter in reg.configs:
         raise LoraError(f"adapter {adapter!r} already exists; pick another name (existing: {sorted(reg.configs)})")
-    _require_unmerged(reg, "combine adapters")
+    require_unmerged(reg, "combine adapters")
     _check_args(weights, method, rank, density, majority_sign, missing)
     whole = sorted({p for p, w in saved_modules(model) if set(names) & set(w.adapters())})
     if whole:

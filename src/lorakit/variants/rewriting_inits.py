@@ -14,27 +14,21 @@ original W (PEFT's ``path_initial_model_for_weight_conversion``): ΔW = s·B·A 
 s·[B | −(s₀/s)·B₀]·[A ; A₀].
 
 Since W itself changes, a rewriting adapter must be the only adapter on its layers
-(:func:`check` refuses either order), and with every adapter off (:func:`lorakit.disabled`)
+(:func:`lorakit.targets.check_rewriting_inits` refuses either order), and with every adapter off (:func:`lorakit.disabled`)
 the model runs the residual weights, as in PEFT: that is not the original model.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-from .config import LoraConfig, LoraError
-from .kinds import LinearKind
+from ..config import LoraError
+from ..kinds import AdapterHost
 
-if TYPE_CHECKING:
-    from .layers import LoraLayer
-    from .targets import Site
+__all__ = ["rewrites", "rewrite", "restore", "rewritten", "original", "converted", "FLOATS"]
 
-__all__ = ["rewrites", "check", "rewrite", "restore", "rewritten", "original", "converted"]
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def rewrites(init: str) -> bool:
@@ -42,52 +36,18 @@ def rewrites(init: str) -> bool:
     return init in ("pissa", "olora") or init.startswith("pissa_niter_")
 
 
-def rewritten(layer: "LoraLayer") -> list[str]:
+def rewritten(layer: AdapterHost) -> list[str]:
     """The adapters of ``layer`` whose init rewrote its weight."""
     return [n for n in layer.lora_A if f"_init_A_{n}" in layer._buffers]  # (hasattr: an exception per miss)
 
 
-def check(model: nn.Module, cfg: LoraConfig, adapter: str, sites: list["Site"]) -> None:
-    """Raise :class:`LoraError` (before anything changes) if adapter ``adapter`` with ``cfg`` cannot
-    go on ``sites``: a rewriting init needs a float (fp32/fp16/bf16) Linear or Conv1D weight, not
-    shared with another module, with r <= min(out, in) and no other adapter on the layer; and no
-    adapter joins a layer whose weight a rewriting adapter has replaced by its residual."""
-    shared = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(p), []).append(name)
-    for s in sites:
-        others = rewritten(s.layer) if s.layer is not None else []
-        if others:
-            raise LoraError(f"{s.path}: adapter {others[0]!r} initialised W by {s.layer._init_kind[others[0]]} and "
-                            f"left the residual in W, so adapter {adapter!r} would be trained on, and run with, "
-                            "the residual instead of the original weight; save that adapter with "
-                            "convert_to_lora=True and load the conversion on the unmodified model instead")
-        if not rewrites(cfg.init):
-            continue
-        w = s.weight
-        if not isinstance(s.kind, LinearKind) or s.kind.selected_by != "target_modules" or w.dim() != 2:
-            raise LoraError(f"{s.path}: init={cfg.init!r} is defined for Linear and Conv1D layers (as in PEFT), "
-                            f"not for a {s.kind.name!r} weight; target only linear layers or use init='kaiming'")
-        if w.dtype not in _FLOATS:
-            raise LoraError(f"{s.path}: init={cfg.init!r} needs a float32/float16/bfloat16 weight, found {w.dtype} "
-                            "(initialise on the full-precision model, then quantize the residual)")
-        if s.r > min(w.shape):
-            raise LoraError(f"{s.path}: init={cfg.init!r} with r={s.r} needs r <= min(out, in) = {min(w.shape)}")
-        if s.layer is not None and s.layer.adapters():
-            raise LoraError(f"{s.path}: init={cfg.init!r} rewrites W, which adapters {s.layer.adapters()} were "
-                            f"trained against; a {cfg.init} adapter must be the only adapter on its layers")
-        if len(shared.get(id(w), ())) > 1:
-            names = [n.replace(".base_layer", "") for n in shared[id(w)]]
-            raise LoraError(f"{s.path}: init={cfg.init!r} would rewrite a weight shared by {names}")
-
-
-def _matrix(layer: "LoraLayer") -> Tensor:
+def _matrix(layer: AdapterHost) -> Tensor:
     """W as the (out, in) matrix M with M + s·B·A the adapted weight (fp32, a new tensor)."""
     w = layer.weight.detach().to(torch.float32)
     return w.t() if layer.kind.transposed else w.clone()
 
 
-def _initial_delta(layer: "LoraLayer", name: str) -> Tensor:
+def _initial_delta(layer: AdapterHost, name: str) -> Tensor:
     """s₀·B₀·A₀ in W's layout, float64."""
     a0, b0 = getattr(layer, f"_init_A_{name}"), getattr(layer, f"_init_B_{name}")
     d = (b0.double() @ a0.double()) * layer._init_scale[name]
@@ -95,7 +55,7 @@ def _initial_delta(layer: "LoraLayer", name: str) -> Tensor:
 
 
 @torch.no_grad()
-def rewrite(layer: "LoraLayer", name: str, init: str) -> None:
+def rewrite(layer: AdapterHost, name: str, init: str) -> None:
     """Set the factors of the just-added adapter ``name`` from W by ``init``, keep a copy of them
     and write the residual W − s·B·A into W (in place, rounded once)."""
     a, b, s, r = layer.lora_A[name], layer.lora_B[name], layer.scale[name], layer.lora_A[name].shape[0]
@@ -123,7 +83,7 @@ def rewrite(layer: "LoraLayer", name: str, init: str) -> None:
 
 
 @torch.no_grad()
-def restore(layer: "LoraLayer", name: str) -> None:
+def restore(layer: AdapterHost, name: str) -> None:
     """Undo :func:`rewrite` for adapter ``name`` (being deleted): W ← W + s₀·B₀·A₀, rounded once
     (the original W up to two roundings to W's dtype); no-op for other adapters."""
     if not hasattr(layer, f"_init_A_{name}"):
@@ -136,7 +96,7 @@ def restore(layer: "LoraLayer", name: str) -> None:
 
 
 @torch.no_grad()
-def original(layer: "LoraLayer", weight: Tensor) -> Tensor:
+def original(layer: AdapterHost, weight: Tensor) -> Tensor:
     """``weight`` (the layer's residual W, or a copy of it) with the initial parts of its rewriting
     adapters added back: the original W within two roundings (a new tensor; ``weight`` if none)."""
     names = rewritten(layer)
@@ -148,7 +108,7 @@ def original(layer: "LoraLayer", weight: Tensor) -> Tensor:
     return total.to(weight.dtype)
 
 
-def converted(layer: "LoraLayer", name: str) -> tuple[Tensor, Tensor]:
+def converted(layer: AdapterHost, name: str) -> tuple[Tensor, Tensor]:
     """``(A', B')`` of rank 2r with s·B'·A' = s·B·A − s₀·B₀·A₀: the trained adapter as a plain
     LoRA update of the original W (the scale s stays the adapter's own)."""
     if not hasattr(layer, f"_init_A_{name}"):

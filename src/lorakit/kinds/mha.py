@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .config import LoraError
-from .kinds import Kind, LinearKind, register_kind
+from ..config import LoraError
+from .base import Kind, register_kind
+from .linear import LinearKind
 
 __all__ = ["MultiheadAttentionKind"]
 
@@ -47,7 +48,7 @@ class MultiheadAttentionKind(Kind):
     param = "in_proj_weight"
     parts = {"out_proj": _OutProj()}
 
-    def check(self, base, path):
+    def check_base(self, base, path):
         if not base._qkv_same_embed_dim:
             raise LoraError(f"{path}: nn.MultiheadAttention with kdim/vdim != embed_dim has separate q/k/v "
                             "weights and no in_proj_weight; lorakit (like PEFT) adapts only the packed in_proj")

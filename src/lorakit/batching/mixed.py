@@ -8,12 +8,12 @@ block of the thread or task that opened it (two threads serving different batche
 other's routing), and it is removed on exit even when the forward raises. There are no hooks.
 Under ``torch.compile`` (compiled code cannot read the ContextVar) each adapted layer leaves the
 graph while any ``mixed`` block is open in the process and runs routed in eager mode: exact, at
-eager speed (see :data:`MIXED_OPEN`); outside such blocks compiled models have no graph breaks.
+eager speed (see :data:`lorakit.routing.MIXED_OPEN`); outside such blocks compiled models have no graph breaks.
 
 Kernel: inside a routing each layer decides once per input shape how to run (a plan, cached for
 the routing, so every decode step of ``generate`` reuses it; what a plan needs of a layer's adapters
 is cached on the layer across routings, so planning a new one costs a few dict lookups per layer).
-Linear / Conv1D / Embedding layers on CPU with gradients off use :mod:`lorakit.rowlora`: one C++ op
+Linear / Conv1D / Embedding layers on CPU with gradients off use :mod:`lorakit.batching.rowlora`: one C++ op
 reads each row's factors from the adapters' own parameters by a per-row slot index and adds the
 update into the base output; nothing the size of the rows' factors is allocated and no second copy
 of the factors is kept. Otherwise (the kernel not built, ``rowlora.use(False)``, gradients on,
@@ -54,30 +54,20 @@ import contextlib
 import functools
 import inspect
 import operator
-import threading
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .. import routing as _routing
+from ..config import LoraError
+from ..kinds import embed_scaled
+from ..layers import LoraLayer, SavedModule
+from ..state import lora_layers, registry, unwrap, wrappers
+from ..variants import rewriting_inits as inits
 from . import rowlora
-from .config import LoraError
-from .kinds import embed_scaled
 
-if TYPE_CHECKING:  # layers reads ROUTING / MIXED_OPEN from here: no import of layers or model at load time
-    from .layers import LoraLayer, SavedModule
-
-__all__ = ["mixed", "Routing", "ROUTING", "MIXED_OPEN"]
-
-#: The mixed-adapter routing of the current thread/task; set only inside a ``lorakit.mixed(...)``
-#: block, read by every adapted layer's forward.
-ROUTING: ContextVar = ContextVar("lorakit_routing", default=None)
-
-#: Whether any ``lorakit.mixed`` block is open in this process (any thread). ``torch.compile`` cannot
-#: read the ContextVar, but it guards on this global: code compiled while it was False is recompiled
-#: when a block opens, and then leaves the graph at each adapted layer (``layers._routed_eager``).
-MIXED_OPEN = False
+__all__ = ["mixed", "Routing"]
 
 
 class Routing:
@@ -162,7 +152,7 @@ class Routing:
             return out
         a_rows, b_rows, fresh = data  # "bmm": each row's own factors, gathered from the bank
         result = layer.base_layer(x)
-        if layer.kind.mixed == "lookup":  # a scaled embedding (Gemma's) scales the update as its lookup
+        if layer.kind.row_gather == "lookup":  # a scaled embedding (Gemma's) scales the update as its lookup
             h = embed_scaled(layer.base_layer, _embedding_rows(x, a_rows))
         else:
             # as (A·xᵀ)ᵀ: BLAS is 2.5-3.7x faster with the thin r side as the output's rows
@@ -186,7 +176,7 @@ class Routing:
         of a merged model vs bmm's 0.87-0.94x) and two GEMMs over the used adapters' concatenated
         factors with a per-row block mask (0.57-0.90x)."""
         rows = self.rows(layer, x, layer.kind.batch_dim(layer.base_layer, x))
-        if (layer.kind.mixed is not None and not extra_args and not torch.is_grad_enabled()
+        if (layer.kind.row_gather is not None and not extra_args and not torch.is_grad_enabled()
                 and x.device.type == "cpu" and rowlora.available()):
             table = _kernel_table(layer)
             if table.fits(x):
@@ -198,7 +188,7 @@ class Routing:
         distinct = {n for n in names if n}
         if len(set(names)) == 1:  # the whole batch uses one adapter (or none): the plain path
             return "plain", tuple(distinct), _same_adapters(layer)
-        fast = layer.kind.mixed is not None and not extra_args
+        fast = layer.kind.row_gather is not None and not extra_args
         needs_grad = torch.is_grad_enabled() and any(layer.lora_A[n].requires_grad for n in distinct)
         if not fast or needs_grad or (layer.training and any(layer.dropout[n] > 0 for n in distinct)):
             return "group", names, _same_adapters(layer)
@@ -236,7 +226,7 @@ class Routing:
 
 
 class _KernelTable:
-    """A layer's adapters as :mod:`lorakit.rowlora`'s op reads them: names in the order of the layer's
+    """A layer's adapters as :mod:`lorakit.batching.rowlora`'s op reads them: names in the order of the layer's
     ParameterDict (``index``), the factor parameters and scales in that order, and whether the op can read
     them (2-D contiguous floating CPU factors whose shapes fit the layer). Cached on the layer
     (:func:`_kernel_table`) while :meth:`current`, so planning a new routing costs a few dict lookups per
@@ -262,7 +252,7 @@ class _KernelTable:
                             and b.is_floating_point() for a, b in zip(self.a, self.b))
         self.in_features = self.a[0].shape[-1] if self.a else -1
         self.fresh = layer.kind.owns_output(layer.base_layer)
-        self.lookup = layer.kind.mixed == "lookup"  # embeddings: x are ids, A is (r, num)
+        self.lookup = layer.kind.row_gather == "lookup"  # embeddings: x are ids, A is (r, num)
 
     def current(self, layer: LoraLayer) -> bool:
         """Whether the layer still has these adapters, parameter objects and scales (~2 µs for 64 adapters;
@@ -306,7 +296,7 @@ def _kernel_forward(layer: LoraLayer, x: Tensor, data: tuple) -> Tensor:
         result = result.clone(memory_format=torch.contiguous_format)
     rows = x.shape[0]
     y = result if result.dim() == 3 else result.view(rows, -1, result.shape[-1])  # (rows, tokens, features)
-    if layer.kind.mixed == "lookup":  # token ids; a scaled embedding (Gemma's) scales the update as its lookup
+    if layer.kind.row_gather == "lookup":  # token ids; a scaled embedding (Gemma's) scales the update as its lookup
         if getattr(layer.base_layer, "embed_scale", None) is not None:
             factor = float(embed_scaled(layer.base_layer, torch.ones((), dtype=torch.float64)))
             scale = [s * factor for s in scale]
@@ -352,7 +342,7 @@ def _bank(layer: LoraLayer) -> tuple[dict[str, int], Tensor, Tensor]:
     names = list(layer.lora_A)
     r_max = max(layer.lora_A[n].shape[0] for n in names)
     a0, b0 = layer.lora_A[names[0]], layer.lora_B[names[0]]
-    lookup = layer.kind.mixed == "lookup"  # A is a table looked up per token: [slot, num, r]; else [slot, r, in]
+    lookup = layer.kind.row_gather == "lookup"  # A is a table looked up per token: [slot, num, r]; else [slot, r, in]
     bank_a = a0.new_zeros((len(names) + 1, a0.shape[1], r_max) if lookup else (len(names) + 1, r_max, a0.shape[1]))
     bank_b = b0.new_zeros(len(names) + 1, r_max, b0.shape[0])
     with torch.no_grad():
@@ -374,7 +364,7 @@ def _gather(layer: LoraLayer, names: list[str | None]) -> tuple[Tensor, Tensor]:
     For embeddings A stays the bank [slots, num, r_max] (looked up per token) with the row slots."""
     index, bank_a, bank_b = _bank(layer)
     slots = torch.tensor([index[n] if n else 0 for n in names], device=bank_a.device)
-    if layer.kind.mixed == "lookup":
+    if layer.kind.row_gather == "lookup":
         return (bank_a, slots), bank_b.index_select(0, slots)
     return bank_a.index_select(0, slots), bank_b.index_select(0, slots)
 
@@ -406,10 +396,6 @@ def _groups(label: str, names: list[str | None], x: Tensor, run) -> Tensor:
     return result
 
 
-_OPEN_LOCK = threading.Lock()
-_open_blocks = 0  # mixed() blocks open in this process (all threads): sets MIXED_OPEN
-
-
 @contextlib.contextmanager
 def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> Iterator[nn.Module]:
     """Within the block, row i of every batch uses adapter ``adapters[i]`` (None: the base model).
@@ -421,9 +407,6 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     adapters, None rows on a model whose weights a PiSSA/OLoRA adapter rewrote (they would not run
     the original model), or (at forward) a batch whose dim 0 does not match.
     """
-    global _open_blocks, MIXED_OPEN
-    from .model import registry, wrappers
-
     reg = registry(model)
     adapters = list(adapters)
     if not adapters:
@@ -436,8 +419,6 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are merged; unmerge before running mixed batches")
     if None in adapters:
-        from . import inits
-        from .model import lora_layers
         rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)}
                            if any(inits.rewrites(c.init) for c in reg.configs.values()) else ())
         if rewriting:
@@ -445,17 +426,11 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
                             "(PiSSA/OLoRA) left in their layers, not the original model; for the original model, "
                             "save those adapters with convert_to_lora=True and load them on an unmodified model")
     _observe_generate(model)
-    token = ROUTING.set(Routing({id(w): path for path, w in wrappers(model)}, adapters, reg.configs, expand))
-    with _OPEN_LOCK:
-        _open_blocks += 1
-        MIXED_OPEN = True
+    token = _routing.enter(Routing({id(w): path for path, w in wrappers(model)}, adapters, reg.configs, expand))
     try:
         yield model
     finally:
-        ROUTING.reset(token)
-        with _OPEN_LOCK:
-            _open_blocks -= 1
-            MIXED_OPEN = _open_blocks > 0
+        _routing.leave(token)
 
 
 _EXPAND = "_expand_inputs_for_generation"  # transformers' GenerationMixin: repeats rows for beams/samples
@@ -466,7 +441,7 @@ def _observe_generate(model: nn.Module) -> None:
 
     Outside a ``mixed`` block the wrapper only calls the original. If transformers renames the method,
     nothing is observed and expanded batches raise :class:`LoraError` (never misrouted)."""
-    cls = type(getattr(model, "_orig_mod", model))
+    cls = type(unwrap(model))
     original = inspect.getattr_static(cls, _EXPAND, None)
     static = isinstance(original, staticmethod)
     fn = original.__func__ if static else original
@@ -475,7 +450,7 @@ def _observe_generate(model: nn.Module) -> None:
 
     @functools.wraps(fn)
     def observed(*args, **kwargs):
-        routing = ROUTING.get()
+        routing = _routing.ROUTING.get()
         if routing is not None:
             call = inspect.signature(fn).bind(*args, **kwargs)
             call.apply_defaults()

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .config import LoraError
+from ..config import LoraError
 
 __all__ = ["available", "use", "add_rows_", "add_rows_unchecked_", "build"]
 
@@ -158,7 +158,7 @@ def add_rows_(y: Tensor, x: Tensor, a: Sequence[Tensor], b: Sequence[Tensor], sc
 def add_rows_unchecked_(y: Tensor, x: Tensor, a: list[Tensor], b: list[Tensor], scale: list[float],
                         slots: Tensor, lookup: bool = False) -> None:
     """:func:`add_rows_` for a caller that made its checks already (gradients off, lists of factors and
-    float scales prepared): :mod:`lorakit.batching`'s plans, which run once per layer per decode step.
+    float scales prepared): :mod:`lorakit.batching.mixed`'s plans, which run once per layer per decode step.
     Through the Python binding when the library has one and no ``TorchDispatchMode`` is active (a mode
     sees the op only through ``torch.ops``), else through ``torch.ops``."""
     if _direct is not None and not torch._C._len_torch_dispatch_stack():

@@ -4,10 +4,12 @@
 ``query.lora_A.default``), and must keep them: training checkpoints round-trip it. A transformers
 checkpoint needs the base model's keys (``query.weight``), or ``from_pretrained`` re-initialises
 the adapted weights. So, while a transformers ``PreTrainedModel`` has adapters, its
-``save_pretrained`` is :func:`save_pretrained` below: :func:`attach` sets it as an instance
-attribute when the model gets its registry, :func:`detach` removes it when the last adapter goes
-(``delete``, ``merge_and_unload``). This attribute is the only one lorakit adds besides the
-registry; no hooks, and ``state_dict()`` is untouched.
+``save_pretrained`` is :func:`save_pretrained` below: :func:`install_save_pretrained` sets it as an
+instance attribute when the model gets its registry, :func:`remove_save_pretrained` removes it when
+the last adapter goes (``delete``, ``merge_and_unload``). This module registers both with the core
+(:func:`lorakit.state.on_attach` / :func:`~lorakit.state.on_detach`) when it is imported, which
+``import lorakit`` does on first use of the API. This attribute is the only one lorakit adds besides
+the registry; no forward hooks, and ``state_dict()`` is untouched.
 
 What is written: the base model exactly as before injection (adapters not merged, a merged adapter
 taken out, ``modules_to_save`` modules as the original), by transformers' own ``save_pretrained``
@@ -27,10 +29,12 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .config import LoraError
-from .layers import LoraLayer, SavedModule
-from . import inits
-from . import model as _model  # model imports this module: use its names at call time
+from ..config import LoraError
+from ..files import save
+from ..layers import LoraLayer, SavedModule
+from ..model import merge, unmerge
+from ..state import lora_layers, on_attach, on_detach, registry, unwrap
+from ..variants import rewriting_inits as inits
 
 __all__ = ["save_pretrained", "base_state_dict", "ADAPTERS_DIR"]
 
@@ -53,14 +57,14 @@ class _SavePretrained:
         return _SavePretrained, (self.model,)
 
 
-def attach(root: nn.Module) -> None:
+def install_save_pretrained(root: nn.Module) -> None:
     """Route ``root.save_pretrained`` through lorakit if ``root`` is a transformers model."""
     transformers = sys.modules.get("transformers")
     if transformers is not None and isinstance(root, transformers.PreTrainedModel):
         root.__dict__["save_pretrained"] = _SavePretrained(root)
 
 
-def detach(root: nn.Module) -> None:
+def remove_save_pretrained(root: nn.Module) -> None:
     """Give ``root`` back its class's ``save_pretrained``."""
     root.__dict__.pop("save_pretrained", None)
 
@@ -96,20 +100,20 @@ def base_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = Non
     ``state_dict``: the model's own ``state_dict()`` (lorakit keys) by default. A weight into which
     adapters are merged is given as it was before the merge (from ``merge``'s exact copy; after
     ``merge(keep_copy=False)`` there is none, and this raises); a weight a PiSSA/OLoRA init replaced
-by its residual is given as the original, W_res + s₀·B₀·A₀ (:func:`lorakit.inits.original`). ``merged=True``: the state that
+by its residual is given as the original, W_res + s₀·B₀·A₀ (:func:`lorakit.variants.rewriting_inits.original`). ``merged=True``: the state that
     :func:`lorakit.merge_and_unload` would leave, for a model whose active adapters are merged."""
-    root = _model.unwrap(model)
+    root = unwrap(model)
     state = root.state_dict() if state_dict is None else state_dict
     plain = {k2: v for k, v in state.items() if (k2 := _plain_key(root, k, merged)) is not None}
     if not merged:
-        for path, layer in _model.lora_layers(root):
+        for path, layer in lora_layers(root):
             key = f"{path}.{layer.param_name}"
             if layer.merged:
                 if layer._original is None:
                     raise LoraError(f"{path}: adapters {list(layer.merged)} are merged without an exact copy "
                                     "(merge(keep_copy=False)); unmerge first, or save with merged=True")
                 plain[key] = layer._original
-            if key in plain:  # a PiSSA/OLoRA residual: the weight before injection (lorakit.inits)
+            if key in plain:  # a PiSSA/OLoRA residual: the weight before injection
                 plain[key] = inits.original(layer, plain[key])
     return plain
 
@@ -125,10 +129,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
     adapters. Other arguments go to transformers' ``save_pretrained`` (``push_to_hub`` is refused:
     save, then upload the folder).
     """
-    from .io import save  # io imports model, which imports this module
-
-    root = _model.unwrap(model)
-    reg = _model.registry(root)
+    root = unwrap(model)
+    reg = registry(root)
     if kwargs.get("push_to_hub"):
         raise LoraError("save_pretrained(push_to_hub=True) is not supported for a model with lorakit adapters "
                         "(the adapters' folders would not be uploaded); save, then upload the folder")
@@ -145,9 +147,13 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *args, 
         raise LoraError(f"save_pretrained(merged=True): no active adapter to merge; adapters: {sorted(reg.configs)}")
     ours = not reg.merged
     if ours:
-        _model.merge(root)  # exact: unmerge below restores every weight bit for bit
+        merge(root)  # exact: unmerge below restores every weight bit for bit
     try:
         write(root, save_directory, *args, state_dict=base_state_dict(root, merged=True), **kwargs)
     finally:
         if ours:
-            _model.unmerge(root)
+            unmerge(root)
+
+
+on_attach(install_save_pretrained)
+on_detach(remove_save_pretrained)

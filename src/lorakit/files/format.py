@@ -1,0 +1,181 @@
+"""PEFT's adapter format: file names, tensor keys, and the config read and translated both ways.
+
+An adapter folder holds ``adapter_config.json`` + ``adapter_model.safetensors``. Keys are
+``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (embeddings:
+``lora_embedding_A`` / ``lora_embedding_B``), and for DoRA (``use_dora: true``) also
+``<module path>.lora_magnitude_vector``, tensors in PEFT's shapes. Nothing is ever unpickled.
+:mod:`.writer` saves, :mod:`.reader` checks and loads; both use the names and readers here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import LoraConfig, LoraError
+from ..kinds import Kind
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFile", "read_adapter", "factor_keys", "magnitude_key",
+           "module_path", "in_list", "outermost", "read_config", "open_weights", "consistent_config", "to_lora_config"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+META_KEY = "lorakit_config"
+QUANT_KEY = "lorakit_base_quantization"  # {path: "nf4" | "fp4" | "int8"} of the adapted quantized layers
+LEGACY_HASH_KEY = "lorakit_weights_sha256"  # in adapter_config.json of files from earlier lorakit versions
+#: PEFT options lorakit cannot honour: loading them silently would give different outputs.
+UNSUPPORTED = {"bias": "none", "layers_to_transform": None, "layers_pattern": None,
+                "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
+                "trainable_token_indices": None}
+
+
+# -- PEFT's selection rules (tuners_utils.check_target_module_exists, other._set_trainable) ------
+def in_list(names: list[str], path: str) -> bool:
+    """PEFT's rule for a list of target_modules / target_parameters: the path or a dotted suffix."""
+    return path in names or any(path.endswith(f".{n}") for n in names)
+
+
+def outermost(paths: set[str]) -> set[str]:
+    return {p for p in paths if not any(p.startswith(f"{q}.") for q in paths)}
+
+
+def factor_keys(path: str, kind: Kind) -> tuple[str, str]:
+    """The file keys of the factors A and B at ``path``. A kind's part (``attn.out_proj`` of an
+    ``nn.MultiheadAttention``) sits inside its owner's wrapper in PEFT, so PEFT names it through
+    the owner's ``base_layer`` (``attn.base_layer.out_proj``)."""
+    if kind.selected_by is None:
+        path = ".base_layer.".join(path.rsplit(".", 1))
+    return f"{PREFIX}{path}.{kind.a_key}", f"{PREFIX}{path}.{kind.b_key}"
+
+
+def magnitude_key(path: str) -> str:
+    """The file key of a DoRA magnitude at ``path`` (DoRA kinds are never a kind's part)."""
+    return f"{PREFIX}{path}.lora_magnitude_vector"
+
+
+def module_path(key: str) -> str:
+    """The module path (lorakit's, the original model's naming) of a factor's file key."""
+    return key[len(PREFIX):].rsplit(".lora_", 1)[0].replace(".base_layer.", ".")
+
+
+# -- reading a folder ---------------------------------------------------------------------------------
+def read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise LoraError(f"{path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def open_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [p.name for p in directory.glob("adapter_model.*")]
+        extra = f"; found {pickled}, which lorakit never unpickles (convert to safetensors)" if pickled else ""
+        raise LoraError(f"{path}: not found{extra}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoraError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if not tensors:
+        raise LoraError(f"{path}: the file holds no tensors")
+    return tensors, metadata
+
+
+def consistent_config(config: dict, metadata: dict, directory: Path) -> tuple[dict, Path]:
+    """The config that belongs to the weights: the JSON file, unless the weights were saved by
+    lorakit with another config (a save interrupted between its two renames, or a hand edit):
+    then the weights' embedded copy, with a warning."""
+    if META_KEY not in metadata:
+        return config, directory / CONFIG_NAME  # PEFT's file, or weights rewritten by another tool
+    source = directory / WEIGHTS_NAME
+    try:
+        embedded = json.loads(metadata[META_KEY])
+    except json.JSONDecodeError:
+        embedded = None
+    if not isinstance(embedded, dict):
+        raise LoraError(f"{source}: its lorakit_config metadata is not a JSON object; save the adapter again")
+    config = {k: v for k, v in config.items() if k != LEGACY_HASH_KEY}
+    if config == embedded:
+        return config, directory / CONFIG_NAME
+    changed = sorted(k for k in config.keys() | embedded.keys() if config.get(k) != embedded.get(k))
+    warnings.warn(f"{directory / CONFIG_NAME} differs from the config {source} was saved with (in {changed}): "
+                  "a save was interrupted, or the file was edited; loading the weights' own config",
+                  stacklevel=4)
+    return embedded, source
+
+
+def to_lora_config(config: dict, source: Path) -> LoraConfig:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{source}: peft_type is {config.get('peft_type')!r}; lorakit loads LORA adapters")
+    for key, default in UNSUPPORTED.items():
+        value = config.get(key, default)
+        if value not in (default, None, [], {}, False) and value != default:
+            raise LoraError(f"{source}: {key}={value!r} is not supported by lorakit (expected {default!r})")
+    try:
+        return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+                          init=_init(config.get("init_lora_weights", True), source),
+                          targets=config.get("target_modules") or (),
+                          target_parameters=config.get("target_parameters") or (),
+                          rank_pattern=config.get("rank_pattern") or {},
+                          alpha_pattern=config.get("alpha_pattern") or {},
+                          use_rslora=bool(config.get("use_rslora", False)),
+                          use_dora=config.get("use_dora") or False,
+                          modules_to_save=config.get("modules_to_save") or ())
+    except KeyError as e:
+        raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
+
+
+def _init(value: object, source: Path) -> str:
+    """lorakit's init for PEFT's ``init_lora_weights``: ``pissa``/``olora`` rewrite W on load as in PEFT
+    (the trained factors then replace the initial ones); inits that only set the factors do not
+    matter for a file that holds them; inits whose residual cannot be recomputed here are refused."""
+    if value in ("pissa", "olora"):
+        return value
+    if isinstance(value, str) and (value.startswith("pissa_niter_") or value.lower() in ("corda", "loftq", "lora_ga")):
+        why = ("its residual W - s*B0*A0 comes from a randomized SVD, which a load cannot reproduce"
+               if value.startswith("pissa_niter_") else "its residual needs data or quantization that lorakit does not have")
+        raise LoraError(f"{source}: init_lora_weights={value!r} is not supported: {why}; save the adapter "
+                        "converted to plain LoRA (lorakit.save(..., convert_to_lora=True), PEFT's "
+                        "path_initial_model_for_weight_conversion)")
+    return "kaiming"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFile:
+    """An adapter folder as read from disk, checked only in itself (not against a model).
+
+    ``config``: the PEFT config that belongs to the weights (see :func:`consistent_config`), read from
+    ``config_source``; ``lora``: it as a :class:`~lorakit.LoraConfig`; ``tensors``: every tensor by key;
+    ``metadata``: the safetensors metadata."""
+
+    config: dict
+    config_source: Path
+    lora: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    metadata: dict
+
+
+def read_adapter(directory: str | Path) -> AdapterFile:
+    """Read an adapter folder (config and weights, no model needed); raises :class:`LoraError` for a
+    missing, malformed or unsupported file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    config = read_config(directory)
+    tensors, metadata = open_weights(directory)
+    config, source = consistent_config(config, metadata, directory)
+    return AdapterFile(config, source, to_lora_config(config, source), tensors, metadata)

@@ -1,0 +1,286 @@
+"""Load adapters in PEFT's format: check a folder completely against a model, then load it.
+
+Keys are ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` (embeddings:
+``lora_embedding_A`` / ``lora_embedding_B``), and for DoRA (``use_dora: true``) also
+``<module path>.lora_magnitude_vector``, tensors in PEFT's shapes, fp32 by default.
+
+Loading is strict and all-or-nothing: the whole file is checked against the model (keys, shapes,
+prefix, finite values) and against its own config (the config must select, by PEFT's rules,
+exactly the modules the tensors hold) before the model is touched. Nothing is ever unpickled.
+
+A lorakit-saved file whose adapter_config.json differs from the config its weights were saved with
+(a save interrupted between its two renames, or a hand edit) loads the weights' own config, with a
+warning (:func:`lorakit.files.format.consistent_config`); files without that metadata, e.g. PEFT's,
+use adapter_config.json as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig, LoraError, check_name
+from ..model import apply_plan, set_active
+from ..quant import check_trained_precision, format_of
+from ..sharding import is_sharded, like_param
+from ..state import lora_layers, registry, registry_of, saved_modules, unwrap, walk
+from ..targets import Site, check_rewriting_inits, parts, plan, plan_saved
+from ..variants import dora
+from ..variants import rewriting_inits as inits
+from .format import (CONFIG_NAME, PREFIX, QUANT_KEY, WEIGHTS_NAME, factor_keys, in_list, magnitude_key, module_path, outermost,
+                     read_adapter)
+
+__all__ = ["load", "verify"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """What a PEFT config selects on a model (module paths; ``params``: "path.name")."""
+
+    modules: set[str]
+    params: set[str]
+    saved: set[str]  # modules_to_save by path or dotted suffix: these must be in the file
+    saved_loose: set[str]  # by PEFT's plain string suffix ("pre_classifier" for "classifier"): these may be
+
+
+def _names(config: dict, key: str, source: Path) -> list[str] | str | None:
+    value = config.get(key)
+    if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise LoraError(f"{source}: {key} must be a string or a list of strings, got {value!r}")
+
+
+def _selection(config: dict, model: nn.Module, source: Path) -> _Selection:
+    """What the PEFT ``config`` selects on ``model``, by PEFT's rules: target_modules as a list
+    (path or dotted suffix), a regex string (full match) or "all-linear"; exclude_modules likewise;
+    nothing inside a modules_to_save module; target_parameters by path or dotted suffix;
+    modules_to_save (outermost modules) by path or dotted suffix, and, loosely, by PEFT's plain
+    string suffix (a module only that rule selects keeps its original weights in PEFT when the file
+    has none for it, so it may be absent)."""
+    entries = list(walk(model))
+    modules = {p: m for p, m, *_ in entries}
+    to_save = _names(config, "modules_to_save", source) or []
+    to_save = [to_save] if isinstance(to_save, str) else to_save
+    saved = outermost({p for p in modules if in_list(to_save, p)})
+    saved_loose = outermost({p for p in modules if any(p.endswith(n) for n in to_save)})
+    targets, excluded = _names(config, "target_modules", source), _names(config, "exclude_modules", source) or []
+    try:
+        if targets is None:
+            chosen = set()
+        elif isinstance(targets, str) and targets.lower() == "all-linear":
+            chosen = {s.path for s in plan(model, LoraConfig(targets="all-linear"))}
+        elif isinstance(targets, str):
+            chosen = {p for p in modules if re.fullmatch(targets, p)}
+        else:
+            chosen = {p for p in modules if in_list(targets, p)}
+        if isinstance(excluded, str):
+            chosen = {p for p in chosen if not re.fullmatch(excluded, p)}
+    except re.error as e:
+        raise LoraError(f"{source}: target_modules/exclude_modules is not a valid regex: {e}") from None
+    chosen = {p for p in chosen if not (isinstance(excluded, list) and in_list(excluded, p))
+              and not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", p) for m in to_save)}
+    chosen |= {part for part, owner in parts(modules).items() if owner in chosen}  # they come with their owner
+    wanted = _names(config, "target_parameters", source) or []
+    wanted = [wanted] if isinstance(wanted, str) else wanted
+    params = {f"{p}.{n}" for p, m in modules.items() for n, _ in m.named_parameters(recurse=False)
+              if in_list(wanted, f"{p}.{n}")}
+    return _Selection(chosen, params, saved, saved_loose)
+
+
+def _agree(selection: _Selection, paths: set[str], saved: set[str], config: dict, config_source: Path,
+           source: Path) -> None:
+    """The modules the tensors hold are exactly the ones the config selects (both sides named)."""
+    lora = selection.modules | {p.rsplit(".", 1)[0] for p in selection.params}
+    problems = []
+    for what, held, selected, allowed in (("LoRA factors", paths, lora, lora),
+                                          ("saved-whole modules", saved, selection.saved, selection.saved_loose)):
+        if extra := sorted(held - (selected | allowed)):
+            problems.append(f"{source} holds {what} for {extra[:6]}{' …' if len(extra) > 6 else ''}, "
+                            "which the config does not select")
+        if missing := sorted(selected - held):
+            problems.append(f"the config selects {missing[:6]}{' …' if len(missing) > 6 else ''}, "
+                            f"for which {source.name} holds no {what}")
+    if problems:
+        fields = {k: config.get(k) for k in ("target_modules", "target_parameters", "exclude_modules",
+                                             "modules_to_save")}
+        raise LoraError(f"{config_source} ({', '.join(f'{k}={v!r}' for k, v in fields.items())}) and the "
+                        f"tensors disagree: " + "; ".join(problems))
+
+
+def _exact_targets(cfg: LoraConfig, paths: set[str], saved: set[str], params: set[str]) -> LoraConfig:
+    """The file's config, re-targeted at exactly the modules present in the file (``params``: the
+    parameters its target_parameters select)."""
+    params = {p for p in params if p.rsplit(".", 1)[0] in paths}
+    modules = paths - {p.rsplit(".", 1)[0] for p in params}
+    exact = lambda names: ("|".join(re.escape(n) for n in sorted(names)),) if names else ()  # noqa: E731
+    return dataclasses.replace(cfg, targets=exact(modules), target_parameters=exact(params), exclude=(),
+                               modules_to_save=exact(saved))
+
+
+def _expected(cfg: LoraConfig, sites: list[Site], saved: list[tuple]) -> dict[str, tuple]:
+    """Key -> shape that a file of config ``cfg`` must hold for the planned ``sites`` and ``saved`` modules."""
+    expected = {f"{PREFIX}{e[0]}.{k}": tuple(v.shape) for e in saved for k, v in e[1].state_dict().items()}
+    for s in sites:
+        a_shape, b_shape = s.kind.shapes(s.module, s.weight, s.r)
+        a_key, b_key = factor_keys(s.path, s.kind)
+        expected[a_key], expected[b_key] = tuple(a_shape), tuple(b_shape)
+        if cfg.use_dora:
+            expected[magnitude_key(s.path)] = dora.magnitude_shape(s.kind, s.weight)
+    return expected
+
+
+def _expected_existing(model: nn.Module, adapter: str) -> dict[str, tuple]:
+    """Key -> shape of the adapter ``adapter`` the model already has."""
+    expected = {f"{PREFIX}{p}.{k}": tuple(v.shape) for p, w in saved_modules(model) if adapter in w.adapters()
+                for k, v in w.modules_to_save[adapter].state_dict().items()}
+    for p, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            a_key, b_key = factor_keys(p, layer.kind)
+            expected[a_key], expected[b_key] = tuple(layer.lora_A[adapter].shape), tuple(layer.lora_B[adapter].shape)
+            if adapter in layer.lora_magnitude_vector:
+                expected[magnitude_key(p)] = tuple(layer.lora_magnitude_vector[adapter].shape)
+    return expected
+
+
+def _check(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Every expected key present with the expected shape, and nothing else."""
+    problems = [f"missing {k} (expected shape {v})" for k, v in expected.items() if k not in tensors]
+    problems += [f"unexpected key {k}" for k in tensors if k not in expected]
+    problems += [f"{k}: expected shape {v}, found {tuple(tensors[k].shape)}"
+                 for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
+    problems += [f"{k}: dtype {t.dtype} is not floating point" for k, t in tensors.items()
+                 if ".lora_" in k and not t.is_floating_point()]
+    problems += [f"{k}: {bad}" for k, t in tensors.items() if t.is_floating_point() and (bad := _nonfinite(t))]
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise LoraError(f"{source} does not fit this model: " + "; ".join(problems[:10]) + more)
+
+
+def _nonfinite(t: torch.Tensor) -> str:
+    """'' if every value is finite, else what is wrong ('3 NaN, 1 inf of 64 values')."""
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if not nan and not inf:
+        return ""
+    return ", ".join(f"{n} {w}" for n, w in ((nan, "NaN"), (inf, "inf")) if n) + f" of {t.numel()} values " \
+        "(an adapter must hold finite numbers)"
+
+
+def _owner(key: str, modules: dict[str, nn.Module]) -> str:
+    """The module a saved-whole key belongs to: the longest module path whose state has the rest."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        path, rest = ".".join(parts[:i]), ".".join(parts[i:])
+        if path in modules and rest in modules[path].state_dict():
+            return path
+    return key.rsplit(".", 1)[0]
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """Everything :func:`load` needs, computed before the model is touched."""
+
+    cfg: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    sites: list[Site]
+    saved: list[tuple]
+    existing: bool
+
+
+def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_change: bool = False) -> _Prepared:
+    """Read ``directory`` and check it completely against ``model`` (raises :class:`LoraError`); pure."""
+    if not directory.is_dir():
+        raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    check_name(adapter)
+    reg = registry_of(model)
+    if reg is not None and reg.merged:
+        raise LoraError(f"cannot load {adapter!r} while adapters {list(reg.merged)} are merged; unmerge first")
+    file = read_adapter(directory)
+    config, config_source, tensors, metadata = file.config, file.config_source, file.tensors, file.metadata
+    source = directory / WEIGHTS_NAME
+    bad = sorted(k for k in tensors if not k.startswith(PREFIX))
+    if bad:
+        raise LoraError(f"{source}: key {bad[0]!r} (and {len(bad) - 1} more) lacks the prefix {PREFIX!r}; "
+                        "expected keys like 'base_model.model.<module path>.lora_A.weight'")
+    modules = {p: m for p, m, *_ in walk(unwrap(model))}
+    paths = {module_path(k) for k in tensors if ".lora_" in k}
+    saved = {_owner(k[len(PREFIX):], modules) for k in tensors if ".lora_" not in k}
+    if unknown := sorted(p for p in paths | saved if p not in modules):
+        raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
+                        f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
+    selection = _selection(config, unwrap(model), config_source)
+    owned = parts(modules)  # planned with their owners, not targets of their own
+    cfg = _exact_targets(file.lora, {p for p in paths if owned.get(p) not in paths},
+                         saved, selection.params)
+    existing = reg is not None and adapter in reg.configs
+    sites, saved_plan = plan(unwrap(model), cfg), plan_saved(unwrap(model), cfg)
+    if not existing:
+        check_rewriting_inits(unwrap(model), cfg, adapter, sites)
+    elif reg.configs[adapter].init != cfg.init and inits.rewrites(reg.configs[adapter].init) | inits.rewrites(cfg.init):
+        raise LoraError(f"{config_source}: init_lora_weights {cfg.init!r} differs from adapter {adapter!r}'s "
+                        f"init {reg.configs[adapter].init!r}, and one of them rewrites W; delete the adapter first")
+    _check(_expected(cfg, sites, saved_plan), tensors, source)  # the file is complete in itself ...
+    _agree(selection, paths, saved, config, config_source, source)  # ... and is what its config says
+    if existing:  # ... and fits the adapter's current modules and shapes
+        _check(_expected_existing(model, adapter), tensors, source)
+    if not allow_precision_change:  # ... and the base is quantized as the one it was trained on
+        check_trained_precision(metadata.get(QUANT_KEY), {s.path: format_of(s.module) for s in sites},
+                                str(source))
+    return _Prepared(cfg, tensors, sites, saved_plan, existing)
+
+
+def verify(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+          allow_precision_change: bool = False) -> LoraConfig:
+    """Run every check of :func:`load` (config, keys, shapes, dtypes, finite values, base
+    quantization) without changing ``model``; raise :class:`LoraError` on the first problem, else
+    return the config that :func:`load` would use. The tensors are read and dropped."""
+    return _prepare(model, Path(directory), adapter, allow_precision_change).cfg
+
+
+def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+         activate: bool = True, allow_precision_change: bool = False) -> nn.Module:
+    """Load a PEFT-format adapter from ``directory`` as adapter ``adapter`` and make it active
+    (``activate=False``: keep the active set; the loaded adapter stays inactive and frozen).
+
+    If the model has no adapter of that name, one is injected per the saved config (on exactly
+    the modules the file holds). Any mismatch, and any NaN or infinite value, raises
+    :class:`LoraError` and leaves the model as it was, as does a lorakit file saved from layers
+    quantized otherwise (nf4 / fp4 / int8 / full precision) than the model's, unless
+    ``allow_precision_change`` (see :func:`lorakit.quant.check_trained_precision`). Returns ``model``.
+    """
+    prepared = _prepare(model, Path(directory), adapter, allow_precision_change)
+    cfg, tensors = prepared.cfg, prepared.tensors
+    if prepared.existing:
+        reg = registry(model)
+    elif is_sharded(model):
+        raise LoraError(f"the model is sharded (FSDP2) and has no adapter {adapter!r}: new adapter weights would "
+                        "not be sharded; load the adapter before lorakit.distributed.fully_shard_model, or into "
+                        "an existing adapter of that name")
+    else:
+        apply_plan(model, adapter, cfg, prepared.sites, prepared.saved, activate)
+    with torch.no_grad():  # a sharded (FSDP2) parameter takes its shard of the whole tensor (a collective)
+        for path, layer in lora_layers(model):
+            if adapter in layer.lora_A:
+                for factor, key in zip((layer.lora_A[adapter], layer.lora_B[adapter]), factor_keys(path, layer.kind)):
+                    factor.copy_(like_param(tensors[key], factor))
+                if adapter in layer.lora_magnitude_vector:
+                    m = layer.lora_magnitude_vector[adapter]
+                    m.copy_(like_param(tensors[magnitude_key(path)], m))
+        for path, wrapper in saved_modules(model):
+            if adapter in wrapper.adapters():
+                prefix, own = f"{PREFIX}{path}.", wrapper.modules_to_save[adapter].state_dict()
+                wrapper.modules_to_save[adapter].load_state_dict(
+                    {k[len(prefix):]: like_param(t, own[k[len(prefix):]]) for k, t in tensors.items()
+                     if k.startswith(prefix)})
+    if prepared.existing:
+        for path, layer in lora_layers(model):
+            if adapter in layer.lora_A:
+                layer.scale[adapter] = cfg.scale_for(path)
+                layer.dropout[adapter] = cfg.dropout
+        reg.configs[adapter] = cfg
+        set_active(model, adapter if activate else reg.active)
+    return model

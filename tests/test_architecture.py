@@ -48,3 +48,10 @@ def test_every_public_name_resolves_and_submodules_are_reachable():
     assert lorakit.distributed.fully_shard_model and lorakit.quant.merge_requantized
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lorakit.nope  # noqa: B018
+
+
+def test_no_module_imports_the_package_root():
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("lorakit", cache_dir=None)
+    importers = sorted(m for m in graph.find_modules_that_directly_import("lorakit") if m != "lorakit")
+    assert not importers, f"{importers} import the package root; import from lorakit.api or the submodule instead"

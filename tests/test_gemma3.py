@@ -126,7 +126,7 @@ def test_gemma3_270m_served_equals_generate(tmp_path):
     ids = [tok(prompt)["input_ids"] for _, prompt in plan]
 
     def text(i, adapter=None, merged=False):  # the oracle: HF generate alone, decoded as the server does
-        return tok.decode(_generate(ref, ids[i], n, adapter, merged), skip_special_tokens=True)
+        return tok.decode(_generate(ref, ids[i], n, adapter, merged), skip_special_tokens=True)  # noqa: F821
     want = [text(i, None if model == "gemma3" else model) for i, (model, _) in enumerate(plan)]
     assert len(ids[0]) > 540 and want[1] != want[0] and want[3] != text(3)  # the adapter changes outputs
     assert text(3, "g", merged=True) == want[3]

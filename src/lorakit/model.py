@@ -6,8 +6,10 @@ the active set for their forward. Every function here plans and checks first (:m
 and changes the model only when nothing can fail any more. The model's class, forward and
 ``state_dict`` keys stay the user's; besides the wrappers and the registry the only thing set on a
 model is what an integration adds when the registry is created (:func:`lorakit.state.on_attach`: a
-transformers model's ``save_pretrained``). No forward hooks; the only process-wide state is
-:mod:`lorakit.routing`'s, for mixed batches.
+transformers model's ``save_pretrained``). No forward hooks. Process-wide state exists only for mixed
+batches: :mod:`lorakit.routing`'s flag and context variable, and :func:`lorakit.mixed` wraps a
+transformers model class's ``_expand_inputs_for_generation`` once to observe generate's row
+expansion (it only calls the original outside a ``mixed`` block).
 """
 
 from __future__ import annotations
@@ -266,7 +268,7 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> list[tuple
     Every module is converted before anything is replaced."""
     root = unwrap(model)
     found = [(parent, attr, child) for parent in root.modules() for attr, child in parent.named_children()
-             if (kind := kind_of(child)) is not None and not isinstance(child, (LoraLayer, SavedModule))]
+             if kind_of(child) is not None and not isinstance(child, (LoraLayer, SavedModule))]
     plain = [kind_of(child).dequantized(child, dtype) for *_, child in found]
     found = [f for f, p in zip(found, plain) if p is not None]
     plain = [p for p in plain if p is not None]

@@ -5,7 +5,8 @@
 
 The routing is scoped with a :class:`contextvars.ContextVar`: it exists only inside the ``with``
 block of the thread or task that opened it (two threads serving different batches never see each
-other's routing), and it is removed on exit even when the forward raises. There are no hooks.
+other's routing), and it is removed on exit even when the forward raises. There are no forward
+hooks (the one class-level change is :func:`_observe_generate`'s, for Hugging Face ``generate``).
 Under ``torch.compile`` (compiled code cannot read the ContextVar) each adapted layer leaves the
 graph while any ``mixed`` block is open in the process and runs routed in eager mode: exact, at
 eager speed (see :data:`lorakit.routing.MIXED_OPEN`); outside such blocks compiled models have no graph breaks.

@@ -34,6 +34,6 @@ case "${1:-}" in
     bench) setup; shift
         "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[bench]"
         for b in layer_bench model_bench mixed_bench serve_traffic finetune_table; do "$VENV/bin/python" "bench/$b.py" "$@"; done ;;
-    docs) setup; shift; "$VENV/bin/python" -m mkdocs build --strict --site-dir site "$@" ;;
+    docs) setup; shift; NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict --site-dir site "$@" ;;
     *) sed -n '2,7p' "$0" >&2; exit 2 ;;
 esac

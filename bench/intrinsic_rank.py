@@ -38,10 +38,9 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import lorakit  # noqa: E402
 from lorakit.ops.extraction import energy_at, extract  # noqa: E402
 from lorakit.targets import plan  # noqa: E402
-from lorakit.train.data import collate, encode_classification  # noqa: E402
+from lorakit.train.data import encode_classification  # noqa: E402
 from lorakit.train.loop import TrainConfig, load_checkpoint_weights  # noqa: E402
-from lorakit.train.tasks import (LoraSpec, _classification_data, _prepare, classify,  # noqa: E402
-                                 evaluate_classifier, load_model)
+from lorakit.train.tasks import LoraSpec, _classification_data, _prepare, classify, evaluate_classifier, load_model  # noqa: E402
 
 TARGETS = {"all-linear": ("all-linear",), "query,value": ("query", "value")}
 

@@ -38,10 +38,10 @@ def build(kind: str, n: int, log):
     """A PEFT model with n random all-linear r=8 adapters, a lorakit twin, and a merged model."""
     import peft
     import torch
+    from transformers import AutoModel, AutoModelForCausalLM
 
     import lorakit
     from lorakit.builtin import minilm_path, smollm2_path
-    from transformers import AutoModel, AutoModelForCausalLM
     path = smollm2_path() if kind == "decode" else minilm_path()
     load = (lambda: AutoModelForCausalLM.from_pretrained(path).eval()) if kind == "decode" else \
         (lambda: AutoModel.from_pretrained(path).eval())
@@ -288,7 +288,8 @@ def main() -> None:
           "step of one generate call after the first); first step: the routing is opened inside the timed "
           "call, so the step plans it (the torch path also gathers every row's factors there: the first step of "
           "each generate call, and of each new batch composition in lorakit serve). lorakit: the per-row kernel "
-          "(lorakit.batching.rowlora, the default); torch path: the bank + gathered bmm path it replaced, same rounds.\n\n" + "\n".join(rows) +
+          "(lorakit.batching.rowlora, the default); torch path: the bank + gathered bmm path it replaced, same "
+          "rounds.\n\n" + "\n".join(rows) +
           f"\n\nOne adapter for all 64 rows: lorakit.mixed / plain single-adapter time = {common.fmt(s)} "
           f"(median [p25-p75] / ratio of minima; {3 * args.rounds} rounds).\n\n"
           f"Measured under load (load average {results['machine']['loadavg'][0]:.1f} on "

@@ -5,7 +5,8 @@ Per (model, base precision, library), in a fresh process: the model is loaded (a
 training steps run (AdamW; SmolLM2-135M causal LM 4x256 tokens, MiniLM seq-cls 16x128, the
 batches of ``bench/model_bench.py``); then one no-grad forward of the same batch (serving).
 Reported: RSS after loading, peak RSS of training and of serving (a second fresh process: one
-no-grad forward of the batch) over it and in total, and s/step (median). PEFT runs on the same quantized base (its bitsandbytes LoRA layers; the model is
+no-grad forward of the batch) over it and in total, and s/step (median). PEFT runs on the same quantized base
+(its bitsandbytes LoRA layers; the model is
 flagged ``is_loaded_in_4bit/8bit`` as transformers does). Quality runs: ``--quality`` trains the
 ``lorakit train`` tasks (same split and seed as ``bench/finetune_table.py``) with ``--quantize``.
 

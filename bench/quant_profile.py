@@ -5,23 +5,35 @@ LoRA r=8 all-linear + the classifier (modules_to_save), as in quant_bench.py; to
 table of the ops by self CPU time for each, then the median step times of 5 interleaved rounds
 and the median of the per-round ratios.
 """
-import copy, sys, time, random, statistics
+import copy
+import random
+import statistics
+import sys
+import time
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import torch
+
 torch.set_num_threads(1)
+import peft
 from model_bench import batch, load
-import lorakit, peft
+
+import lorakit
+
 torch.manual_seed(0)
 base = load("minilm")
 lorakit.quantize(base, "nf4"); base.is_loaded_in_4bit = True
-models = {"lorakit": lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=8, alpha=16, targets="all-linear", modules_to_save=["classifier"])),
-          "peft": peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["classifier"], task_type="SEQ_CLS"))}
+models = {"lorakit": lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=8, alpha=16, targets="all-linear",
+                                                                             modules_to_save=["classifier"])),
+          "peft": peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                                           modules_to_save=["classifier"], task_type="SEQ_CLS"))}
 b = batch("minilm", 0)
 for k, m in models.items():
     m.train()
     print(k, "trainable", sum(p.numel() for p in m.parameters() if p.requires_grad))
     m(**b).loss.backward()
-from torch.profiler import profile, ProfilerActivity
+from torch.profiler import ProfilerActivity, profile
+
 for k, m in models.items():
     m.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

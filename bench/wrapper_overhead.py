@@ -35,13 +35,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     import torch
+    from mixed_bench import _lorakit_only
     from transformers import AutoModelForCausalLM
 
     import lorakit
     from lorakit import routing as routing_state
     from lorakit.batching import rowlora
     from lorakit.builtin import smollm2_path
-    from mixed_bench import _lorakit_only
     torch.set_num_threads(args.threads)
     n, B = args.adapters, args.rows
     model = _lorakit_only(n)

@@ -26,8 +26,13 @@ from lorakit import builtin
 def train(model_path: str | Path, out: str | Path, max_steps: int = 60, batch_size: int = 16, lr: float = 1e-3,
           n_train: int = 0, seed: int = 0, log: bool = True):
     """Train LoRA (query, value; r=8) + the head with ``Trainer`` on BBC News; returns (model, tokenizer, labels)."""
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     train_rows, _, test_rows = builtin.bbc_split(seed=0)
     labels = sorted({label for _, label in train_rows})

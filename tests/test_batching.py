@@ -12,11 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_layers import _randomise  # every factor non-zero, seeded
 from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, LoraError
-from test_layers import _randomise  # every factor non-zero, seeded
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 

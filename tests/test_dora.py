@@ -18,7 +18,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -383,7 +382,8 @@ def test_named_adapters_disabled_delete_and_save_load(tmp_path):
 def test_bad_input_is_refused_naming_the_module(tmp_path):
     mha = nn.Sequential()
     mha.attn = nn.MultiheadAttention(8, 2)
-    with pytest.raises(LoraError, match=r"attn.in_proj_weight: DoRA \(use_dora=True\) is not defined for multihead_attention layers \(MultiheadAttention\)"):
+    message = r"attn.in_proj_weight: DoRA \(use_dora=True\) is not defined for multihead_attention layers \(MultiheadAttention\)"
+    with pytest.raises(LoraError, match=message):
         lorakit.inject(mha, LoraConfig(targets=["attn"], use_dora=True))
     assert not any(isinstance(m, lorakit.LoraLayer) for m in mha.modules())
     raw = nn.Sequential()

@@ -133,10 +133,10 @@ def test_mismatches_are_refused_naming_the_module_and_nothing_changes(tuned, kwa
 
 
 def test_cli_extract_recovers_a_low_rank_fine_tune_and_refuses_mismatched_models(tmp_path, capsys):
+    from test_algebra import save_tiny_llama
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from lorakit.cli import main
-    from test_algebra import save_tiny_llama
     base_dir = save_tiny_llama(tmp_path / "base")
     tuned = AutoModelForCausalLM.from_pretrained(base_dir)
     gen = torch.Generator().manual_seed(0)

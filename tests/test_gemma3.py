@@ -18,10 +18,11 @@ import torch
 import lorakit
 
 pytest.importorskip("fastapi")
+from test_serve import FakeTok, _random_adapters, _run, one_thread  # noqa: E402, F401  (one_thread: a fixture)
+
 from lorakit.serve.adapters import Adapters, discover  # noqa: E402
 from lorakit.serve.decode_batch import check_layers  # noqa: E402
 from lorakit.serve.engine import Engine  # noqa: E402
-from test_serve import FakeTok, _random_adapters, _run, one_thread  # noqa: E402, F401  (one_thread: a fixture)
 
 
 def _tiny_gemma3(window=4):
@@ -105,9 +106,10 @@ def test_layer_types_other_than_full_or_sliding_are_refused():
 def test_gemma3_270m_served_equals_generate(tmp_path):
     """builtin:gemma3 behind a real uvicorn server: a prompt longer than the 512-token window and short
     ones, on the base and an adapter, sent together; each equals HF generate alone (adapter: also merged)."""
+    from test_serve_robust import Running
+
     from lorakit.pretrained import load_model
     from lorakit.serve.server import build
-    from test_serve_robust import Running
     ref, tok = load_model("builtin:gemma3", "causal-lm")
     assert ref.config.sliding_window == 512 and "full_attention" in ref.config.layer_types
     assert ref.lm_head.weight is ref.model.embed_tokens.weight  # tied after the GGUF -> fp32 folder round trip

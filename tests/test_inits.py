@@ -14,10 +14,10 @@ import warnings
 
 import pytest
 import torch
+from test_cli import tiny_bert  # noqa: F401  (a fixture)
 from torch import nn
 
 import lorakit
-from test_cli import tiny_bert  # noqa: F401  (a fixture)
 from lorakit import LoraConfig, LoraError
 
 peft = pytest.importorskip("peft")
@@ -315,6 +315,7 @@ def test_loraplus_groups_match_peft():
     """lorakit's LoRA+ learning rates per parameter equal those of PEFT's create_loraplus_optimizer
     (run on the same lorakit model: it groups by parameter name and shape)."""
     from peft.optimizers import create_loraplus_optimizer
+
     from lorakit.train.loop import TrainConfig, _param_groups
     model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
     lorakit.inject(model, LoraConfig(r=2, targets=["0"], modules_to_save=["2"]))
@@ -358,7 +359,8 @@ def test_save_pretrained_writes_the_original_base(tmp_path):
 
 
 def test_cli_train_flags(tmp_path, tiny_bert):
-    from test_cli import FAST, labelled_csv, lorakit as cli, refused
+    from test_cli import FAST, labelled_csv, refused
+    from test_cli import lorakit as cli
     data = labelled_csv(tmp_path / "d.csv")
     code, out, err = cli("train", "--model", tiny_bert, "--data", data, *FAST, "--init", "pissa", "--rslora",
                          "--loraplus-ratio", 16, "--out", tmp_path / "run", cwd=tmp_path)

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
+from test_layers import _randomise  # every factor non-zero, seeded
 from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, LoraError
-from test_layers import _randomise  # every factor non-zero, seeded
 
 
 class ScaledLinear(nn.Module):

@@ -9,14 +9,14 @@ import warnings
 
 import pytest
 import torch
+from test_batching import _alone  # the oracle: one row through the plain single-adapter path
+from test_layers import _randomise  # every factor non-zero, seeded
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorakit
 from lorakit import LoraConfig, LoraError
 from lorakit.batching import rowlora
-from test_batching import _alone  # the oracle: one row through the plain single-adapter path
-from test_layers import _randomise  # every factor non-zero, seeded
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 ROUND = {F64: 2.0 ** -52, F32: 2.0 ** -23, BF16: 2.0 ** -8, F16: 2.0 ** -11}  # unit roundoff ·2

@@ -12,12 +12,12 @@ import http.client
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 
-from lorakit.serve.server import build  # noqa: E402
 from test_serve_robust import AUTH, TOKEN, Running, _adapter, _alone, _save_tiny, one_thread  # noqa: E402, F401
+
+from lorakit.serve.server import build  # noqa: E402
 
 
 @pytest.fixture(scope="module")

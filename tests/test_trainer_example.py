@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
 from test_distributed import tiny_bert_no_dropout  # noqa: F401  (a fixture)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trainer.py"

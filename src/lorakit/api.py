@@ -12,8 +12,19 @@ from .files import load, save, verify
 from .integrations.transformers import save_pretrained
 from .kinds import Kind, LinearKind, kind_of, register_kind
 from .layers import LoraLayer
-from .model import (Summary, delete, disabled, inject, lora_layers, merge, merge_and_unload, registry, set_active,
-                    summary, unmerge)
+from .model import (
+                    Summary,
+                    delete,
+                    disabled,
+                    inject,
+                    lora_layers,
+                    merge,
+                    merge_and_unload,
+                    registry,
+                    set_active,
+                    summary,
+                    unmerge,
+)
 from .ops.algebra import CombineReport, combine
 from .ops.extraction import ExtractReport, extract, spectra
 from .quant import quantize

@@ -27,14 +27,23 @@ from .config import LoraConfig, LoraError, check_name
 from .kinds import kind_of
 from .layers import LoraLayer, SavedModule
 from .sharding import is_sharded
-from .state import (Registry, attach_registry, detach_registry, lora_layers, registry, registry_of, saved_modules,
-                    unwrap, wrappers)
+from .state import (
+    Registry,
+    attach_registry,
+    detach_registry,
+    lora_layers,
+    registry,
+    registry_of,
+    saved_modules,
+    unwrap,
+    wrappers,
+)
 from .targets import Site, check_rewriting_inits, plan, plan_saved
 from .variants import rewriting_inits as inits
 
 __all__ = ["inject", "set_active", "disabled", "delete", "merge", "unmerge", "merge_and_unload", "summary",
-           "Summary", "apply_plan", "require_unmerged", "check_names", "dequantize", "restore_quantized", "Registry", "registry", "lora_layers",
-           "saved_modules", "wrappers", "unwrap"]
+           "Summary", "apply_plan", "require_unmerged", "check_names", "dequantize", "restore_quantized", "Registry",
+           "registry", "lora_layers", "saved_modules", "wrappers", "unwrap"]
 
 
 def require_unmerged(reg: Registry, action: str) -> None:

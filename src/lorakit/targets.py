@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+
 from torch import nn
 from torch.nn.utils import parametrize
 

@@ -32,8 +32,18 @@ from ..state import lora_layers, registry, registry_of, saved_modules, unwrap, w
 from ..targets import Site, check_rewriting_inits, parts, plan, plan_saved
 from ..variants import dora
 from ..variants import rewriting_inits as inits
-from .format import (CONFIG_NAME, PREFIX, QUANT_KEY, WEIGHTS_NAME, factor_keys, in_list, magnitude_key, module_path, outermost,
-                     read_adapter)
+from .format import (
+    CONFIG_NAME,
+    PREFIX,
+    QUANT_KEY,
+    WEIGHTS_NAME,
+    factor_keys,
+    in_list,
+    magnitude_key,
+    module_path,
+    outermost,
+    read_adapter,
+)
 
 __all__ = ["load", "verify"]
 

@@ -26,8 +26,18 @@ from ..layers import LoraLayer
 from ..sharding import full_tensor, is_main, is_sharded
 from ..state import lora_layers, registry, saved_modules, unwrap, walk
 from ..variants import rewriting_inits as inits
-from .format import (CONFIG_NAME, META_KEY, PREFIX, QUANT_KEY, UNSUPPORTED, WEIGHTS_NAME, factor_keys, in_list,
-                     magnitude_key, outermost)
+from .format import (
+    CONFIG_NAME,
+    META_KEY,
+    PREFIX,
+    QUANT_KEY,
+    UNSUPPORTED,
+    WEIGHTS_NAME,
+    factor_keys,
+    in_list,
+    magnitude_key,
+    outermost,
+)
 
 __all__ = ["save", "write_atomic"]
 

@@ -100,7 +100,8 @@ def base_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None = Non
     ``state_dict``: the model's own ``state_dict()`` (lorakit keys) by default. A weight into which
     adapters are merged is given as it was before the merge (from ``merge``'s exact copy; after
     ``merge(keep_copy=False)`` there is none, and this raises); a weight a PiSSA/OLoRA init replaced
-by its residual is given as the original, W_res + s₀·B₀·A₀ (:func:`lorakit.variants.rewriting_inits.original`). ``merged=True``: the state that
+by its residual is given as the original, W_res + s₀·B₀·A₀
+    (:func:`lorakit.variants.rewriting_inits.original`). ``merged=True``: the state that
     :func:`lorakit.merge_and_unload` would leave, for a model whose active adapters are merged."""
     root = unwrap(model)
     state = root.state_dict() if state_dict is None else state_dict

@@ -9,7 +9,8 @@ registers the built-in kinds: ``nn.Linear`` and transformers' ``Conv1D`` (:mod:`
 """
 
 # isort: off  (each module registers its kinds on import; this order is the order messages list them in)
-from . import linear, embedding, conv, param, mha, bitsandbytes  # noqa: F401
+from . import bitsandbytes, conv, embedding, linear, mha, param  # noqa: F401
+
 # isort: on
 from .base import AdapterHost, Kind, autocast_dtype, kind_of, register_kind, skinny, supported
 from .embedding import embed_scaled

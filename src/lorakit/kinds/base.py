@@ -25,7 +25,6 @@ import math
 from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 

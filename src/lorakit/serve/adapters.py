@@ -28,8 +28,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config import ADAPTER_NAME, LoraError, check_name as _check_name
 from ..api import delete, load, set_active, verify
+from ..config import ADAPTER_NAME, LoraError
+from ..config import check_name as _check_name
 from ..state import has_adapters
 from ..variants.rewriting_inits import rewrites
 

@@ -41,7 +41,6 @@ from torch import nn
 
 from ..api import mixed
 from ..state import has_adapters
-
 from .adapters import Adapters, Entry
 from .decode_batch import Batch, cache_tensors, full_cache, sample
 from .metrics import Metrics

@@ -9,7 +9,8 @@ at init, up to that rounding.
 
 The layer keeps the initial factors (A₀, B₀ as non-persistent buffers, and their scale s₀) for
 three things: :func:`restore` adds s₀·B₀·A₀ back into W when the adapter is deleted,
-:func:`original` gives the original W for ``save_pretrained``, and :func:`converted` turns the trained adapter into a plain rank-2r LoRA adapter against the
+:func:`original` gives the original W for ``save_pretrained``, and :func:`converted` turns the trained
+adapter into a plain rank-2r LoRA adapter against the
 original W (PEFT's ``path_initial_model_for_weight_conversion``): ΔW = s·B·A − s₀·B₀·A₀ =
 s·[B | −(s₀/s)·B₀]·[A ; A₀].
 
@@ -21,7 +22,7 @@ the model runs the residual weights, as in PEFT: that is not the original model.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import LoraError
 from ..kinds import AdapterHost

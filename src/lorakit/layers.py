@@ -31,6 +31,15 @@ def _routed_eager(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     return module.forward(x, *args, **kwargs)
 
 
+def inherit_mode(wrapper: nn.Module, base: nn.Module) -> None:
+    """Give a new ``wrapper`` of ``base`` (and its own submodules, not ``base``'s) the training mode of
+    ``base``: a wrapper created inside a model in eval mode must not run its dropout."""
+    wrapper.training = base.training
+    for child in wrapper.children():
+        if child is not base:
+            child.train(base.training)
+
+
 class LoraLayer(nn.Module):
     """A module plus named low-rank adapters on one of its weights (``param_name``).
 
@@ -58,6 +67,7 @@ class LoraLayer(nn.Module):
         self._original: Tensor | None = None  # copy of W while merged (merge's keep_copy)
         self._norm: Tensor | None = None  # a merged DoRA adapter's ‖W + ΔW‖ when no copy was kept
         self.generation = 0  # bumped when an adapter is added or removed (caches of lorakit.mixed)
+        inherit_mode(self, base_layer)
 
     @property
     def weight(self) -> Tensor:
@@ -236,6 +246,7 @@ class SavedModule(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()  # nothing to merge: a copy is already a plain module
+        inherit_mode(self, base_layer)
 
     def add(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.base_layer)

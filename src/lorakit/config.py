@@ -20,9 +20,11 @@ __all__ = ["LoraConfig", "LoraError", "INITS", "Target"]
 #: Valid values of ``LoraConfig.init``.
 #: ``kaiming``: A ~ Kaiming-uniform(a=√5) (PEFT's default), ``gaussian``: A ~ N(0, 1/r),
 #: ``normal``: A ~ N(0, 1) (the plain init of the seed's minimal example); B is zero for these.
+#: ``random``: A and B both random (Kaiming-uniform, a=√5, as an untouched ``nn.Linear``), so ΔW ≠ 0 from
+#: the start (PEFT's ``init_lora_weights=False``, for tests and debugging).
 #: ``pissa`` (SVD) and ``olora`` (QR) take A, B from W and leave W − s·B·A in W (see
 #: :mod:`lorakit.variants.rewriting_inits`); ``pissa_niter_<k>`` is PiSSA by a randomized SVD with k subspace iterations.
-INITS = ("kaiming", "gaussian", "normal", "pissa", "olora")
+INITS = ("kaiming", "gaussian", "normal", "random", "pissa", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
 
 #: A target is a module name / dotted suffix, a regex string, a module type, or "all-linear".
@@ -108,6 +110,14 @@ class LoraConfig:
             gets a trainable magnitude per output, W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (see :mod:`lorakit.variants.dora`).
         modules_to_save: modules trained and saved whole with the adapter (e.g. a new
             classification head ``"classifier"``), same pattern rules as ``targets``.
+        layers_to_transform: only modules in these layers (one index or several), as PEFT's field of that
+            name: the index is the number after the first ``layers_pattern`` in the module path
+            (``model.layers.3.mlp`` → 3), or without a pattern the first number two segments in. It
+            narrows ``targets`` matched by name or dotted suffix, type or ``"all-linear"``; a module
+            named by its full path and a regex entry are not narrowed (PEFT's rule).
+        layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``) for ``layers_to_transform``.
+        lora_bias: also train a bias b on B (PEFT's ``lora_bias``): the update is s·(B·A·x + b), and merging
+            adds s·b into the base bias. Linear, Conv1D and ``nn.Conv*d`` (groups = 1) layers only; not with DoRA.
     """
 
     r: int = 8
@@ -122,6 +132,9 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    layers_to_transform: tuple[int, ...] = ()
+    layers_pattern: tuple[str, ...] = ()
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -134,6 +147,17 @@ class LoraConfig:
         if not self.targets and not self.target_parameters and not self.modules_to_save:
             raise LoraError("LoraConfig needs targets (e.g. ['query', 'value'] or 'all-linear') "
                             "or target_parameters")
+        layers = self.layers_to_transform
+        layers = () if layers is None else (layers,) if isinstance(layers, int) else layers
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or \
+                not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            raise LoraError(f"layers_to_transform must be a layer index >= 0 or a list of them, got {layers!r}")
+        set_("layers_to_transform", tuple(layers))
+        set_("layers_pattern", _as_tuple(self.layers_pattern, "layers_pattern"))
+        if not all(isinstance(p, str) and p for p in self.layers_pattern):
+            raise LoraError(f"layers_pattern must be a name or a list of names, got {self.layers_pattern!r}")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise LoraError("layers_pattern needs layers_to_transform (the layer indices to adapt), as in PEFT")
         set_("rank_pattern", _frozen_mapping(self.rank_pattern, "rank_pattern", int))
         set_("alpha_pattern", _frozen_mapping(self.alpha_pattern, "alpha_pattern", float))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -152,9 +176,23 @@ class LoraConfig:
             raise LoraError(f"use_dora must be True or False, got {self.use_dora!r}")
         if self.init not in INITS and not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
             raise LoraError(f"unknown init {self.init!r}; valid inits are: {', '.join(INITS)}, pissa_niter_<k>")
-        if self.use_dora and self.init not in ("kaiming", "gaussian", "normal"):
+        if self.use_dora and self.init not in ("kaiming", "gaussian", "normal", "random"):
             raise LoraError(f"use_dora with init={self.init!r} is not supported (not tested together); use DoRA "
-                            "with a plain init (kaiming, gaussian, normal)")
+                            "with a plain init (kaiming, gaussian, normal, random)")
+        if not isinstance(self.lora_bias, bool):
+            raise LoraError(f"lora_bias must be True or False, got {self.lora_bias!r}")
+        if self.lora_bias and self.use_dora:
+            raise LoraError("lora_bias=True is not supported with use_dora=True (PEFT refuses it too); use one of them")
+        if self.lora_bias and (self.init == "olora" or self.init.startswith("pissa")):
+            raise LoraError(f"lora_bias=True is not supported with init={self.init!r} (PEFT allows it only with its "
+                            "plain inits); use init='kaiming' or 'random'")
+
+    def in_layers(self, path: str) -> bool:
+        """Whether ``layers_to_transform`` keeps the module at ``path`` (always, if it is not set)."""
+        if not self.layers_to_transform:
+            return True
+        index = layer_index(path, self.layers_pattern)
+        return index is not None and index in self.layers_to_transform
 
     def rank_for(self, path: str) -> int:
         """The rank used for the module at ``path`` (``rank_pattern`` first, else ``r``)."""
@@ -168,6 +206,21 @@ class LoraConfig:
         """The factor s in ``W x + s·B A x`` for the module at ``path``."""
         r, alpha = self.rank_for(path), self.alpha_for(path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def layer_index(path: str, patterns: Sequence[str] = ()) -> int | None:
+    """The layer index of the module at ``path`` by PEFT's rule (``check_target_module_exists``): the
+    number after the first of ``patterns`` followed by ``.<digits>.``, or, without patterns, the first
+    number that follows two path segments (``model.layers.3.mlp.up`` → 3); None if there is none."""
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match is not None:
+                break
+    return int(match["idx"]) if match else None
 
 
 def _pattern_lookup(patterns: Mapping[str, Any], path: str, default: Any) -> Any:

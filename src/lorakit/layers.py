@@ -10,6 +10,7 @@ decides how the *unmerged* forward applies B·A to an input without materialisin
 from __future__ import annotations
 
 import copy
+import math
 from typing import Sequence
 
 import torch
@@ -47,6 +48,8 @@ class LoraLayer(nn.Module):
         base_layer: the wrapped, frozen module (its forward and buffers are untouched).
         lora_A, lora_B: the factors per adapter name, in PEFT's shapes.
         lora_magnitude_vector: DoRA's magnitude m per DoRA adapter name (:mod:`lorakit.variants.dora`).
+        lora_bias: the bias b on B per ``lora_bias`` adapter name (PEFT's ``lora_B.bias``): the update
+            is s·(B·A·x + b), merged as W + s·B·A and base bias + s·b.
         scale: per adapter, s = α/r (or α/√r).
         active: names whose updates are applied in forward (set by :func:`lorakit.set_active`).
         merged: names currently merged into W (then forward is the base forward alone).
@@ -60,11 +63,13 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_bias = nn.ParameterDict()
         self.scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
         self._original: Tensor | None = None  # copy of W while merged (merge's keep_copy)
+        self._original_bias: Tensor | None = None  # copy of the base bias while a lora_bias adapter is merged
         self._norm: Tensor | None = None  # a merged DoRA adapter's ‖W + ΔW‖ when no copy was kept
         self.generation = 0  # bumped when an adapter is added or removed (caches of lorakit.mixed)
         inherit_mode(self, base_layer)
@@ -80,10 +85,12 @@ class LoraLayer(nn.Module):
         return self.base_layer.bias
 
     # -- adapters -------------------------------------------------------------------------------
-    def add(self, name: str, r: int, scale: float, dropout: float, init: str, dora: bool = False) -> None:
-        """Create adapter ``name`` with ΔW = 0 (a rewriting init, :mod:`lorakit.variants.rewriting_inits`: W − s·B·A + s·B·A = W).
-        Factors in the kind's factor_dtype (fp32 on a half-precision base). ``dora``: also a DoRA
-        magnitude, m = ‖W + ΔW‖ (so the layer's output is unchanged)."""
+    def add(self, name: str, r: int, scale: float, dropout: float, init: str, dora: bool = False,
+            bias: bool = False) -> None:
+        """Create adapter ``name`` with ΔW = 0 (a rewriting init, :mod:`lorakit.variants.rewriting_inits`: W − s·B·A + s·B·A = W;
+        ``init="random"``: ΔW random). Factors in the kind's factor_dtype (fp32 on a half-precision base).
+        ``dora``: also a DoRA magnitude, m = ‖W + ΔW‖ (so the layer's output is unchanged). ``bias``: also
+        a bias b on B (``lora_bias``), zero (``init="random"``: uniform ±1/√r, as ``nn.Linear``'s bias)."""
         w = self.weight
         dtype = self.kind.factor_dtype(self.base_layer, w)
         a_shape, b_shape = self.kind.shapes(self.base_layer, w, r)
@@ -97,6 +104,11 @@ class LoraLayer(nn.Module):
         self.dropout[name] = float(dropout)
         if inits.rewrites(init):  # PiSSA / OLoRA: the factors come from W, which keeps the residual
             inits.rewrite(self, name, init)
+        if bias:
+            b = torch.zeros(b_shape[0], dtype=dtype, device=w.device)
+            if init == "random":
+                nn.init.uniform_(b, -1 / math.sqrt(r), 1 / math.sqrt(r))
+            self.lora_bias[name] = nn.Parameter(b)
         if dora:
             m = _dora.weight_norm(self, name).reshape(_dora.magnitude_shape(self.kind, w))
             self.lora_magnitude_vector[name] = nn.Parameter(m)
@@ -107,6 +119,8 @@ class LoraLayer(nn.Module):
         del self.lora_A[name], self.lora_B[name], self.scale[name], self.dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
+        if name in self.lora_bias:
+            del self.lora_bias[name]
         self.active = tuple(n for n in self.active if n != name)
         self.generation += 1
         self.__dict__.pop("_bank", None)  # free the removed factors' copy now
@@ -124,7 +138,7 @@ class LoraLayer(nn.Module):
         for n in self.lora_A:
             self.lora_A[n].requires_grad_(n in names)
             self.lora_B[n].requires_grad_(n in names)
-        for n, m in self.lora_magnitude_vector.items():
+        for n, m in (*self.lora_magnitude_vector.items(), *self.lora_bias.items()):
             m.requires_grad_(n in names)
 
     def check_active(self, names: Sequence[str], path: str) -> None:
@@ -206,6 +220,18 @@ class LoraLayer(nn.Module):
         if not torch.isfinite(total).all():
             raise LoraError(f"merging {', '.join(names)} would put non-finite values into the weight "
                             f"({w.dtype} overflows); keep the adapter unmerged")
+        biased = [n for n in names if n in self.lora_bias]
+        if biased:  # base bias + Σ s·b, rounded once
+            bias = self.base_layer.bias
+            new_bias = bias.to(torch.float64, copy=True)
+            for n in biased:
+                new_bias.add_(self.lora_bias[n].to(torch.float64), alpha=self.scale[n])
+            new_bias = new_bias.to(bias.dtype)
+            if not torch.isfinite(new_bias).all():
+                raise LoraError(f"merging {', '.join(biased)} would put non-finite values into the bias; keep the "
+                                "adapter unmerged")
+            self._original_bias = bias.detach().clone()  # small: always kept, so unmerge restores it exactly
+            bias.detach().copy_(new_bias)
         if keep_copy:
             self._original = w.detach().clone()
         else:
@@ -226,7 +252,9 @@ class LoraLayer(nn.Module):
             w.copy_(_dora.unmerged(self, self.merged[0], self._norm))
         else:
             w.copy_(self._shifted(self.merged, -1))
-        self._original = self._norm = None
+        if self._original_bias is not None:
+            self.base_layer.bias.detach().copy_(self._original_bias)
+        self._original = self._norm = self._original_bias = None
         self.merged = ()
 
     def extra_repr(self) -> str:

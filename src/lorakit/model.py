@@ -75,7 +75,7 @@ def apply_plan(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], 
         if layer is None:
             layer = LoraLayer(site.module, site.kind, site.param)
             setattr(site.parent, site.attr, layer)
-        layer.add(name, site.r, site.scale, cfg.dropout, cfg.init, dora=cfg.use_dora)
+        layer.add(name, site.r, site.scale, cfg.dropout, cfg.init, dora=cfg.use_dora, bias=cfg.lora_bias)
     for path, module, parent, attr, wrapper in saved:
         if wrapper is None:
             wrapper = SavedModule(module)
@@ -224,6 +224,10 @@ def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None
             raise LoraError(f"cannot merge into {path}.{layer.param_name}: a parametrization was registered on "
                             "it after inject; W + ΔW cannot be written back exactly through one (remove it "
                             "with torch.nn.utils.parametrize.remove_parametrizations, or keep the adapter unmerged)")
+        biased = [n for n in layer.active if n in layer.lora_bias]
+        if biased and getattr(layer.base_layer, "bias", None) is None:
+            raise LoraError(f"cannot merge adapter(s) {biased} into {path}: they have a lora_bias and the base layer "
+                            "has no bias to add it to (PEFT refuses this merge too); keep the adapter unmerged")
         names = owners[id(layer.weight)]
         if len(names) > 1:
             names = [n.replace(".base_layer", "") for n in names]
@@ -232,7 +236,8 @@ def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None
     for path, layer in layers:
         for name in layer.active:
             factors = (("lora_A", layer.lora_A[name]), ("lora_B", layer.lora_B[name]),
-                       ("lora_magnitude_vector", layer.lora_magnitude_vector.get(name)))
+                       ("lora_magnitude_vector", layer.lora_magnitude_vector.get(name)),
+                       ("lora_bias", layer.lora_bias.get(name)))
             for key, t in ((k, t) for k, t in factors if t is not None):
                 if not torch.isfinite(t).all():
                     raise LoraError(f"cannot merge adapter {name!r}: {path}.{key}.{name} holds NaN or inf "

@@ -98,6 +98,13 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
             hits = [p for p in modules if match(p)]
         if not hits:
             raise _unmatched(target, list(modules.values() if isinstance(target, type) else modules), "module")
+        if cfg.layers_to_transform and not (isinstance(target, str) and target != "all-linear"
+                                            and not _PLAIN.fullmatch(target)):  # PEFT's rule: not a regex, nor a full path
+            hits = [p for p in hits if p == target or cfg.in_layers(p)]
+            if not hits:
+                raise LoraError(f"target {target!r} matches no module in layers_to_transform="
+                                f"{list(cfg.layers_to_transform)} (layers_pattern={list(cfg.layers_pattern) or None}); "
+                                "a module's layer is the number after the pattern in its path (model.layers.3.mlp → 3)")
         for p in hits:
             kind = kind_of(modules[p])
             if kind is None:
@@ -163,6 +170,11 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
                             "module out of the targets")
         if cfg.use_dora:
             dora.check_weight(kind, getattr(module, param), f"{path}.{param}")
+        if cfg.lora_bias and not kind.lora_bias:
+            what = "raw parameters" if kind.selected_by == "target_parameters" else \
+                f"{kind.name} layers ({type(module).__name__})"
+            raise LoraError(f"{path}.{param}: lora_bias=True is not supported on {what}; it works on nn.Linear, "
+                            "transformers' Conv1D and nn.Conv1d/2d/3d with groups=1: keep this module out of the targets")
         owner = owners.get(path, path)
         sites.append(Site(path, module, kind, param, cfg.rank_for(owner), cfg.scale_for(owner),
                           parent, attr, layer))

@@ -26,7 +26,7 @@ only when an adapter changes: see Staleness), from which the rows' factors are g
 fast for thin r), the second added in place to the base output; this path is the kernel's reference
 in the tests, and its bank is one extra copy of the factors, made on first use. Batches that use one
 adapter take the plain single-adapter path. Layers with a DoRA adapter (per-row magnitudes: each
-row is scaled by its own adapter's m/‖W + ΔW‖), other layer kinds (convolutions, raw parameters),
+row is scaled by its own adapter's m/‖W + ΔW‖) or a ``lora_bias`` adapter, other layer kinds (convolutions, raw parameters),
 ``modules_to_save`` copies, training with dropout, and any forward that needs gradients for the
 factors run per adapter group through the plain (differentiable) path; they reassemble rows only
 from one output tensor whose dim 0 is the batch (a module returning a tuple, e.g. ``nn.GRU``,
@@ -129,7 +129,8 @@ class Routing:
         plan = self._plans.get(key)
         if plan is not None and plan[0] == "rows" and plan[2](layer):  # the kernel's plan, still valid: every
             return _kernel_forward(layer, x, plan[1])  # decode step after the first (DoRA layers have none)
-        if layer.lora_magnitude_vector:  # DoRA: each adapter's rows through the layer's own forward (exact)
+        if layer.lora_magnitude_vector or layer.lora_bias:  # DoRA, lora_bias: each adapter's rows through the
+            # layer's own forward (exact; the batched paths know neither magnitudes nor biases)
             rows = self.adapters[:1] if self.uniform else self.rows(layer, x, layer.kind.batch_dim(layer.base_layer, x))
             names = [a if a in layer.lora_A else None for a in rows]
             run = lambda n, rows: layer.run((n,) if n else (), rows, *args, **kwargs)  # noqa: E731

@@ -21,7 +21,7 @@ from ..config import LoraConfig, LoraError
 from ..kinds import Kind
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFile", "read_adapter", "factor_keys", "magnitude_key",
-           "module_path", "in_list", "outermost", "read_config", "open_weights", "consistent_config", "to_lora_config"]
+           "module_path", "in_list", "outermost", "bias_key", "peft_selects", "PEFT_FIELDS", "REFUSED", "read_config", "open_weights", "consistent_config", "to_lora_config"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,10 +29,36 @@ PREFIX = "base_model.model."
 META_KEY = "lorakit_config"
 QUANT_KEY = "lorakit_base_quantization"  # {path: "nf4" | "fp4" | "int8"} of the adapted quantized layers
 LEGACY_HASH_KEY = "lorakit_weights_sha256"  # in adapter_config.json of files from earlier lorakit versions
-#: PEFT options lorakit cannot honour: loading them silently would give different outputs.
-UNSUPPORTED = {"bias": "none", "layers_to_transform": None, "layers_pattern": None,
-                "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
-                "trainable_token_indices": None}
+#: Every field of PEFT 0.21's ``LoraConfig``, and what lorakit does with it: ``"supported"`` (read
+#: into a :class:`~lorakit.LoraConfig` and written back), ``"refused"`` (a file with any value other
+#: than the default is refused by name: loading it would give other outputs, or other training),
+#: ``"metadata"`` (does not change what the adapter computes: ignored on read, written as PEFT's
+#: default). The manual's table (docs/guide/files.md, "PEFT LoraConfig fields") lists the same.
+PEFT_FIELDS = {
+    **dict.fromkeys(("task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                     "revision", "inference_mode", "megatron_core", "qalora_group_size", "loftq_config",
+                     "eva_config", "corda_config", "runtime_config"), "metadata"),
+    **dict.fromkeys(("r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+                     "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
+                     "layers_pattern", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias",
+                     "target_parameters"), "supported"),
+    **dict.fromkeys(("megatron_config", "trainable_token_indices", "lora_ga_config", "velora_config",
+                     "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
+                     "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying"), "refused"),
+}
+#: The default of each refused field (and of ``bias``, supported only as "none"), as lorakit writes them.
+REFUSED = {"bias": "none", "megatron_config": None, "trainable_token_indices": None, "lora_ga_config": None,
+           "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
+           "layer_replication": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+           "ensure_weight_tying": False}
+_WHY = {"bias": "training the base model's biases with the adapter (bias='lora_only' / 'all')",
+        "megatron_config": "Megatron tensor-parallel LoRA layers", "trainable_token_indices": "trainable tokens",
+        "lora_ga_config": "LoRA-GA", "velora_config": "VeLoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+        "use_qalora": "QALoRA", "monteclora_config": "MonteCLoRA", "layer_replication": "layer replication",
+        "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+        "ensure_weight_tying": "adapters tied between tied weights"}
+#: init_lora_weights values that only set the initial factors (a file holds the trained ones).
+_FACTOR_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 # -- PEFT's selection rules (tuners_utils.check_target_module_exists, other._set_trainable) ------
@@ -52,6 +78,17 @@ def factor_keys(path: str, kind: Kind) -> tuple[str, str]:
     if kind.selected_by is None:
         path = ".base_layer.".join(path.rsplit(".", 1))
     return f"{PREFIX}{path}.{kind.a_key}", f"{PREFIX}{path}.{kind.b_key}"
+
+
+def bias_key(path: str) -> str:
+    """The file key of a ``lora_bias`` bias at ``path`` (PEFT's ``lora_B`` is an ``nn.Linear``/conv with a bias)."""
+    return f"{PREFIX}{path}.lora_B.bias"
+
+
+def peft_selects(names: list[str], path: str, cfg: LoraConfig) -> bool:
+    """PEFT's rule for a list of target_modules with ``cfg``'s layers_to_transform / layers_pattern: the
+    path itself, or a dotted suffix in one of those layers."""
+    return path in names or (in_list(names, path) and cfg.in_layers(path))
 
 
 def magnitude_key(path: str) -> str:
@@ -119,12 +156,21 @@ def consistent_config(config: dict, metadata: dict, directory: Path) -> tuple[di
 
 
 def to_lora_config(config: dict, source: Path) -> LoraConfig:
+    """The :class:`LoraConfig` of a PEFT config dict; a field lorakit does not implement (:data:`PEFT_FIELDS`),
+    and an unknown field with a value, is refused by name."""
     if config.get("peft_type", "LORA") != "LORA":
         raise LoraError(f"{source}: peft_type is {config.get('peft_type')!r}; lorakit loads LORA adapters")
-    for key, default in UNSUPPORTED.items():
+    for key, default in REFUSED.items():
         value = config.get(key, default)
-        if value not in (default, None, [], {}, False) and value != default:
-            raise LoraError(f"{source}: {key}={value!r} is not supported by lorakit (expected {default!r})")
+        if value not in (default, None, [], {}, False):
+            raise LoraError(f"{source}: {key}={value!r} ({_WHY[key]}) is not supported by lorakit; it loads "
+                            f"adapters with {key}={default!r}")
+    unknown = sorted(k for k, v in config.items() if k not in PEFT_FIELDS and v not in (None, False, [], {}, ""))
+    if unknown:
+        raise LoraError(f"{source}: unknown field(s) {unknown} (not in PEFT 0.21's LoraConfig: written by a newer "
+                        "PEFT?); lorakit refuses options it does not know rather than ignore them")
+    if isinstance(config.get("target_modules"), str) and config.get("layers_to_transform") not in (None, []):
+        raise LoraError(f"{source}: layers_to_transform cannot be used with a regex target_modules (PEFT refuses it)")
     try:
         return LoraConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
                           init=_init(config.get("init_lora_weights", True), source),
@@ -134,24 +180,35 @@ def to_lora_config(config: dict, source: Path) -> LoraConfig:
                           alpha_pattern=config.get("alpha_pattern") or {},
                           use_rslora=bool(config.get("use_rslora", False)),
                           use_dora=config.get("use_dora") or False,
-                          modules_to_save=config.get("modules_to_save") or ())
+                          modules_to_save=config.get("modules_to_save") or (),
+                          layers_to_transform=config.get("layers_to_transform"),
+                          layers_pattern=config.get("layers_pattern") or (),
+                          lora_bias=config.get("lora_bias") or False)
     except KeyError as e:
         raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
+    except LoraError as e:
+        raise LoraError(f"{source}: {e}") from None
 
 
 def _init(value: object, source: Path) -> str:
     """lorakit's init for PEFT's ``init_lora_weights``: ``pissa``/``olora`` rewrite W on load as in PEFT
-    (the trained factors then replace the initial ones); inits that only set the factors do not
-    matter for a file that holds them; inits whose residual cannot be recomputed here are refused."""
+    (the trained factors then replace the initial ones); ``False`` is lorakit's ``random``; inits that
+    only set the factors do not matter for a file that holds them; inits whose residual cannot be
+    recomputed here, and unknown values, are refused."""
     if value in ("pissa", "olora"):
         return value
+    if value is False:
+        return "random"
+    if any(value is v or (isinstance(v, str) and value == v) for v in _FACTOR_INITS):
+        return "kaiming"
     if isinstance(value, str) and (value.startswith("pissa_niter_") or value.lower() in ("corda", "loftq", "lora_ga")):
         why = ("its residual W - s*B0*A0 comes from a randomized SVD, which a load cannot reproduce"
                if value.startswith("pissa_niter_") else "its residual needs data or quantization that lorakit does not have")
         raise LoraError(f"{source}: init_lora_weights={value!r} is not supported: {why}; save the adapter "
                         "converted to plain LoRA (lorakit.save(..., convert_to_lora=True), PEFT's "
                         "path_initial_model_for_weight_conversion)")
-    return "kaiming"
+    raise LoraError(f"{source}: init_lora_weights={value!r} is unknown to lorakit; known: True, False, "
+                    "'gaussian', 'eva', 'orthogonal', 'mica', 'pissa', 'olora'")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,11 +37,13 @@ from .format import (
     PREFIX,
     QUANT_KEY,
     WEIGHTS_NAME,
+    bias_key,
     factor_keys,
     in_list,
     magnitude_key,
     module_path,
     outermost,
+    peft_selects,
     read_adapter,
 )
 
@@ -65,13 +67,14 @@ def _names(config: dict, key: str, source: Path) -> list[str] | str | None:
     raise LoraError(f"{source}: {key} must be a string or a list of strings, got {value!r}")
 
 
-def _selection(config: dict, model: nn.Module, source: Path) -> _Selection:
+def _selection(config: dict, model: nn.Module, source: Path, cfg: LoraConfig) -> _Selection:
     """What the PEFT ``config`` selects on ``model``, by PEFT's rules: target_modules as a list
     (path or dotted suffix), a regex string (full match) or "all-linear"; exclude_modules likewise;
     nothing inside a modules_to_save module; target_parameters by path or dotted suffix;
     modules_to_save (outermost modules) by path or dotted suffix, and, loosely, by PEFT's plain
     string suffix (a module only that rule selects keeps its original weights in PEFT when the file
-    has none for it, so it may be absent)."""
+    has none for it, so it may be absent). ``cfg`` (the file's config) gives layers_to_transform /
+    layers_pattern, which narrow a list of target_modules (and "all-linear") as in PEFT."""
     entries = list(walk(model))
     modules = {p: m for p, m, *_ in entries}
     to_save = _names(config, "modules_to_save", source) or []
@@ -83,11 +86,11 @@ def _selection(config: dict, model: nn.Module, source: Path) -> _Selection:
         if targets is None:
             chosen = set()
         elif isinstance(targets, str) and targets.lower() == "all-linear":
-            chosen = {s.path for s in plan(model, LoraConfig(targets="all-linear"))}
+            chosen = {s.path for s in plan(model, LoraConfig(targets="all-linear")) if cfg.in_layers(s.path)}
         elif isinstance(targets, str):
             chosen = {p for p in modules if re.fullmatch(targets, p)}
         else:
-            chosen = {p for p in modules if in_list(targets, p)}
+            chosen = {p for p in modules if peft_selects(targets, p, cfg)}
         if isinstance(excluded, str):
             chosen = {p for p in chosen if not re.fullmatch(excluded, p)}
     except re.error as e:
@@ -141,6 +144,8 @@ def _expected(cfg: LoraConfig, sites: list[Site], saved: list[tuple]) -> dict[st
         expected[a_key], expected[b_key] = tuple(a_shape), tuple(b_shape)
         if cfg.use_dora:
             expected[magnitude_key(s.path)] = dora.magnitude_shape(s.kind, s.weight)
+        if cfg.lora_bias:
+            expected[bias_key(s.path)] = (b_shape[0],)
     return expected
 
 
@@ -154,6 +159,8 @@ def _expected_existing(model: nn.Module, adapter: str) -> dict[str, tuple]:
             expected[a_key], expected[b_key] = tuple(layer.lora_A[adapter].shape), tuple(layer.lora_B[adapter].shape)
             if adapter in layer.lora_magnitude_vector:
                 expected[magnitude_key(p)] = tuple(layer.lora_magnitude_vector[adapter].shape)
+            if adapter in layer.lora_bias:
+                expected[bias_key(p)] = tuple(layer.lora_bias[adapter].shape)
     return expected
 
 
@@ -222,7 +229,7 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
     if unknown := sorted(p for p in paths | saved if p not in modules):
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
                         f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
-    selection = _selection(config, unwrap(model), config_source)
+    selection = _selection(config, unwrap(model), config_source, file.lora)
     owned = parts(modules)  # planned with their owners, not targets of their own
     cfg = _exact_targets(file.lora, {p for p in paths if owned.get(p) not in paths},
                          saved, selection.params)
@@ -280,6 +287,9 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                 if adapter in layer.lora_magnitude_vector:
                     m = layer.lora_magnitude_vector[adapter]
                     m.copy_(like_param(tensors[magnitude_key(path)], m))
+                if adapter in layer.lora_bias:
+                    b = layer.lora_bias[adapter]
+                    b.copy_(like_param(tensors[bias_key(path)], b))
         for path, wrapper in saved_modules(model):
             if adapter in wrapper.adapters():
                 prefix, own = f"{PREFIX}{path}.", wrapper.modules_to_save[adapter].state_dict()

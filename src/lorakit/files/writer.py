@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..config import LoraError
+from ..config import LoraConfig, LoraError
 from ..kinds.bitsandbytes import format_of
 from ..layers import LoraLayer
 from ..sharding import full_tensor, is_main, is_sharded
@@ -31,21 +31,24 @@ from .format import (
     META_KEY,
     PREFIX,
     QUANT_KEY,
-    UNSUPPORTED,
+    REFUSED,
     WEIGHTS_NAME,
+    bias_key,
     factor_keys,
     in_list,
     magnitude_key,
     outermost,
+    peft_selects,
 )
 
 __all__ = ["save", "write_atomic"]
 
 
-def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
-    """Shortest explicit list: leaf names if they select exactly ``paths`` (PEFT's dotted-suffix rule)."""
+def _target_modules(model: nn.Module, paths: list[str], cfg: LoraConfig | None = None) -> list[str]:
+    """Shortest explicit list: leaf names if they select exactly ``paths`` (PEFT's dotted-suffix rule,
+    narrowed by ``cfg``'s layers_to_transform); else the full paths (which PEFT never narrows)."""
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    selected = {p for p, *_ in walk(model) if in_list(leaves, p)}
+    selected = {p for p, *_ in walk(model) if (peft_selects(leaves, p, cfg) if cfg else in_list(leaves, p))}
     return leaves if selected == set(paths) else sorted(paths)
 
 
@@ -63,13 +66,15 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base or None,
         "r": cfg.r, "lora_alpha": num(cfg.alpha), "lora_dropout": cfg.dropout,
-        "target_modules": _target_modules(unwrap(model), modules) if modules else None,
+        "target_modules": _target_modules(unwrap(model), modules, cfg) if modules else None,
         "target_parameters": sorted(params) or None, "exclude_modules": None,
         "rank_pattern": {re.escape(p): r for p, r in ranks.items() if r != cfg.r},
         "alpha_pattern": {re.escape(p): num(a) for p, a in alphas.items() if a != cfg.alpha},
         "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
         "fan_in_fan_out": any(layer.kind.fan_in_fan_out for _, layer in layers),
-        "init_lora_weights": cfg.init if inits.rewrites(cfg.init) else True, "inference_mode": True, **UNSUPPORTED,
+        "init_lora_weights": cfg.init if inits.rewrites(cfg.init) else cfg.init != "random", "inference_mode": True,
+        **REFUSED, "lora_bias": cfg.lora_bias, "layers_to_transform": list(cfg.layers_to_transform) or None,
+        "layers_pattern": list(cfg.layers_pattern) or None,
         "modules_to_save": _target_modules(unwrap(model), saved) if saved else None,
     }
 
@@ -139,6 +144,8 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                                                                               layer.lora_B[adapter])
             for key, t in zip(factor_keys(path, layer.kind), factors):
                 tensors[key] = full_tensor(t.detach()).to("cpu", dtype).contiguous()
+            if adapter in layer.lora_bias:
+                tensors[bias_key(path)] = full_tensor(layer.lora_bias[adapter].detach()).to("cpu", dtype).contiguous()
             if adapter in layer.lora_magnitude_vector:
                 m = layer.lora_magnitude_vector[adapter].detach()
                 tensors[magnitude_key(path)] = full_tensor(m).to("cpu", dtype).contiguous()

@@ -83,7 +83,7 @@ def _plain_key(root: nn.Module, key: str, merged: bool) -> str | None:
             if parts[i:i + len(keep)] == keep:
                 module, i = module.get_submodule(".".join(keep)), i + len(keep)
                 continue
-            if parts[i] in ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save", "base_layer"):
+            if parts[i] in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_bias", "modules_to_save", "base_layer"):
                 return None  # an adapter's factors or copy (or, merged, the unused original)
             raise LoraError(f"state_dict key {key!r} is not a key of this model with adapters "
                             f"(expected '{'.'.join(out)}.base_layer.…' or adapter state)")

@@ -42,6 +42,7 @@ class AdapterHost(Protocol):
     lora_A: Mapping[str, Tensor]  #: factor A per adapter name, in PEFT's shape
     lora_B: Mapping[str, Tensor]  #: factor B per adapter name
     lora_magnitude_vector: Mapping[str, Tensor]  #: DoRA's magnitude per DoRA adapter name
+    lora_bias: Mapping[str, Tensor]  #: the bias on B per ``lora_bias`` adapter name
     scale: dict[str, float]  #: s = α/r (or α/√r) per adapter name
     dropout: dict[str, float]  #: dropout probability per adapter name
     training: bool
@@ -82,6 +83,8 @@ class Kind:
         dora: DoRA adapters (``use_dora``) are defined for this kind: W is a plain tensor whose
             output axis is 0 (1 if ``transposed``), and :meth:`update` is implemented (see
             :mod:`lorakit.variants.dora`).
+        lora_bias: ``lora_bias`` adapters (a bias b on B, PEFT's ``lora_B.bias``) are defined: the
+            forward adds s·b along the output axis (:meth:`bias_update`) and merging adds it to the base bias.
     """
 
     name = "kind"
@@ -95,6 +98,7 @@ class Kind:
     row_gather: str | None = None
     parts: dict[str, "Kind"] = {}
     dora = False
+    lora_bias = False
 
     def __copy__(self):
         return self  # kinds are stateless singletons
@@ -147,7 +151,12 @@ class Kind:
         return b.flatten(1), a.flatten(1)
 
     def init(self, a: Tensor, b: Tensor, init: str, r: int) -> None:
-        """Initialise the factors of a rank-``r`` adapter in place so that ΔW = 0."""
+        """Initialise the factors of a rank-``r`` adapter in place so that ΔW = 0 (``"random"``: A and B
+        both Kaiming-uniform, as an untouched ``nn.Linear``, PEFT's ``init_lora_weights=False``)."""
+        if init == "random":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            return
         if init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         elif init == "gaussian":
@@ -167,6 +176,17 @@ class Kind:
         """s·ΔW applied to ``x`` (already dropped out) without the base output, in the factors'
         dtype; needed by kinds with :attr:`dora`."""
         raise NotImplementedError(f"{self.name} layers have no separate update (DoRA is not defined for them)")
+
+    def bias_update(self, layer: "AdapterHost", name: str, result: Tensor) -> Tensor:
+        """``result`` plus adapter ``name``'s s·b (its ``lora_bias``) along the output axis (the last one;
+        dim 1 for convolutions), or ``result`` unchanged if the adapter has no bias."""
+        if name not in layer.lora_bias:
+            return result
+        b = layer.lora_bias[name] * layer.scale[name]
+        return result + b.view(-1, *[1] * (result.dim() - 2)).to(result.dtype) if self.bias_dim == 1 else \
+            result + b.to(result.dtype)
+
+    bias_dim = -1  #: the output axis that a ``lora_bias`` bias is added along (-1, or 1 for convolutions)
 
     def batch_dim(self, base: nn.Module, x: Tensor) -> int | None:
         """The dim of the input ``x`` that holds a batch's rows, for :func:`lorakit.mixed` (None: ``x``

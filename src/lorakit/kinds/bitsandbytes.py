@@ -65,6 +65,7 @@ class QuantizedLinear(LinearKind):
     into the packed weight is refused (see the module docstring)."""
 
     dora = False  # W is packed: its norm is not a tensor lorakit can read
+    lora_bias = False  # not implemented on quantized layers (their own forward path)
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -17,6 +17,8 @@ class _Conv(Kind):
     name = "conv"
     supports_dropout = True
     dora = True
+    lora_bias = True
+    bias_dim = 1
 
     def shapes(self, base, weight, r):
         return (r, *weight.shape[1:]), (weight.shape[0], r, *([1] * (weight.dim() - 2)))
@@ -30,6 +32,7 @@ class _Conv(Kind):
         result = layer.base_layer(x, *args, **kwargs)
         for name in names:
             result = result + self.update(layer, name, layer.dropped(x, name)).to(result.dtype)
+            result = self.bias_update(layer, name, result)
         return result
 
 

@@ -50,8 +50,12 @@ class _Embedding(Kind):
         return (r, weight.shape[0]), (weight.shape[1], r)
 
     def init(self, a, b, init, r):
-        # PEFT's convention for embeddings: A = 0, B random (the lookup of a zero A keeps ΔW = 0).
-        nn.init.zeros_(a)
+        # PEFT's convention for embeddings: A = 0, B random (the lookup of a zero A keeps ΔW = 0);
+        # "random" (PEFT's init_lora_weights=False): both N(0, 1), as PEFT creates them.
+        if init == "random":
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
         nn.init.normal_(b)
 
     def update(self, layer, name, x):

@@ -64,6 +64,7 @@ class LinearKind(Kind):
     all_linear = True
     row_gather = "matmul"
     dora = True
+    lora_bias = True
 
     def update(self, layer, name, x):
         a, b = layer.lora_A[name], layer.lora_B[name]
@@ -77,7 +78,7 @@ class LinearKind(Kind):
         base = layer.base_layer
         fresh = self.owns_output(base)
         if (fresh and len(names) == 1 and torch.is_grad_enabled() and not args and not kwargs
-                and not (layer.training and layer.dropout[names[0]] > 0)):
+                and not (layer.training and layer.dropout[names[0]] > 0) and names[0] not in layer.lora_bias):
             a, b, bias = layer.lora_A[names[0]], layer.lora_B[names[0]], base.bias
             wt = base.weight if self.transposed else base.weight.t()
             cast = autocast_dtype(x)
@@ -97,6 +98,7 @@ class LinearKind(Kind):
                 result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=s)
             else:
                 result = result + (F.linear(h, b) * s).to(result.dtype).view(result.shape)
+            result = self.bias_update(layer, name, result)
         return result
 
 

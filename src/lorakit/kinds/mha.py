@@ -39,6 +39,7 @@ class _OutProj(LinearKind):
     all_linear = False
     supports_dropout = False
     dora = False  # as its attention (PEFT does not define DoRA for nn.MultiheadAttention)
+    lora_bias = False  # as its attention
 
 
 class MultiheadAttentionKind(Kind):

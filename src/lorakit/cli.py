@@ -302,6 +302,7 @@ def _inspect_spectrum(args, folder: Path) -> None:
 def _load_base(folder: Path, model_spec: str | None):
     """The base model an adapter folder belongs to (``--model``, else its recorded base), by its task."""
     import json
+
     from .train.tasks import adapter_task, load_model
     task = adapter_task(folder)
     base = model_spec or task.get("model") or json.loads((folder / "adapter_config.json").read_text()).get(
@@ -340,10 +341,11 @@ def _combine(args) -> int:
 def _extract(args) -> int:
     import json
 
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     from .api import extract, save
     from .pretrained import _quiet_transformers, model_path
     from .train.tasks import TASK_NAME, load_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     task = args.task
     fields = {}
     if task == "classify":

@@ -21,7 +21,8 @@ from ..config import LoraConfig, LoraError
 from ..kinds import Kind
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFile", "read_adapter", "factor_keys", "magnitude_key",
-           "module_path", "in_list", "outermost", "bias_key", "peft_selects", "PEFT_FIELDS", "REFUSED", "read_config", "open_weights", "consistent_config", "to_lora_config"]
+           "module_path", "in_list", "outermost", "bias_key", "peft_selects", "PEFT_FIELDS", "REFUSED",
+           "read_config", "open_weights", "consistent_config", "to_lora_config"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

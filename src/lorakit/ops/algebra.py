@@ -241,6 +241,10 @@ def combine(model: nn.Module, weights: Mapping[str, float], method: str = "cat",
         raise LoraError(f"adapter {adapter!r} already exists; pick another name (existing: {sorted(reg.configs)})")
     require_unmerged(reg, "combine adapters")
     _check_args(weights, method, rank, density, majority_sign, missing)
+    biased = sorted(n for n in names if reg.configs[n].lora_bias)
+    if biased:
+        raise LoraError(f"cannot combine adapters with lora_bias=True ({biased}): their biases have no defined "
+                        "combination; combine adapters without lora_bias")
     whole = sorted({p for p, w in saved_modules(model) if set(names) & set(w.adapters())})
     if whole:
         raise LoraError(f"cannot combine adapters that train modules whole (modules_to_save: {whole}); "

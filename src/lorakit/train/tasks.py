@@ -17,7 +17,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,13 +26,25 @@ from torch import nn
 
 from .. import builtin
 from .. import distributed as D
-from ..config import LoraConfig, LoraError
-from ..api import inject, summary
+from ..api import inject
 from ..api import load as load_adapter
 from ..api import save as save_adapter
+from ..config import LoraConfig, LoraError
 from ..pretrained import load_model, model_path  # noqa: F401  (model_path: re-exported)
-from .data import (DataError, LabelledText, PromptCompletion, chat_prompt, check_labels, check_split_labels, collate,
-                   encode_causal, encode_classification, read_labelled, read_prompts, split)
+from .data import (
+    DataError,
+    LabelledText,
+    PromptCompletion,
+    chat_prompt,
+    check_labels,
+    check_split_labels,
+    collate,
+    encode_causal,
+    encode_classification,
+    read_labelled,
+    read_prompts,
+    split,
+)
 from .lm_loss import causal_lm_loss, head_is_plain
 from .loop import TrainConfig, _to_device, fit, peak_memory_mb
 

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from ..config import LoraConfig, LoraError
 from ..kinds import Kind
+from ..state import walk
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFile", "read_adapter", "factor_keys", "magnitude_key",
-           "module_path", "in_list", "outermost", "read_config", "open_weights", "consistent_config", "to_lora_config"]
+           "module_path", "in_list", "outermost", "read_config", "open_weights", "consistent_config", "to_lora_config",
+           "EMBEDDING_LAYER_NAMES", "embedding_modules", "embedding_base_param"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -62,6 +65,47 @@ def magnitude_key(path: str) -> str:
 def module_path(key: str) -> str:
     """The module path (lorakit's, the original model's naming) of a factor's file key."""
     return key[len(PREFIX):].rsplit(".lora_", 1)[0].replace(".base_layer.", ".")
+
+
+# -- embedding base weights (PEFT's save_embedding_layers) -------------------------------------------
+#: PEFT's ``EMBEDDING_LAYER_NAMES``: the leaf names its ``save_embedding_layers="auto"`` looks for in target_modules.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+#: Where PEFT's state dict holds an embedding's own weight inside its wrappers: a LoRA layer's
+#: ``base_layer``, a trainable-tokens wrapper's ``token_adapter.base_layer``, or the module itself.
+_BASE_INFIXES = (".base_layer.", ".token_adapter.base_layer.", ".")
+
+
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{path: module}`` of the model's input and output embeddings (``get_input_embeddings()`` /
+    ``get_output_embeddings()`` of a transformers model, seen through lorakit's wrappers), the
+    layers whose base weights PEFT's ``save_embedding_layers`` writes; empty for other models."""
+    found = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is None:
+            continue
+        for path, base, _, _, wrapper in walk(model):
+            if module is base or module is wrapper:
+                found[path] = base
+    return found
+
+
+def embedding_base_param(key: str, embeddings: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """``(module path, parameter name)`` if file key ``key`` is the base weight (or bias) of one of
+    ``embeddings`` as PEFT saves it (``<path>.base_layer.weight``, ``<path>.token_adapter.base_layer.weight``
+    or ``<path>.weight``), else None."""
+    rest = key[len(PREFIX):] if key.startswith(PREFIX) else None
+    if rest is None:
+        return None
+    for infix in _BASE_INFIXES:
+        path, sep, name = rest.rpartition(infix)
+        if sep and path in embeddings and name in dict(embeddings[path].named_parameters(recurse=False)):
+            return path, name
+    return None
 
 
 # -- reading a folder ---------------------------------------------------------------------------------

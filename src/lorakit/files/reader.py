@@ -37,6 +37,8 @@ from .format import (
     PREFIX,
     QUANT_KEY,
     WEIGHTS_NAME,
+    embedding_base_param,
+    embedding_modules,
     factor_keys,
     in_list,
     magnitude_key,
@@ -199,6 +201,7 @@ class _Prepared:
     sites: list[Site]
     saved: list[tuple]
     existing: bool
+    bases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # file key -> embedding weight to set
 
 
 def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_change: bool = False) -> _Prepared:
@@ -217,12 +220,14 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
         raise LoraError(f"{source}: key {bad[0]!r} (and {len(bad) - 1} more) lacks the prefix {PREFIX!r}; "
                         "expected keys like 'base_model.model.<module path>.lora_A.weight'")
     modules = {p: m for p, m, *_ in walk(unwrap(model))}
+    selection = _selection(config, unwrap(model), config_source)
+    bases = _embedding_bases(unwrap(model), tensors, selection, source)
+    tensors = {k: t for k, t in tensors.items() if k not in bases}  # the adapter's own tensors
     paths = {module_path(k) for k in tensors if ".lora_" in k}
     saved = {_owner(k[len(PREFIX):], modules) for k in tensors if ".lora_" not in k}
     if unknown := sorted(p for p in paths | saved if p not in modules):
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
                         f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
-    selection = _selection(config, unwrap(model), config_source)
     owned = parts(modules)  # planned with their owners, not targets of their own
     cfg = _exact_targets(file.lora, {p for p in paths if owned.get(p) not in paths},
                          saved, selection.params)
@@ -240,7 +245,42 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
     if not allow_precision_change:  # ... and the base is quantized as the one it was trained on
         check_trained_precision(metadata.get(QUANT_KEY), {s.path: format_of(s.module) for s in sites},
                                 str(source))
-    return _Prepared(cfg, tensors, sites, saved_plan, existing)
+    return _Prepared(cfg, {**tensors, **{k: file.tensors[k] for k in bases}}, sites, saved_plan, existing, bases)
+
+
+def _embedding_bases(model: nn.Module, tensors: dict[str, torch.Tensor], selection: _Selection,
+                     source: Path) -> dict[str, torch.Tensor]:
+    """``{file key: the model's weight it sets}`` for the embeddings' base weights that PEFT's
+    ``save_embedding_layers`` put in the file (``<path>.base_layer.weight`` of a LoRA-adapted
+    embedding, ``<path>.weight`` of a resized one), checked: shape equal to the model's (a resized
+    vocabulary needs ``resize_token_embeddings`` first), floating point, finite, and equal where
+    the input and output embeddings share one weight. Modules in modules_to_save are not bases."""
+    embeddings = {p: m for p, m in embedding_modules(model).items()
+                  if p not in selection.saved_loose and p not in selection.saved}
+    bases, problems, resized = {}, [], None
+    for key, t in tensors.items():
+        hit = None if ".lora_" in key else embedding_base_param(key, embeddings)
+        if hit is None:
+            continue
+        path, name = hit
+        param = getattr(embeddings[path], name)
+        if tuple(t.shape) != tuple(param.shape):
+            problems.append(f"{key} has shape {tuple(t.shape)}, the model's {path}.{name} {tuple(param.shape)}")
+            resized = t.shape[0]
+        elif not t.is_floating_point():
+            problems.append(f"{key}: dtype {t.dtype} is not floating point")
+        elif bad := _nonfinite(t):
+            problems.append(f"{key}: {bad}")
+        elif (other := next((k for k, p in bases.items() if p is param), None)) is not None \
+                and not torch.equal(tensors[other], t):
+            problems.append(f"{key} and {other} set the same (tied) weight of the model to different values")
+        bases[key] = param
+    if resized is not None:
+        problems.append(f"the adapter was saved from a model with a resized vocabulary of {resized} tokens: resize "
+                        f"this model's embeddings first (model.resize_token_embeddings({resized})), then load")
+    if problems:
+        raise LoraError(f"{source}: the embedding weights it holds do not fit this model: " + "; ".join(problems))
+    return bases
 
 
 def verify(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
@@ -261,6 +301,10 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     :class:`LoraError` and leaves the model as it was, as does a lorakit file saved from layers
     quantized otherwise (nf4 / fp4 / int8 / full precision) than the model's, unless
     ``allow_precision_change`` (see :func:`lorakit.quant.check_trained_precision`). Returns ``model``.
+
+    A file that holds the base weights of the model's input/output embeddings (PEFT's
+    ``save_embedding_layers``) sets them in the model, as PEFT does (in place: a tied output
+    embedding follows; deleting the adapter does not restore them); their shapes must be the model's.
     """
     prepared = _prepare(model, Path(directory), adapter, allow_precision_change)
     cfg, tensors = prepared.cfg, prepared.tensors
@@ -280,6 +324,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                 if adapter in layer.lora_magnitude_vector:
                     m = layer.lora_magnitude_vector[adapter]
                     m.copy_(like_param(tensors[magnitude_key(path)], m))
+        for key, param in prepared.bases.items():  # the embeddings' base weights, as PEFT's load_state_dict
+            param.copy_(like_param(tensors[key], param))  # in place: a tied output embedding follows
         for path, wrapper in saved_modules(model):
             if adapter in wrapper.adapters():
                 prefix, own = f"{PREFIX}{path}.", wrapper.modules_to_save[adapter].state_dict()

@@ -145,3 +145,115 @@ def test_embedding_base_weight_with_nonfinite_values_refused(tmp_path):
         lorakit.load(fresh, tmp_path / "a")
     assert not any(isinstance(m, lorakit.LoraLayer) for m in fresh.modules())
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"] == ["embed_tokens"]
+
+
+# -- 3. PEFT's grouped-conv layout ---------------------------------------------------------------
+class ConvNet(torch.nn.Module):
+    def __init__(self, dim: int = 2, **conv) -> None:
+        super().__init__()
+        self.conv = (torch.nn.Conv1d, torch.nn.Conv2d)[dim - 1](4, 8, 3, groups=2, **conv)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x).flatten(2).mean(2))
+
+
+def peft_grouped(tmp_path, dim=2, seed=0, **conv):
+    torch.manual_seed(seed)
+    base = ConvNet(dim, **conv).eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=6, target_modules=["conv"],
+                                                                  init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    return base, pm
+
+
+def grouped_oracle(base: ConvNet, a: torch.Tensor, b: torch.Tensor, s: float, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's layout in float64 from the formula: base(x) + s·conv_B(conv_A(x)), A with the base's kernel,
+    stride and padding (no dilation), B 1×1 with the base's groups."""
+    net = copy.deepcopy(base).double()
+    c = net.conv
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d)[c.weight.dim() - 3]
+    h = conv(conv(x.double(), a.double(), None, c.stride, c.padding), b.double(), None, groups=c.groups)
+    return net.head((c(x.double()) + s * h).flatten(2).mean(2))
+
+
+@pytest.mark.parametrize("dim,conv", [(2, dict(stride=2, padding=1)), (1, dict(padding=1))])
+def test_peft_grouped_conv_layout_both_ways(tmp_path, dim, conv):
+    base, pm = peft_grouped(tmp_path, dim, **conv)
+    x = torch.randn(3, 4, *([9] * dim), generator=torch.Generator().manual_seed(3))
+    ref = pm(x).detach()
+    theirs = keys(tmp_path / "peft")
+    a, b = (theirs[f"base_model.model.conv.lora_{n}.weight"] for n in "AB")
+    assert a.shape == (4, 4, *([3] * dim)) and b.shape == (8, 2, *([1] * dim))  # PEFT's layout
+    model = copy.deepcopy(base)
+    lorakit.load(model, tmp_path / "peft")
+    got = model(x).detach()
+    close(got, ref)
+    oracle = grouped_oracle(base, a, b, 6 / 4, x)
+    for out in (got, ref):  # both within fp32 rounding of the float64 formula
+        assert (out.double() - oracle).abs().max() <= 1e-5 * max(1.0, oracle.abs().max().item())
+    lorakit.save(model, tmp_path / "lk")
+    ours = keys(tmp_path / "lk")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lk").eval()
+    close(back(x).detach(), ref)
+
+
+def test_peft_grouped_conv_dilated_refused(tmp_path):
+    """PEFT builds A without the base's dilation, so its own forward fails on such a file; lorakit refuses it."""
+    base, _ = peft_grouped(tmp_path, 1, padding=2, dilation=2)
+    model = copy.deepcopy(base)
+    with pytest.raises(lorakit.LoraError, match=r"dilated conv \(dilation=\(2,\)\)"):
+        lorakit.load(model, tmp_path / "peft")
+    assert not isinstance(model.conv, lorakit.LoraLayer)
+
+
+def test_peft_grouped_conv_merge_refused_by_name_model_unchanged(tmp_path):
+    base, _ = peft_grouped(tmp_path)
+    model = copy.deepcopy(base)
+    lorakit.load(model, tmp_path / "peft")
+    before = model.conv.weight.clone()
+    for call in (lorakit.merge, lorakit.merge_and_unload):
+        with pytest.raises(lorakit.LoraError, match="PEFT's grouped-conv layout cannot be merged"):
+            call(model)
+    assert torch.equal(model.conv.weight, before) and not lorakit.summary(model).merged
+    assert isinstance(model.conv, lorakit.LoraLayer)
+
+
+def test_peft_grouped_conv_mixed_batch_matches_rows_alone(tmp_path):
+    base, _ = peft_grouped(tmp_path)
+    peft_grouped(tmp_path / "two", seed=1)
+    model = copy.deepcopy(base)
+    lorakit.load(model, tmp_path / "peft", "one")
+    lorakit.load(model, tmp_path / "two" / "peft", "two")
+    x = torch.randn(3, 4, 9, 9, generator=torch.Generator().manual_seed(4))
+    names = ["two", None, "one"]
+    with torch.no_grad(), lorakit.mixed(model, names):
+        out = model(x)
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            if name is None:
+                with lorakit.disabled(model):
+                    alone = model(x[i:i + 1])
+            else:
+                lorakit.set_active(model, name)
+                alone = model(x[i:i + 1])
+        close(out[i:i + 1], alone)
+
+
+def test_peft_grouped_conv_dora_and_mixed_layouts_refused(tmp_path):
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["conv"], use_dora=True,
+                                                                  init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "dora")
+    model = copy.deepcopy(base)
+    with pytest.raises(lorakit.LoraError, match="DoRA on PEFT's grouped-conv layout"):
+        lorakit.load(model, tmp_path / "dora")
+    assert not isinstance(model.conv, lorakit.LoraLayer)
+    peft_grouped(tmp_path)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["conv"]), "own")  # lorakit's mergeable layout
+    assert model.conv.lora_A["own"].shape == (4, 2 * 9)
+    with pytest.raises(lorakit.LoraError, match="'conv_grouped_peft' layout .* 'conv_grouped' layout"):
+        lorakit.load(model, tmp_path / "peft", "p")
+    assert model.conv.adapters() == ["own"]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig, LoraError, check_name
+from ..kinds.conv import GROUPED, grouped_layout
 from ..model import apply_plan, set_active
 from ..quant import check_trained_precision, format_of
 from ..sharding import is_sharded, like_param
@@ -232,7 +233,7 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
     cfg = _exact_targets(file.lora, {p for p in paths if owned.get(p) not in paths},
                          saved, selection.params)
     existing = reg is not None and adapter in reg.configs
-    sites, saved_plan = plan(unwrap(model), cfg), plan_saved(unwrap(model), cfg)
+    sites, saved_plan = _layouts(plan(unwrap(model), cfg), tensors, cfg, source), plan_saved(unwrap(model), cfg)
     if not existing:
         check_rewriting_inits(unwrap(model), cfg, adapter, sites)
     elif reg.configs[adapter].init != cfg.init and inits.rewrites(reg.configs[adapter].init) | inits.rewrites(cfg.init):
@@ -246,6 +247,29 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
         check_trained_precision(metadata.get(QUANT_KEY), {s.path: format_of(s.module) for s in sites},
                                 str(source))
     return _Prepared(cfg, {**tensors, **{k: file.tensors[k] for k in bases}}, sites, saved_plan, existing, bases)
+
+
+def _layouts(sites: list[Site], tensors: dict[str, torch.Tensor], cfg: LoraConfig, source: Path) -> list[Site]:
+    """The sites with the grouped-conv layout the file holds (:func:`lorakit.kinds.conv.grouped_layout`:
+    PEFT's if A has the weight's dims, else lorakit's); refused: a layout other than the one of the
+    layer's existing adapters, and DoRA on PEFT's layout (PEFT 0.21 accepts it, but its weight norm
+    reshapes B·A across mismatched shapes, so it is not ‖W + ΔW‖)."""
+    out = []
+    for s in sites:
+        a = tensors.get(factor_keys(s.path, s.kind)[0])
+        kind = grouped_layout(s.weight, a) if s.kind is GROUPED and a is not None else s.kind
+        if s.layer is not None and s.layer.adapters() and s.layer.kind is not kind:
+            raise LoraError(f"{source}: {s.path} holds its adapter in the {kind.name!r} layout (A of shape "
+                            f"{tuple(a.shape)}), but the layer's adapters {s.layer.adapters()} are in the "
+                            f"{s.layer.kind.name!r} layout; one layer holds one layout: delete them first")
+        if cfg.use_dora and kind is not s.kind:
+            raise LoraError(f"{source}: {s.path}: DoRA on PEFT's grouped-conv layout is not supported (PEFT 0.21 accepts "
+                            "it but computes the weight norm from B·A reshaped across mismatched shapes, which is "
+                            "not the norm of W + ΔW); use lorakit's grouped layout (lorakit.inject) for DoRA")
+        if kind is not s.kind:
+            kind.check_base(s.module, s.path)
+        out.append(s if kind is s.kind else dataclasses.replace(s, kind=kind))
+    return out
 
 
 def _embedding_bases(model: nn.Module, tensors: dict[str, torch.Tensor], selection: _Selection,

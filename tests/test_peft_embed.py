@@ -26,6 +26,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import lorakit  # noqa: E402
+from lorakit.tokens import TokenLayer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 WEIGHTS = "adapter_model.safetensors"
@@ -257,3 +258,137 @@ def test_peft_grouped_conv_dora_and_mixed_layouts_refused(tmp_path):
     with pytest.raises(lorakit.LoraError, match="'conv_grouped_peft' layout .* 'conv_grouped' layout"):
         lorakit.load(model, tmp_path / "peft", "p")
     assert model.conv.adapters() == ["own"]
+
+
+# -- 2. trainable tokens -------------------------------------------------------------------------
+def peft_tokens(tmp_path, tie, indices, seed=0):
+    base = llama(tie, seed=seed)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                  trainable_token_indices=indices,
+                                                                  init_lora_weights=False)).eval()
+    randomize(pm, seed + 10)  # LoRA factors and the tokens' rows
+    pm.save_pretrained(tmp_path / "peft")
+    return base, pm
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainable_tokens_peft_to_lorakit_and_back_merge_included(tmp_path, tie):
+    base, pm = peft_tokens(tmp_path, tie, [5, 6, 7])
+    x = torch.tensor([[1, 5, 6, 9, 7, 5]])
+    ref = pm(x).logits.detach()
+    theirs = keys(tmp_path / "peft")
+    assert theirs["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"].shape == (3, 16)
+    model = copy.deepcopy(base)
+    lorakit.load(model, tmp_path / "peft")
+    assert isinstance(model.lm_head, TokenLayer) == tie  # a tied head follows the embedding
+    close(model(x).logits.detach(), ref)
+    lorakit.save(model, tmp_path / "lk")
+    ours = keys(tmp_path / "lk")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((tmp_path / "lk" / "adapter_config.json").read_text())["trainable_token_indices"] == [5, 6, 7]
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lk").eval()
+    close(back(x).logits.detach(), ref)
+
+    w = model.model.embed_tokens.base_layer.weight.clone()
+    lorakit.merge(model)
+    pm.merge_adapter()
+    merged = model.model.embed_tokens.base_layer.weight
+    assert torch.equal(merged[[5, 6, 7]], theirs["base_model.model.model.embed_tokens.token_adapter."
+                                                  "trainable_tokens_delta"])  # the rows are the values
+    close(model(x).logits.detach(), pm(x).logits.detach())
+    lorakit.unmerge(model)
+    assert torch.equal(model.model.embed_tokens.base_layer.weight, w)  # bit-exact
+
+
+def test_trainable_tokens_dict_form_untied_head_both_ways(tmp_path):
+    base, pm = peft_tokens(tmp_path, False, {"embed_tokens": [3, 60], "lm_head": [1, 2, 3]}, seed=1)
+    x = torch.tensor([[3, 60, 1, 2]])
+    ref = pm(x).logits.detach()
+    model = copy.deepcopy(base)
+    lorakit.load(model, tmp_path / "peft")
+    close(model(x).logits.detach(), ref)
+    lorakit.save(model, tmp_path / "lk")
+    assert keys(tmp_path / "lk").keys() == keys(tmp_path / "peft").keys()
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lk").eval()
+    close(back(x).logits.detach(), ref)
+
+
+def test_trainable_tokens_forward_and_gradients_against_float64_formula():
+    base = llama(seed=2)
+    model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(targets=[], trainable_token_indices=[4, 9]))
+    layer = model.model.embed_tokens
+    with torch.no_grad():
+        layer.trainable_tokens_delta["default"].add_(torch.randn(2, 16, generator=torch.Generator().manual_seed(5)))
+    x = torch.tensor([[4, 1, 9, 4]])
+    w64 = base.model.embed_tokens.weight.double().clone()
+    w64[[4, 9]] = layer.trainable_tokens_delta["default"].detach().double()
+    out = layer(x)
+    oracle = w64[x]
+    assert (out.double() - oracle).abs().max() == 0  # a lookup: exact
+    out.pow(2).sum().backward()
+    grad = layer.trainable_tokens_delta["default"].grad
+    expect = torch.stack([2 * oracle[0, [0, 3]].sum(0), 2 * oracle[0, 2]])  # d/dv Σ out² over the rows using v
+    assert (grad.double() - expect).abs().max() <= 4 * torch.finfo(torch.float32).eps * expect.abs().max()
+    assert base.model.embed_tokens.weight.grad is None and layer.base_layer.weight.grad is None
+
+
+def test_trainable_tokens_mixed_batch_matches_rows_alone(tmp_path):
+    base = llama(seed=3)
+    model = copy.deepcopy(base)
+    lorakit.inject(model, lorakit.LoraConfig(targets=["q_proj"], trainable_token_indices=[5, 6]), "a")
+    lorakit.inject(model, lorakit.LoraConfig(targets=["q_proj"], trainable_token_indices=[6, 8]), "b")
+    randomize(model, 7)
+    with torch.no_grad():
+        for layer in (model.model.embed_tokens,):
+            for p in layer.trainable_tokens_delta.values():
+                p.normal_()
+    x = torch.tensor([[5, 6, 8], [6, 8, 5], [1, 6, 5]])
+    names = ["a", "b", None]
+    with torch.no_grad(), lorakit.mixed(model, names):
+        out = model(x).logits
+    for i, name in enumerate(names):
+        with torch.no_grad():
+            if name is None:
+                with lorakit.disabled(model):
+                    alone = model(x[i:i + 1]).logits
+            else:
+                lorakit.set_active(model, name)
+                alone = model(x[i:i + 1]).logits
+        close(out[i:i + 1], alone)
+
+
+def test_trainable_tokens_refusals(tmp_path):
+    base = llama(tie=True)
+    with pytest.raises(lorakit.LoraError, match="token id 64 is out of range, the layer has 64 rows"):
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(targets=["q_proj"], trainable_token_indices=[1, 64]))
+    with pytest.raises(lorakit.LoraError, match="lists a token id twice"):
+        lorakit.LoraConfig(targets=["q_proj"], trainable_token_indices=[1, 1])
+    with pytest.raises(lorakit.LoraError, match="tied embeddings.*give tied layers the same ids"):
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(
+            targets=["q_proj"], trainable_token_indices={"embed_tokens": [1], "lm_head": [2]}))
+    with pytest.raises(lorakit.LoraError, match="cannot also have trainable tokens"):
+        lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(targets=["embed_tokens"], trainable_token_indices=[1]))
+    model = copy.deepcopy(base)
+    lorakit.inject(model, lorakit.LoraConfig(targets=["q_proj"], trainable_token_indices=[1, 2]), "a")
+    lorakit.inject(model, lorakit.LoraConfig(targets=["q_proj"], trainable_token_indices=[2, 3]), "b")
+    with pytest.raises(lorakit.LoraError, match="both train token 2"):
+        lorakit.set_active(model, ["a", "b"])
+    # a file whose token rows do not match its config is refused, the model unchanged
+    peft_tokens(tmp_path, True, [5, 6, 7])
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": [5, 6]}))
+    fresh = copy.deepcopy(base)
+    with pytest.raises(lorakit.LoraError, match=r"expected shape \(2, 16\).*found \(3, 16\)"):
+        lorakit.load(fresh, tmp_path / "peft")
+    assert not any(isinstance(m, (lorakit.LoraLayer, TokenLayer)) for m in fresh.modules())
+
+
+def test_cli_trainable_tokens_flag_parsed():
+    import argparse
+
+    from lorakit.cli import _train_parser
+    parser = argparse.ArgumentParser()
+    _train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--task", "causal-lm", "--trainable-tokens", "5,6,7"])
+    assert args.trainable_tokens == (5, 6, 7)
+    assert parser.parse_args(["train"]).trainable_tokens is None

@@ -108,6 +108,10 @@ class LoraConfig:
             gets a trainable magnitude per output, W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (see :mod:`lorakit.variants.dora`).
         modules_to_save: modules trained and saved whole with the adapter (e.g. a new
             classification head ``"classifier"``), same pattern rules as ``targets``.
+        trainable_token_indices: rows of embeddings trained as they are (PEFT's option of that
+            name, e.g. new special tokens): a list of token ids for the input embedding, or
+            ``{module name: ids}`` (PEFT's plain suffix match); a head tied to the input embedding
+            follows it (see :mod:`lorakit.tokens`).
     """
 
     r: int = 8
@@ -122,6 +126,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: tuple[str, ...] = ()
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -131,7 +136,9 @@ class LoraConfig:
         for t in self.targets:
             if not (isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module))):
                 raise LoraError(f"targets entries must be strings or nn.Module subclasses, got {t!r}")
-        if not self.targets and not self.target_parameters and not self.modules_to_save:
+        set_("trainable_token_indices", _token_indices(self.trainable_token_indices))
+        if not self.targets and not self.target_parameters and not self.modules_to_save \
+                and self.trainable_token_indices is None:
             raise LoraError("LoraConfig needs targets (e.g. ['query', 'value'] or 'all-linear') "
                             "or target_parameters")
         set_("rank_pattern", _frozen_mapping(self.rank_pattern, "rank_pattern", int))
@@ -168,6 +175,25 @@ class LoraConfig:
         """The factor s in ``W x + s·B A x`` for the module at ``path``."""
         r, alpha = self.rank_for(path), self.alpha_for(path)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _token_indices(value: Any) -> tuple[int, ...] | FrozenDict | None:
+    """``trainable_token_indices`` validated: a tuple of distinct token ids >= 0, or a read-only
+    ``{module name: tuple}``; None stays None."""
+    def ids(v: Any, what: str) -> tuple[int, ...]:
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not v or \
+                not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+            raise LoraError(f"{what} must be a non-empty list of token ids (integers >= 0), got {v!r}")
+        if len(set(v)) != len(v):
+            raise LoraError(f"{what} lists a token id twice: {list(v)}")
+        return tuple(v)
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise LoraError(f"trainable_token_indices as a dict maps module names to token ids, got {dict(value)!r}")
+        return FrozenDict({k: ids(v, f"trainable_token_indices[{k!r}]") for k, v in value.items()})
+    return ids(value, "trainable_token_indices")
 
 
 def _pattern_lookup(patterns: Mapping[str, Any], path: str, default: Any) -> Any:

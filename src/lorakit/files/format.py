@@ -24,7 +24,7 @@ from ..state import walk
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFile", "read_adapter", "factor_keys", "magnitude_key",
            "module_path", "in_list", "outermost", "read_config", "open_weights", "consistent_config", "to_lora_config",
-           "EMBEDDING_LAYER_NAMES", "embedding_modules", "embedding_base_param"]
+           "EMBEDDING_LAYER_NAMES", "embedding_modules", "embedding_base_param", "TOKENS_SUFFIX"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,8 +34,7 @@ QUANT_KEY = "lorakit_base_quantization"  # {path: "nf4" | "fp4" | "int8"} of the
 LEGACY_HASH_KEY = "lorakit_weights_sha256"  # in adapter_config.json of files from earlier lorakit versions
 #: PEFT options lorakit cannot honour: loading them silently would give different outputs.
 UNSUPPORTED = {"bias": "none", "layers_to_transform": None, "layers_pattern": None,
-                "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None,
-                "trainable_token_indices": None}
+                "lora_bias": False, "use_qalora": False, "alora_invocation_tokens": None}
 
 
 # -- PEFT's selection rules (tuners_utils.check_target_module_exists, other._set_trainable) ------
@@ -65,6 +64,10 @@ def magnitude_key(path: str) -> str:
 def module_path(key: str) -> str:
     """The module path (lorakit's, the original model's naming) of a factor's file key."""
     return key[len(PREFIX):].rsplit(".lora_", 1)[0].replace(".base_layer.", ".")
+
+
+#: PEFT's key of a layer's trainable tokens: ``<PREFIX><path><TOKENS_SUFFIX>``, shape (len(indices), dim).
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
 # -- embedding base weights (PEFT's save_embedding_layers) -------------------------------------------
@@ -178,7 +181,8 @@ def to_lora_config(config: dict, source: Path) -> LoraConfig:
                           alpha_pattern=config.get("alpha_pattern") or {},
                           use_rslora=bool(config.get("use_rslora", False)),
                           use_dora=config.get("use_dora") or False,
-                          modules_to_save=config.get("modules_to_save") or ())
+                          modules_to_save=config.get("modules_to_save") or (),
+                          trainable_token_indices=config.get("trainable_token_indices"))
     except KeyError as e:
         raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
 

@@ -29,14 +29,15 @@ from ..kinds.conv import GROUPED, grouped_layout
 from ..model import apply_plan, set_active
 from ..quant import check_trained_precision, format_of
 from ..sharding import is_sharded, like_param
-from ..state import lora_layers, registry, registry_of, saved_modules, unwrap, walk
-from ..targets import Site, check_rewriting_inits, parts, plan, plan_saved
+from ..state import lora_layers, registry, registry_of, saved_modules, token_layers, unwrap, walk
+from ..targets import Site, TokenSite, check_rewriting_inits, parts, plan, plan_saved, plan_tokens
 from ..variants import dora
 from ..variants import rewriting_inits as inits
 from .format import (
     CONFIG_NAME,
     PREFIX,
     QUANT_KEY,
+    TOKENS_SUFFIX,
     WEIGHTS_NAME,
     embedding_base_param,
     embedding_modules,
@@ -203,6 +204,7 @@ class _Prepared:
     saved: list[tuple]
     existing: bool
     bases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # file key -> embedding weight to set
+    tokens: list[TokenSite] = dataclasses.field(default_factory=list)  # layers that get trainable tokens
 
 
 def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_change: bool = False) -> _Prepared:
@@ -223,7 +225,8 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
     modules = {p: m for p, m, *_ in walk(unwrap(model))}
     selection = _selection(config, unwrap(model), config_source)
     bases = _embedding_bases(unwrap(model), tensors, selection, source)
-    tensors = {k: t for k, t in tensors.items() if k not in bases}  # the adapter's own tensors
+    token_tensors = {k: t for k, t in tensors.items() if k.endswith(TOKENS_SUFFIX)}
+    tensors = {k: t for k, t in tensors.items() if k not in bases and k not in token_tensors}  # LoRA and saved
     paths = {module_path(k) for k in tensors if ".lora_" in k}
     saved = {_owner(k[len(PREFIX):], modules) for k in tensors if ".lora_" not in k}
     if unknown := sorted(p for p in paths | saved if p not in modules):
@@ -246,7 +249,38 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
     if not allow_precision_change:  # ... and the base is quantized as the one it was trained on
         check_trained_precision(metadata.get(QUANT_KEY), {s.path: format_of(s.module) for s in sites},
                                 str(source))
-    return _Prepared(cfg, {**tensors, **{k: file.tensors[k] for k in bases}}, sites, saved_plan, existing, bases)
+    tokens = _check_tokens(unwrap(model), cfg, adapter, existing, token_tensors, source)
+    return _Prepared(cfg, {**tensors, **token_tensors, **{k: file.tensors[k] for k in bases}}, sites, saved_plan,
+                     existing, bases, tokens)
+
+
+def _check_tokens(model: nn.Module, cfg: LoraConfig, adapter: str, existing: bool, tensors: dict[str, torch.Tensor],
+                  source: Path) -> list[TokenSite]:
+    """The trainable-token layers of ``cfg`` (:func:`lorakit.targets.plan_tokens`), with the file holding
+    exactly their rows' values (``<path>.token_adapter.trainable_tokens_delta``, (len(ids), dim), finite;
+    none for a tied head); for an existing adapter, on the layers and rows it has."""
+    if existing:
+        have = {p: t for p, t in token_layers(model) if adapter in t.token_indices}
+        sites = [TokenSite(p, t.base_layer, t, "", t, t.token_indices[adapter], "tied" if t.tied else None)
+                 for p, t in have.items()]
+        if cfg.trainable_token_indices is not None and not sites or sites and cfg.trainable_token_indices is None:
+            raise LoraError(f"{source}: trainable_token_indices={cfg.trainable_token_indices!r} does not match "
+                            f"adapter {adapter!r}'s trainable tokens on {sorted(have)}; delete the adapter first")
+    else:
+        sites = plan_tokens(model, cfg)
+    expected = {f"{PREFIX}{s.path}{TOKENS_SUFFIX}": (len(s.indices), s.module.weight.shape[1])
+                for s in sites if s.tied is None}
+    problems = [f"missing {k} (expected shape {v}, for trainable_token_indices)" for k, v in expected.items()
+                if k not in tensors]
+    problems += [f"unexpected key {k} (trainable tokens the config's trainable_token_indices does not select)"
+                 for k in tensors if k not in expected]
+    problems += [f"{k}: expected shape {v} (the rows of trainable_token_indices), found {tuple(tensors[k].shape)}"
+                 for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
+    problems += [f"{k}: {bad}" for k, t in tensors.items() if not t.is_floating_point() and (bad := "not floating point")
+                 or t.is_floating_point() and (bad := _nonfinite(t))]
+    if problems:
+        raise LoraError(f"{source} does not fit this model: " + "; ".join(problems))
+    return sites
 
 
 def _layouts(sites: list[Site], tensors: dict[str, torch.Tensor], cfg: LoraConfig, source: Path) -> list[Site]:
@@ -339,7 +373,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                         "not be sharded; load the adapter before lorakit.distributed.fully_shard_model, or into "
                         "an existing adapter of that name")
     else:
-        apply_plan(model, adapter, cfg, prepared.sites, prepared.saved, activate)
+        apply_plan(model, adapter, cfg, prepared.sites, prepared.saved, activate, prepared.tokens)
     with torch.no_grad():  # a sharded (FSDP2) parameter takes its shard of the whole tensor (a collective)
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
@@ -348,6 +382,10 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                 if adapter in layer.lora_magnitude_vector:
                     m = layer.lora_magnitude_vector[adapter]
                     m.copy_(like_param(tensors[magnitude_key(path)], m))
+        for path, layer in token_layers(model):
+            if adapter in layer.trainable_tokens_delta:
+                t = layer.trainable_tokens_delta[adapter]
+                t.copy_(like_param(tensors[f"{PREFIX}{path}{TOKENS_SUFFIX}"], t))
         for key, param in prepared.bases.items():  # the embeddings' base weights, as PEFT's load_state_dict
             param.copy_(like_param(tensors[key], param))  # in place: a tied output embedding follows
         for path, wrapper in saved_modules(model):

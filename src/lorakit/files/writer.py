@@ -24,7 +24,7 @@ from ..config import LoraError
 from ..kinds.bitsandbytes import format_of
 from ..layers import LoraLayer
 from ..sharding import full_tensor, is_main, is_sharded
-from ..state import lora_layers, registry, saved_modules, unwrap, walk
+from ..state import lora_layers, registry, saved_modules, token_layers, unwrap, walk
 from ..variants import rewriting_inits as inits
 from .format import (
     CONFIG_NAME,
@@ -32,6 +32,7 @@ from .format import (
     META_KEY,
     PREFIX,
     QUANT_KEY,
+    TOKENS_SUFFIX,
     UNSUPPORTED,
     WEIGHTS_NAME,
     embedding_modules,
@@ -73,7 +74,23 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         "fan_in_fan_out": any(layer.kind.fan_in_fan_out for _, layer in layers),
         "init_lora_weights": cfg.init if inits.rewrites(cfg.init) else True, "inference_mode": True, **UNSUPPORTED,
         "modules_to_save": _target_modules(unwrap(model), saved) if saved else None,
+        "trainable_token_indices": _token_indices(model, adapter),
     }
+
+
+def _token_indices(model: nn.Module, adapter: str) -> list[int] | dict[str, list[int]] | None:
+    """PEFT's ``trainable_token_indices`` of ``adapter``: a list when only the input embedding has tokens,
+    else ``{path: ids}``; tied heads are left out (PEFT ties them to the input embedding again)."""
+    owners = {p: list(t.token_indices[adapter]) for p, t in token_layers(model)
+              if adapter in t.token_indices and t.tied is None}
+    if not owners:
+        return None
+    get = getattr(unwrap(model), "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    only = next(iter(owners)) if len(owners) == 1 else None
+    if only is not None and emb is not None and dict(token_layers(model)).get(only) is emb:
+        return owners[only]
+    return owners
 
 
 def _converted_config(config: dict) -> dict:
@@ -171,7 +188,7 @@ def _embedding_tensors(model: nn.Module, config: dict, adapter: str, which: bool
 
 def _token_wrapped(model: nn.Module, path: str) -> bool:
     """Whether the module at ``path`` carries trainable tokens (PEFT names its weight inside ``token_adapter``)."""
-    return False
+    return path in dict(token_layers(model))
 
 
 def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
@@ -208,6 +225,10 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
             if adapter in layer.lora_magnitude_vector:
                 m = layer.lora_magnitude_vector[adapter].detach()
                 tensors[magnitude_key(path)] = full_tensor(m).to("cpu", dtype).contiguous()
+    for path, layer in token_layers(model):  # tied heads hold none: their owner's are written
+        if adapter in layer.trainable_tokens_delta:
+            t = layer.trainable_tokens_delta[adapter].detach()
+            tensors[f"{PREFIX}{path}{TOKENS_SUFFIX}"] = full_tensor(t).to("cpu", dtype).contiguous()
     config = _peft_config(model, adapter)
     if convert_to_lora:
         config = _converted_config(config)

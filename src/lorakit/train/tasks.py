@@ -17,7 +17,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,13 +26,25 @@ from torch import nn
 
 from .. import builtin
 from .. import distributed as D
-from ..config import LoraConfig, LoraError
-from ..api import inject, summary
+from ..api import inject
 from ..api import load as load_adapter
 from ..api import save as save_adapter
+from ..config import LoraConfig, LoraError
 from ..pretrained import load_model, model_path  # noqa: F401  (model_path: re-exported)
-from .data import (DataError, LabelledText, PromptCompletion, chat_prompt, check_labels, check_split_labels, collate,
-                   encode_causal, encode_classification, read_labelled, read_prompts, split)
+from .data import (
+    DataError,
+    LabelledText,
+    PromptCompletion,
+    chat_prompt,
+    check_labels,
+    check_split_labels,
+    collate,
+    encode_causal,
+    encode_classification,
+    read_labelled,
+    read_prompts,
+    split,
+)
 from .lm_loss import causal_lm_loss, head_is_plain
 from .loop import TrainConfig, _to_device, fit, peak_memory_mb
 
@@ -58,6 +70,7 @@ class LoraSpec:
     dora: bool = False  # use_dora
     init: str = "kaiming"  # lorakit.INITS: "pissa" / "olora" rewrite W (lorakit.variants.rewriting_inits)
     rslora: bool = False  # scale alpha/sqrt(r)
+    trainable_tokens: tuple[int, ...] | None = None  # trainable_token_indices: embedding rows trained as they are
 
 
 def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
@@ -112,7 +125,7 @@ def _prepare(model: nn.Module, lora: LoraSpec, saved: Sequence[str]) -> None:
     targets = lora.targets[0] if lora.targets == ("all-linear",) else list(lora.targets)
     inject(model, LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
                              modules_to_save=tuple(saved), use_dora=lora.dora, init=lora.init,
-                             use_rslora=lora.rslora))
+                             use_rslora=lora.rslora, trainable_token_indices=lora.trainable_tokens))
 
 
 def _trainable(model: nn.Module) -> int:

@@ -373,7 +373,7 @@ REFUSED_VALUES = {
     "bias": "lora_only", "layer_replication": [[0, 1]], "use_qalora": True, "alora_invocation_tokens": [5, 6],
     "arrow_config": {"top_k": 2}, "use_bdlora": {"nblocks": 2}, "kasa_config": {"x": 1}, "velora_config": {"x": 1},
     "monteclora_config": {"x": 1}, "megatron_config": {"x": 1}, "lora_ga_config": {"x": 1},
-    "trainable_token_indices": [1, 2], "ensure_weight_tying": True,
+    "ensure_weight_tying": True,
     "init_lora_weights": "loftq", "unheard_of_option": 3,
 }
 

@@ -51,6 +51,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     p.add_argument("--dora", action="store_true", help="DoRA: LoRA plus a trained magnitude per output (PEFT's use_dora)")
+    p.add_argument("--trainable-tokens", type=lambda v: tuple(int(i) for i in v.split(",")), default=None,
+                   help="comma-separated token ids whose embedding rows are trained (new special tokens; PEFT's "
+                        "trainable_token_indices)")
     p.add_argument("--epochs", type=float, default=None, help="epochs (default 3 classify, 1 causal-lm)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 16 classify, 8 causal-lm)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
@@ -154,7 +157,7 @@ def _train(args) -> int:
     if args.full and (args.rslora or args.init != "kaiming" or args.lora_plus_ratio != 1.0):
         raise _UsageError("--rslora, --init and --lora-plus-ratio configure LoRA; --full trains every weight")
     lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
-                    dora=args.dora, init=args.init, rslora=args.rslora)
+                    dora=args.dora, init=args.init, rslora=args.rslora, trainable_tokens=args.trainable_tokens)
     checkpointing = bool(args.quantize) if args.grad_checkpointing is None else args.grad_checkpointing
     train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
                         lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,

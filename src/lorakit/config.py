@@ -118,6 +118,10 @@ class LoraConfig:
         layers_pattern: the name(s) of the layer list (``"layers"``, ``"h"``) for ``layers_to_transform``.
         lora_bias: also train a bias b on B (PEFT's ``lora_bias``): the update is s·(B·A·x + b), and merging
             adds s·b into the base bias. Linear, Conv1D and ``nn.Conv*d`` (groups = 1) layers only; not with DoRA.
+        trainable_token_indices: rows of embeddings trained as they are (PEFT's option of that
+            name, e.g. new special tokens): a list of token ids for the input embedding, or
+            ``{module name: ids}`` (PEFT's plain suffix match); a head tied to the input embedding
+            follows it (see :mod:`lorakit.tokens`).
     """
 
     r: int = 8
@@ -135,6 +139,7 @@ class LoraConfig:
     layers_to_transform: tuple[int, ...] = ()
     layers_pattern: tuple[str, ...] = ()
     lora_bias: bool = False
+    trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -144,7 +149,9 @@ class LoraConfig:
         for t in self.targets:
             if not (isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module))):
                 raise LoraError(f"targets entries must be strings or nn.Module subclasses, got {t!r}")
-        if not self.targets and not self.target_parameters and not self.modules_to_save:
+        set_("trainable_token_indices", _token_indices(self.trainable_token_indices))
+        if not self.targets and not self.target_parameters and not self.modules_to_save \
+                and self.trainable_token_indices is None:
             raise LoraError("LoraConfig needs targets (e.g. ['query', 'value'] or 'all-linear') "
                             "or target_parameters")
         layers = self.layers_to_transform
@@ -221,6 +228,23 @@ def layer_index(path: str, patterns: Sequence[str] = ()) -> int | None:
             if match is not None:
                 break
     return int(match["idx"]) if match else None
+def _token_indices(value: Any) -> tuple[int, ...] | FrozenDict | None:
+    """``trainable_token_indices`` validated: a tuple of distinct token ids >= 0, or a read-only
+    ``{module name: tuple}``; None stays None."""
+    def ids(v: Any, what: str) -> tuple[int, ...]:
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not v or \
+                not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+            raise LoraError(f"{what} must be a non-empty list of token ids (integers >= 0), got {v!r}")
+        if len(set(v)) != len(v):
+            raise LoraError(f"{what} lists a token id twice: {list(v)}")
+        return tuple(v)
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise LoraError(f"trainable_token_indices as a dict maps module names to token ids, got {dict(value)!r}")
+        return FrozenDict({k: ids(v, f"trainable_token_indices[{k!r}]") for k, v in value.items()})
+    return ids(value, "trainable_token_indices")
 
 
 def _pattern_lookup(patterns: Mapping[str, Any], path: str, default: Any) -> Any:

@@ -35,10 +35,12 @@ from .state import (
     registry,
     registry_of,
     saved_modules,
+    token_layers,
     unwrap,
     wrappers,
 )
-from .targets import Site, check_rewriting_inits, plan, plan_saved
+from .targets import Site, TokenSite, check_rewriting_inits, plan, plan_saved, plan_tokens
+from .tokens import TokenLayer
 from .variants import rewriting_inits as inits
 
 __all__ = ["inject", "set_active", "disabled", "delete", "merge", "unmerge", "merge_and_unload", "summary",
@@ -59,7 +61,7 @@ def check_names(reg: Registry, names: Sequence[str]) -> None:
 
 
 def apply_plan(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple],
-               activate: bool = True) -> None:
+               activate: bool = True, tokens: Sequence[TokenSite] = ()) -> None:
     """Wrap (or reuse) a LoraLayer at every site and a SavedModule at every ``saved`` entry,
     add adapter ``name`` to them, then make it the active adapter (or leave it inactive, frozen).
     The mutating half of :func:`inject`, :func:`lorakit.files.load` and :func:`lorakit.combine`,
@@ -81,9 +83,20 @@ def apply_plan(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], 
             wrapper = SavedModule(module)
             setattr(parent, attr, wrapper)
         wrapper.add(name)
+    made: dict[str, TokenLayer] = {}
+    for t in tokens:  # owners before tied heads (plan_tokens' order)
+        layer = t.layer
+        if layer is None:
+            layer = made[t.path] = TokenLayer(t.module, made.get(t.tied) or _token_layer(root, t.tied))
+            setattr(t.parent, t.attr, layer)
+        layer.add(name, t.indices)
     reg.configs[name] = cfg
-    reg.paths[name] = tuple(s.path for s in sites) + tuple(e[0] for e in saved)
+    reg.paths[name] = tuple(s.path for s in sites) + tuple(e[0] for e in saved) + tuple(t.path for t in tokens)
     set_active(root, name if activate else reg.active)
+
+
+def _token_layer(root: nn.Module, path: str | None) -> TokenLayer | None:
+    return None if path is None else dict(token_layers(root)).get(path)
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activate: bool = True) -> nn.Module:
@@ -103,7 +116,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activ
         require_unmerged(reg, "add an adapter")
     sites = plan(unwrap(model), config)
     check_rewriting_inits(unwrap(model), config, adapter, sites)
-    apply_plan(model, adapter, config, sites, plan_saved(unwrap(model), config), activate)
+    tokens = plan_tokens(unwrap(model), config)
+    apply_plan(model, adapter, config, sites, plan_saved(unwrap(model), config), activate, tokens)
     return model
 
 
@@ -244,7 +258,7 @@ def merge(model: nn.Module, keep_copy: bool = True, *, exact: bool | None = None
                                     "values; nothing was merged")
     done = []
     try:
-        for _, layer in layers:
+        for _, layer in layers + [(p, t) for p, t in token_layers(model) if t.active]:  # tokens: rows written, kept
             layer.merge(layer.active, keep_copy=keep_copy)
             done.append(layer)
     except LoraError:
@@ -260,6 +274,8 @@ def unmerge(model: nn.Module) -> None:
     if not reg.merged:
         raise LoraError("nothing is merged")
     for _, layer in lora_layers(model):
+        layer.unmerge()
+    for _, layer in token_layers(model):
         layer.unmerge()
     reg.merged = ()
 

@@ -21,15 +21,16 @@ from torch import nn
 
 from .config import LoraConfig, LoraError
 from .layers import LoraLayer, SavedModule
+from .tokens import TokenLayer
 
 __all__ = ["Registry", "REGISTRY_ATTR", "Wrapper", "unwrap", "registry", "registry_of", "has_adapters",
            "attach_registry", "detach_registry", "on_attach", "on_detach", "walk", "wrappers", "lora_layers",
-           "saved_modules"]
+           "saved_modules", "token_layers"]
 
 #: The attribute of a model's ``__dict__`` that holds its :class:`Registry`.
 REGISTRY_ATTR = "lorakit_registry"
 
-Wrapper = LoraLayer | SavedModule
+Wrapper = LoraLayer | SavedModule | TokenLayer
 
 _ON_ATTACH: list[Callable[[nn.Module], None]] = []
 _ON_DETACH: list[Callable[[nn.Module], None]] = []
@@ -108,7 +109,7 @@ def walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, str, Wra
     def rec(module: nn.Module, prefix: str):
         for attr, child in module.named_children():
             path = f"{prefix}.{attr}" if prefix else attr
-            if isinstance(child, (LoraLayer, SavedModule)):
+            if isinstance(child, (LoraLayer, SavedModule, TokenLayer)):
                 yield path, child.base_layer, module, attr, child
                 yield from rec(child.base_layer, path)
             else:
@@ -133,3 +134,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
     """``(path, wrapper)`` for every module saved whole with an adapter (modules_to_save)."""
     return ((p, w) for p, w in wrappers(model) if isinstance(w, SavedModule))
+
+
+def token_layers(model: nn.Module) -> Iterator[tuple[str, TokenLayer]]:
+    """``(path, layer)`` for every layer with trainable tokens (:mod:`lorakit.tokens`)."""
+    return ((p, w) for p, w in wrappers(model) if isinstance(w, TokenLayer))

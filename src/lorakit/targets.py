@@ -20,10 +20,11 @@ from .config import LoraConfig, LoraError, Target
 from .kinds import Kind, LinearKind, kind_of, parameter_kind, supported
 from .layers import LoraLayer, SavedModule
 from .state import walk
+from .tokens import TokenLayer
 from .variants import dora
 from .variants.rewriting_inits import FLOATS, rewrites, rewritten
 
-__all__ = ["Site", "plan", "plan_saved", "parts", "matcher", "output_heads", "check_rewriting_inits"]
+__all__ = ["Site", "TokenSite", "plan", "plan_saved", "plan_tokens", "parts", "matcher", "output_heads", "check_rewriting_inits"]
 
 _PLAIN = re.compile(r"[\w.\-]+")
 #: Names treated as the output head by "all-linear" (besides HF's get_output_embeddings()).
@@ -178,7 +179,7 @@ def plan(model: nn.Module, cfg: LoraConfig) -> list[Site]:
         owner = owners.get(path, path)
         sites.append(Site(path, module, kind, param, cfg.rank_for(owner), cfg.scale_for(owner),
                           parent, attr, layer))
-    if not sites and not saved:
+    if not sites and not saved and cfg.trainable_token_indices is None:
         raise LoraError(f"every module matched by {list(cfg.targets) + list(cfg.target_parameters)} "
                         f"is excluded by {list(cfg.exclude)}")
     return sites
@@ -272,3 +273,77 @@ def check_rewriting_inits(model: nn.Module, cfg: LoraConfig, adapter: str, sites
         if len(shared.get(id(w), ())) > 1:
             names = [n.replace(".base_layer", "") for n in shared[id(w)]]
             raise LoraError(f"{s.path}: init={cfg.init!r} would rewrite a weight shared by {names}")
+
+
+@dataclass(frozen=True)
+class TokenSite:
+    """One layer that gets trainable tokens: the module at ``path`` (seen through an existing
+    TokenLayer, ``layer``), rows ``indices``; ``tied``: the path of the input embedding whose
+    TokenLayer this head reads (its weight is the embedding's), else None."""
+
+    path: str
+    module: nn.Module
+    parent: nn.Module
+    attr: str
+    layer: TokenLayer | None
+    indices: tuple[int, ...]
+    tied: str | None = None
+
+
+def plan_tokens(model: nn.Module, cfg: LoraConfig) -> list[TokenSite]:
+    """Resolve ``cfg.trainable_token_indices`` as PEFT does: a list goes to the input embedding
+    (``get_input_embeddings()``, else the module named ``embed_tokens``), a dict's keys select modules
+    by plain string suffix (each must match); a head whose weight is the input embedding's (tied) gets
+    the same rows, read from the embedding's layer (it may be listed, with the same ids). Raises
+    :class:`LoraError` for a module that is not an ``nn.Embedding`` / ``nn.Linear``, ids out of range,
+    a module that also has LoRA or is in modules_to_save, and tied layers listed with different ids."""
+    wanted = cfg.trainable_token_indices
+    if wanted is None:
+        return []
+    entries = {e[0]: e for e in walk(model)}
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    emb_path = next((p for p, e in entries.items() if emb is not None and (e[1] is emb or e[4] is emb)), None)
+    if not isinstance(wanted, dict):
+        path = emb_path or next((p for p in entries if p.rsplit(".", 1)[-1] == "embed_tokens"), None)
+        if path is None:
+            raise LoraError("trainable_token_indices as a list needs the model's input embedding "
+                            "(get_input_embeddings() or a module named embed_tokens); name the module: "
+                            "trainable_token_indices={'<module name>': [...]}")
+        wanted = {path: wanted}
+    chosen: dict[str, tuple[int, ...]] = {}
+    for key, ids in wanted.items():
+        hits = [p for p in entries if p.endswith(key)]
+        if not hits:
+            raise _unmatched(key, list(entries), "module")
+        for p in hits:
+            if chosen.get(p, ids) != ids:
+                raise LoraError(f"trainable_token_indices selects {p} twice with different ids")
+            chosen[p] = ids
+    heads = {}  # tied heads: same Parameter as the input embedding's weight
+    if emb_path in chosen:
+        w = entries[emb_path][1].weight
+        heads = {p: emb_path for p, e in entries.items() if p != emb_path and getattr(e[1], "weight", None) is w}
+    for head in heads:
+        if head in chosen and chosen[head] != chosen[emb_path]:
+            raise LoraError(f"{head} shares its weight with {emb_path} (tied embeddings), but trainable_token_indices "
+                            f"gives them different ids ({list(chosen[head])} and {list(chosen[emb_path])}); give "
+                            "tied layers the same ids")
+        chosen[head] = chosen[emb_path]
+    saved = {p for p, *_ in plan_saved(model, cfg)} if cfg.modules_to_save else set()
+    saved |= {s.path for s in plan(model, cfg)} if cfg.targets or cfg.target_parameters else set()
+    sites = []
+    for p, ids in chosen.items():
+        _, module, parent, attr, wrapper = entries[p]
+        if not isinstance(module, (nn.Embedding, nn.Linear)):
+            raise LoraError(f"trainable_token_indices selects {p} of type {type(module).__name__}; trainable tokens "
+                            "are rows of an nn.Embedding or nn.Linear (an output head)")
+        if wrapper is not None and not isinstance(wrapper, TokenLayer) or p in saved:
+            raise LoraError(f"{p} has LoRA adapters or is in modules_to_save; it cannot also have trainable tokens "
+                            "(train it whole with modules_to_save, or its rows with trainable_token_indices)")
+        rows = module.weight.shape[0]
+        if max(ids) >= rows:
+            raise LoraError(f"trainable_token_indices for {p}: token id {max(ids)} is out of range, the layer has "
+                            f"{rows} rows (resize the embeddings first for new tokens)")
+        sites.append(TokenSite(p, module, parent, attr, wrapper, ids, heads.get(p)))
+    return sorted(sites, key=lambda s: s.tied is not None)  # owners first: tied heads read their layer

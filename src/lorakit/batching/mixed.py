@@ -65,6 +65,7 @@ from ..config import LoraError
 from ..kinds import embed_scaled
 from ..layers import LoraLayer, SavedModule
 from ..state import lora_layers, registry, unwrap, wrappers
+from ..tokens import TokenLayer
 from ..variants import rewriting_inits as inits
 from . import rowlora
 
@@ -211,6 +212,17 @@ class Routing:
             slots = torch.tensor([local.get(i, -1) for i in where], dtype=torch.long)
             cached = self._slots[key] = slots, used, len(set(where)) == 1
         return cached
+
+    def forward_tokens(self, layer: TokenLayer, x: Tensor, *args, **kwargs) -> Tensor:
+        """Trainable tokens (:mod:`lorakit.tokens`): each adapter group's rows with its own rows of W."""
+        self.check_alive()
+        if layer.merged:
+            raise LoraError(f"adapters {list(layer.merged)} were merged inside a lorakit.mixed block; unmerge first")
+        run = lambda n, rows: layer.run((n,) if n else (), rows, *args, **kwargs)  # noqa: E731
+        if self.uniform:
+            return run(self.adapters[0] if self.adapters[0] in layer.token_indices else None, x)
+        names = [a if a in layer.token_indices else None for a in self.rows(layer, x)]
+        return run(names[0], x) if len(set(names)) == 1 else _groups(self.label(layer), names, x, run)
 
     def forward_saved(self, wrapper: SavedModule, x: Tensor, *args, **kwargs) -> Tensor:
         """modules_to_save: each row through its adapter's copy (or the original)."""

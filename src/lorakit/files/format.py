@@ -16,13 +16,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from ..config import LoraConfig, LoraError
 from ..kinds import Kind
+from ..state import walk
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFile", "read_adapter", "factor_keys", "magnitude_key",
            "module_path", "in_list", "outermost", "bias_key", "peft_selects", "PEFT_FIELDS", "REFUSED",
-           "read_config", "open_weights", "consistent_config", "to_lora_config"]
+           "read_config", "open_weights", "consistent_config", "to_lora_config",
+           "EMBEDDING_LAYER_NAMES", "embedding_modules", "embedding_base_param", "TOKENS_SUFFIX"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,18 +45,18 @@ PEFT_FIELDS = {
     **dict.fromkeys(("r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
                      "bias", "use_rslora", "modules_to_save", "init_lora_weights", "layers_to_transform",
                      "layers_pattern", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias",
-                     "target_parameters"), "supported"),
-    **dict.fromkeys(("megatron_config", "trainable_token_indices", "lora_ga_config", "velora_config",
+                     "target_parameters", "trainable_token_indices"), "supported"),
+    **dict.fromkeys(("megatron_config", "lora_ga_config", "velora_config",
                      "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
                      "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying"), "refused"),
 }
 #: The default of each refused field (and of ``bias``, supported only as "none"), as lorakit writes them.
-REFUSED = {"bias": "none", "megatron_config": None, "trainable_token_indices": None, "lora_ga_config": None,
+REFUSED = {"bias": "none", "megatron_config": None, "lora_ga_config": None,
            "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
            "layer_replication": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
            "ensure_weight_tying": False}
 _WHY = {"bias": "training the base model's biases with the adapter (bias='lora_only' / 'all')",
-        "megatron_config": "Megatron tensor-parallel LoRA layers", "trainable_token_indices": "trainable tokens",
+        "megatron_config": "Megatron tensor-parallel LoRA layers",
         "lora_ga_config": "LoRA-GA", "velora_config": "VeLoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
         "use_qalora": "QALoRA", "monteclora_config": "MonteCLoRA", "layer_replication": "layer replication",
         "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
@@ -100,6 +103,51 @@ def magnitude_key(path: str) -> str:
 def module_path(key: str) -> str:
     """The module path (lorakit's, the original model's naming) of a factor's file key."""
     return key[len(PREFIX):].rsplit(".lora_", 1)[0].replace(".base_layer.", ".")
+
+
+#: PEFT's key of a layer's trainable tokens: ``<PREFIX><path><TOKENS_SUFFIX>``, shape (len(indices), dim).
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+# -- embedding base weights (PEFT's save_embedding_layers) -------------------------------------------
+#: PEFT's ``EMBEDDING_LAYER_NAMES``: the leaf names its ``save_embedding_layers="auto"`` looks for in target_modules.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+#: Where PEFT's state dict holds an embedding's own weight inside its wrappers: a LoRA layer's
+#: ``base_layer``, a trainable-tokens wrapper's ``token_adapter.base_layer``, or the module itself.
+_BASE_INFIXES = (".base_layer.", ".token_adapter.base_layer.", ".")
+
+
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{path: module}`` of the model's input and output embeddings (``get_input_embeddings()`` /
+    ``get_output_embeddings()`` of a transformers model, seen through lorakit's wrappers), the
+    layers whose base weights PEFT's ``save_embedding_layers`` writes; empty for other models."""
+    found = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is None:
+            continue
+        for path, base, _, _, wrapper in walk(model):
+            if module is base or module is wrapper:
+                found[path] = base
+    return found
+
+
+def embedding_base_param(key: str, embeddings: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """``(module path, parameter name)`` if file key ``key`` is the base weight (or bias) of one of
+    ``embeddings`` as PEFT saves it (``<path>.base_layer.weight``, ``<path>.token_adapter.base_layer.weight``
+    or ``<path>.weight``), else None."""
+    rest = key[len(PREFIX):] if key.startswith(PREFIX) else None
+    if rest is None:
+        return None
+    for infix in _BASE_INFIXES:
+        path, sep, name = rest.rpartition(infix)
+        if sep and path in embeddings and name in dict(embeddings[path].named_parameters(recurse=False)):
+            return path, name
+    return None
 
 
 # -- reading a folder ---------------------------------------------------------------------------------
@@ -184,7 +232,8 @@ def to_lora_config(config: dict, source: Path) -> LoraConfig:
                           modules_to_save=config.get("modules_to_save") or (),
                           layers_to_transform=config.get("layers_to_transform"),
                           layers_pattern=config.get("layers_pattern") or (),
-                          lora_bias=config.get("lora_bias") or False)
+                          lora_bias=config.get("lora_bias") or False,
+                          trainable_token_indices=config.get("trainable_token_indices"))
     except KeyError as e:
         raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
     except LoraError as e:

@@ -25,19 +25,23 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig, LoraError, check_name
+from ..kinds.conv import GROUPED, grouped_layout
 from ..model import apply_plan, set_active
 from ..quant import check_trained_precision, format_of
 from ..sharding import is_sharded, like_param
-from ..state import lora_layers, registry, registry_of, saved_modules, unwrap, walk
-from ..targets import Site, check_rewriting_inits, parts, plan, plan_saved
+from ..state import lora_layers, registry, registry_of, saved_modules, token_layers, unwrap, walk
+from ..targets import Site, TokenSite, check_rewriting_inits, parts, plan, plan_saved, plan_tokens
 from ..variants import dora
 from ..variants import rewriting_inits as inits
 from .format import (
     CONFIG_NAME,
     PREFIX,
     QUANT_KEY,
+    TOKENS_SUFFIX,
     WEIGHTS_NAME,
     bias_key,
+    embedding_base_param,
+    embedding_modules,
     factor_keys,
     in_list,
     magnitude_key,
@@ -206,6 +210,8 @@ class _Prepared:
     sites: list[Site]
     saved: list[tuple]
     existing: bool
+    bases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # file key -> embedding weight to set
+    tokens: list[TokenSite] = dataclasses.field(default_factory=list)  # layers that get trainable tokens
 
 
 def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_change: bool = False) -> _Prepared:
@@ -224,17 +230,20 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
         raise LoraError(f"{source}: key {bad[0]!r} (and {len(bad) - 1} more) lacks the prefix {PREFIX!r}; "
                         "expected keys like 'base_model.model.<module path>.lora_A.weight'")
     modules = {p: m for p, m, *_ in walk(unwrap(model))}
+    selection = _selection(config, unwrap(model), config_source, file.lora)
+    bases = _embedding_bases(unwrap(model), tensors, selection, source)
+    token_tensors = {k: t for k, t in tensors.items() if k.endswith(TOKENS_SUFFIX)}
+    tensors = {k: t for k, t in tensors.items() if k not in bases and k not in token_tensors}  # LoRA and saved
     paths = {module_path(k) for k in tensors if ".lora_" in k}
     saved = {_owner(k[len(PREFIX):], modules) for k in tensors if ".lora_" not in k}
     if unknown := sorted(p for p in paths | saved if p not in modules):
         raise LoraError(f"{source}: the model has no module {unknown[0]!r} ({len(unknown)} unknown paths); "
                         f"is this adapter for another model? Model modules include: {sorted(modules)[:8]}")
-    selection = _selection(config, unwrap(model), config_source, file.lora)
     owned = parts(modules)  # planned with their owners, not targets of their own
     cfg = _exact_targets(file.lora, {p for p in paths if owned.get(p) not in paths},
                          saved, selection.params)
     existing = reg is not None and adapter in reg.configs
-    sites, saved_plan = plan(unwrap(model), cfg), plan_saved(unwrap(model), cfg)
+    sites, saved_plan = _layouts(plan(unwrap(model), cfg), tensors, cfg, source), plan_saved(unwrap(model), cfg)
     if not existing:
         check_rewriting_inits(unwrap(model), cfg, adapter, sites)
     elif reg.configs[adapter].init != cfg.init and inits.rewrites(reg.configs[adapter].init) | inits.rewrites(cfg.init):
@@ -247,7 +256,96 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
     if not allow_precision_change:  # ... and the base is quantized as the one it was trained on
         check_trained_precision(metadata.get(QUANT_KEY), {s.path: format_of(s.module) for s in sites},
                                 str(source))
-    return _Prepared(cfg, tensors, sites, saved_plan, existing)
+    tokens = _check_tokens(unwrap(model), cfg, adapter, existing, token_tensors, source)
+    return _Prepared(cfg, {**tensors, **token_tensors, **{k: file.tensors[k] for k in bases}}, sites, saved_plan,
+                     existing, bases, tokens)
+
+
+def _check_tokens(model: nn.Module, cfg: LoraConfig, adapter: str, existing: bool, tensors: dict[str, torch.Tensor],
+                  source: Path) -> list[TokenSite]:
+    """The trainable-token layers of ``cfg`` (:func:`lorakit.targets.plan_tokens`), with the file holding
+    exactly their rows' values (``<path>.token_adapter.trainable_tokens_delta``, (len(ids), dim), finite;
+    none for a tied head); for an existing adapter, on the layers and rows it has."""
+    if existing:
+        have = {p: t for p, t in token_layers(model) if adapter in t.token_indices}
+        sites = [TokenSite(p, t.base_layer, t, "", t, t.token_indices[adapter], "tied" if t.tied else None)
+                 for p, t in have.items()]
+        if cfg.trainable_token_indices is not None and not sites or sites and cfg.trainable_token_indices is None:
+            raise LoraError(f"{source}: trainable_token_indices={cfg.trainable_token_indices!r} does not match "
+                            f"adapter {adapter!r}'s trainable tokens on {sorted(have)}; delete the adapter first")
+    else:
+        sites = plan_tokens(model, cfg)
+    expected = {f"{PREFIX}{s.path}{TOKENS_SUFFIX}": (len(s.indices), s.module.weight.shape[1])
+                for s in sites if s.tied is None}
+    problems = [f"missing {k} (expected shape {v}, for trainable_token_indices)" for k, v in expected.items()
+                if k not in tensors]
+    problems += [f"unexpected key {k} (trainable tokens the config's trainable_token_indices does not select)"
+                 for k in tensors if k not in expected]
+    problems += [f"{k}: expected shape {v} (the rows of trainable_token_indices), found {tuple(tensors[k].shape)}"
+                 for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
+    problems += [f"{k}: {bad}" for k, t in tensors.items() if not t.is_floating_point() and (bad := "not floating point")
+                 or t.is_floating_point() and (bad := _nonfinite(t))]
+    if problems:
+        raise LoraError(f"{source} does not fit this model: " + "; ".join(problems))
+    return sites
+
+
+def _layouts(sites: list[Site], tensors: dict[str, torch.Tensor], cfg: LoraConfig, source: Path) -> list[Site]:
+    """The sites with the grouped-conv layout the file holds (:func:`lorakit.kinds.conv.grouped_layout`:
+    PEFT's if A has the weight's dims, else lorakit's); refused: a layout other than the one of the
+    layer's existing adapters, and DoRA on PEFT's layout (PEFT 0.21 accepts it, but its weight norm
+    reshapes B·A across mismatched shapes, so it is not ‖W + ΔW‖)."""
+    out = []
+    for s in sites:
+        a = tensors.get(factor_keys(s.path, s.kind)[0])
+        kind = grouped_layout(s.weight, a) if s.kind is GROUPED and a is not None else s.kind
+        if s.layer is not None and s.layer.adapters() and s.layer.kind is not kind:
+            raise LoraError(f"{source}: {s.path} holds its adapter in the {kind.name!r} layout (A of shape "
+                            f"{tuple(a.shape)}), but the layer's adapters {s.layer.adapters()} are in the "
+                            f"{s.layer.kind.name!r} layout; one layer holds one layout: delete them first")
+        if cfg.use_dora and kind is not s.kind:
+            raise LoraError(f"{source}: {s.path}: DoRA on PEFT's grouped-conv layout is not supported (PEFT 0.21 accepts "
+                            "it but computes the weight norm from B·A reshaped across mismatched shapes, which is "
+                            "not the norm of W + ΔW); use lorakit's grouped layout (lorakit.inject) for DoRA")
+        if kind is not s.kind:
+            kind.check_base(s.module, s.path)
+        out.append(s if kind is s.kind else dataclasses.replace(s, kind=kind))
+    return out
+
+
+def _embedding_bases(model: nn.Module, tensors: dict[str, torch.Tensor], selection: _Selection,
+                     source: Path) -> dict[str, torch.Tensor]:
+    """``{file key: the model's weight it sets}`` for the embeddings' base weights that PEFT's
+    ``save_embedding_layers`` put in the file (``<path>.base_layer.weight`` of a LoRA-adapted
+    embedding, ``<path>.weight`` of a resized one), checked: shape equal to the model's (a resized
+    vocabulary needs ``resize_token_embeddings`` first), floating point, finite, and equal where
+    the input and output embeddings share one weight. Modules in modules_to_save are not bases."""
+    embeddings = {p: m for p, m in embedding_modules(model).items()
+                  if p not in selection.saved_loose and p not in selection.saved}
+    bases, problems, resized = {}, [], None
+    for key, t in tensors.items():
+        hit = None if ".lora_" in key else embedding_base_param(key, embeddings)
+        if hit is None:
+            continue
+        path, name = hit
+        param = getattr(embeddings[path], name)
+        if tuple(t.shape) != tuple(param.shape):
+            problems.append(f"{key} has shape {tuple(t.shape)}, the model's {path}.{name} {tuple(param.shape)}")
+            resized = t.shape[0]
+        elif not t.is_floating_point():
+            problems.append(f"{key}: dtype {t.dtype} is not floating point")
+        elif bad := _nonfinite(t):
+            problems.append(f"{key}: {bad}")
+        elif (other := next((k for k, p in bases.items() if p is param), None)) is not None \
+                and not torch.equal(tensors[other], t):
+            problems.append(f"{key} and {other} set the same (tied) weight of the model to different values")
+        bases[key] = param
+    if resized is not None:
+        problems.append(f"the adapter was saved from a model with a resized vocabulary of {resized} tokens: resize "
+                        f"this model's embeddings first (model.resize_token_embeddings({resized})), then load")
+    if problems:
+        raise LoraError(f"{source}: the embedding weights it holds do not fit this model: " + "; ".join(problems))
+    return bases
 
 
 def verify(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
@@ -268,6 +366,10 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     :class:`LoraError` and leaves the model as it was, as does a lorakit file saved from layers
     quantized otherwise (nf4 / fp4 / int8 / full precision) than the model's, unless
     ``allow_precision_change`` (see :func:`lorakit.quant.check_trained_precision`). Returns ``model``.
+
+    A file that holds the base weights of the model's input/output embeddings (PEFT's
+    ``save_embedding_layers``) sets them in the model, as PEFT does (in place: a tied output
+    embedding follows; deleting the adapter does not restore them); their shapes must be the model's.
     """
     prepared = _prepare(model, Path(directory), adapter, allow_precision_change)
     cfg, tensors = prepared.cfg, prepared.tensors
@@ -278,7 +380,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                         "not be sharded; load the adapter before lorakit.distributed.fully_shard_model, or into "
                         "an existing adapter of that name")
     else:
-        apply_plan(model, adapter, cfg, prepared.sites, prepared.saved, activate)
+        apply_plan(model, adapter, cfg, prepared.sites, prepared.saved, activate, prepared.tokens)
     with torch.no_grad():  # a sharded (FSDP2) parameter takes its shard of the whole tensor (a collective)
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
@@ -290,6 +392,12 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                 if adapter in layer.lora_bias:
                     b = layer.lora_bias[adapter]
                     b.copy_(like_param(tensors[bias_key(path)], b))
+        for path, layer in token_layers(model):
+            if adapter in layer.trainable_tokens_delta:
+                t = layer.trainable_tokens_delta[adapter]
+                t.copy_(like_param(tensors[f"{PREFIX}{path}{TOKENS_SUFFIX}"], t))
+        for key, param in prepared.bases.items():  # the embeddings' base weights, as PEFT's load_state_dict
+            param.copy_(like_param(tensors[key], param))  # in place: a tied output embedding follows
         for path, wrapper in saved_modules(model):
             if adapter in wrapper.adapters():
                 prefix, own = f"{PREFIX}{path}.", wrapper.modules_to_save[adapter].state_dict()

@@ -24,16 +24,19 @@ from ..config import LoraConfig, LoraError
 from ..kinds.bitsandbytes import format_of
 from ..layers import LoraLayer
 from ..sharding import full_tensor, is_main, is_sharded
-from ..state import lora_layers, registry, saved_modules, unwrap, walk
+from ..state import lora_layers, registry, saved_modules, token_layers, unwrap, walk
 from ..variants import rewriting_inits as inits
 from .format import (
     CONFIG_NAME,
+    EMBEDDING_LAYER_NAMES,
     META_KEY,
     PREFIX,
     QUANT_KEY,
     REFUSED,
+    TOKENS_SUFFIX,
     WEIGHTS_NAME,
     bias_key,
+    embedding_modules,
     factor_keys,
     in_list,
     magnitude_key,
@@ -76,7 +79,23 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         **REFUSED, "lora_bias": cfg.lora_bias, "layers_to_transform": list(cfg.layers_to_transform) or None,
         "layers_pattern": list(cfg.layers_pattern) or None,
         "modules_to_save": _target_modules(unwrap(model), saved) if saved else None,
+        "trainable_token_indices": _token_indices(model, adapter),
     }
+
+
+def _token_indices(model: nn.Module, adapter: str) -> list[int] | dict[str, list[int]] | None:
+    """PEFT's ``trainable_token_indices`` of ``adapter``: a list when only the input embedding has tokens,
+    else ``{path: ids}``; tied heads are left out (PEFT ties them to the input embedding again)."""
+    owners = {p: list(t.token_indices[adapter]) for p, t in token_layers(model)
+              if adapter in t.token_indices and t.tied is None}
+    if not owners:
+        return None
+    get = getattr(unwrap(model), "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    only = next(iter(owners)) if len(owners) == 1 else None
+    if only is not None and emb is not None and dict(token_layers(model)).get(only) is emb:
+        return owners[only]
+    return owners
 
 
 def _converted_config(config: dict) -> dict:
@@ -119,8 +138,67 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _vocab_resized(model: nn.Module) -> bool:
+    """PEFT's test for ``save_embedding_layers="auto"``: the model's ``config.vocab_size`` differs from
+    the one in ``config.json`` of its base model's local folder (``_name_or_path``; the Hub is not asked,
+    so a base known only by a Hub id counts as not resized, as PEFT offline)."""
+    config = getattr(model, "config", None)
+    vocab, base = getattr(config, "vocab_size", None), getattr(config, "_name_or_path", None)
+    path = Path(base) / "config.json" if base else None
+    if not vocab or path is None or not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    base_vocab = saved.get("vocab_size", saved.get("text_config", {}).get("vocab_size"))
+    return isinstance(base_vocab, int) and base_vocab != vocab
+
+
+def _embedding_tensors(model: nn.Module, config: dict, adapter: str, which: bool | str) -> dict[str, torch.Tensor]:
+    """The embeddings' base weights as PEFT's ``get_peft_model_state_dict(save_embedding_layers=which)``
+    writes them: ``"auto"`` is True when an embedding layer name (``embed_tokens``, ``lm_head``) is in
+    target_modules and the adapter has no trainable tokens, or when the vocabulary was resized
+    (:func:`_vocab_resized`). A LoRA-adapted embedding writes ``<path>.base_layer.<param>``; an
+    unadapted one (resized) ``<path>.<param>`` only when no embedding is targeted, as in PEFT; a
+    weight tied to one already written is written once."""
+    if which not in (True, False, "auto"):
+        raise LoraError(f"save_embedding_layers must be True, False or 'auto', got {which!r}")
+    targets = config.get("target_modules") or []
+    targeted = isinstance(targets, list) and any(n in targets for n in EMBEDDING_LAYER_NAMES)
+    if which == "auto":
+        which = (targeted and config.get("trainable_token_indices") is None) or _vocab_resized(unwrap(model))
+    if not which:
+        return {}
+    embeddings = embedding_modules(unwrap(model))
+    if not embeddings:
+        raise LoraError("save_embedding_layers=True: the model has no get_input_embeddings()/get_output_embeddings() "
+                        "(not a transformers model), so its embedding layers are unknown; save without it")
+    layers = dict(lora_layers(model))
+    tensors, written = {}, set()
+    for path, module in embeddings.items():
+        layer = layers.get(path)
+        if layer is not None and adapter in layer.lora_A:
+            prefix = f"{PREFIX}{path}.base_layer."
+        elif targeted:
+            continue  # PEFT writes only the base layers of targeted embeddings then
+        else:
+            prefix = f"{PREFIX}{path}.token_adapter.base_layer." if _token_wrapped(model, path) else f"{PREFIX}{path}."
+        for name, t in module.named_parameters(recurse=False):
+            if id(t) not in written:
+                written.add(id(t))
+                tensors[prefix + name] = full_tensor(t.detach()).to("cpu").contiguous()
+    return tensors
+
+
+def _token_wrapped(model: nn.Module, path: str) -> bool:
+    """Whether the module at ``path`` carries trainable tokens (PEFT names its weight inside ``token_adapter``)."""
+    return path in dict(token_layers(model))
+
+
 def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
-         dtype: torch.dtype = torch.float32, convert_to_lora: bool = False) -> Path:
+         dtype: torch.dtype = torch.float32, convert_to_lora: bool = False,
+         save_embedding_layers: bool | str = "auto") -> Path:
     """Write adapter ``adapter`` of ``model`` to ``directory`` in PEFT's format; returns the path.
 
     A PiSSA/OLoRA adapter (:mod:`lorakit.variants.rewriting_inits`) is saved as it is, with ``init_lora_weights``
@@ -130,7 +208,12 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     ``rank_pattern`` doubled, alpha scaled to keep s (×2, or ×√2 with rsLoRA).
 
     A model sharded with FSDP2 (:func:`lorakit.distributed.fully_shard_model`) is saved by a
-    collective: every rank calls ``save``, the adapter's tensors are gathered whole, rank 0 writes."""
+    collective: every rank calls ``save``, the adapter's tensors are gathered whole, rank 0 writes.
+
+    ``save_embedding_layers`` (PEFT's option of that name): also write the base weights of the input
+    and output embeddings, so that the file restores them on load (as PEFT's ``load_state_dict``
+    does): ``True``, ``False``, or ``"auto"`` (PEFT's rule: when ``embed_tokens`` / ``lm_head`` is a
+    target, or the vocabulary was resized against the base model's local ``config.json``)."""
     reg = registry(model)
     if adapter not in reg.configs:
         raise LoraError(f"unknown adapter {adapter!r}; the model has: {sorted(reg.configs)}")
@@ -149,6 +232,10 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
             if adapter in layer.lora_magnitude_vector:
                 m = layer.lora_magnitude_vector[adapter].detach()
                 tensors[magnitude_key(path)] = full_tensor(m).to("cpu", dtype).contiguous()
+    for path, layer in token_layers(model):  # tied heads hold none: their owner's are written
+        if adapter in layer.trainable_tokens_delta:
+            t = layer.trainable_tokens_delta[adapter].detach()
+            tensors[f"{PREFIX}{path}{TOKENS_SUFFIX}"] = full_tensor(t).to("cpu", dtype).contiguous()
     config = _peft_config(model, adapter)
     if convert_to_lora:
         config = _converted_config(config)
@@ -157,6 +244,8 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
         for key, t in module.state_dict().items():  # saved whole, as PEFT's modules_to_save: <path>.<state key>
             t = full_tensor(t.detach()).to("cpu").contiguous()
             tensors[f"{PREFIX}{path}.{key}"] = t.to(dtype) if t.is_floating_point() else t
+    embeddings = _embedding_tensors(model, config, adapter, save_embedding_layers)
+    tensors.update(embeddings)  # in the model's own dtype, as PEFT writes them
     config = json.dumps(config, indent=2, sort_keys=True)
     quantized = {p: format_of(layer.base_layer) for p, layer in lora_layers(model) if adapter in layer.lora_A}
     quantized = json.dumps({p: f for p, f in quantized.items() if f}, sort_keys=True)

@@ -34,6 +34,7 @@ from ..files import save
 from ..layers import LoraLayer, SavedModule
 from ..model import merge, unmerge
 from ..state import lora_layers, on_attach, on_detach, registry, unwrap
+from ..tokens import TokenLayer
 from ..variants import rewriting_inits as inits
 
 __all__ = ["save_pretrained", "base_state_dict", "ADAPTERS_DIR"]
@@ -76,14 +77,15 @@ def _plain_key(root: nn.Module, key: str, merged: bool) -> str | None:
     contributes the active adapter's copy instead (what ``merge_and_unload`` leaves)."""
     parts, out, module, i = key.split("."), [], root, 0
     while i < len(parts):
-        if isinstance(module, (LoraLayer, SavedModule)):
+        if isinstance(module, (LoraLayer, SavedModule, TokenLayer)):
             keep = ["base_layer"]
             if merged and isinstance(module, SavedModule) and module.active:
                 keep = ["modules_to_save", module.active[0]]
             if parts[i:i + len(keep)] == keep:
                 module, i = module.get_submodule(".".join(keep)), i + len(keep)
                 continue
-            if parts[i] in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_bias", "modules_to_save", "base_layer"):
+            if parts[i] in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_bias", "modules_to_save", "base_layer",
+                            "trainable_tokens_delta"):
                 return None  # an adapter's factors or copy (or, merged, the unused original)
             raise LoraError(f"state_dict key {key!r} is not a key of this model with adapters "
                             f"(expected '{'.'.join(out)}.base_layer.…' or adapter state)")

@@ -70,6 +70,7 @@ class LoraSpec:
     dora: bool = False  # use_dora
     init: str = "kaiming"  # lorakit.INITS: "pissa" / "olora" rewrite W (lorakit.variants.rewriting_inits)
     rslora: bool = False  # scale alpha/sqrt(r)
+    trainable_tokens: tuple[int, ...] | None = None  # trainable_token_indices: embedding rows trained as they are
 
 
 def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
@@ -124,7 +125,7 @@ def _prepare(model: nn.Module, lora: LoraSpec, saved: Sequence[str]) -> None:
     targets = lora.targets[0] if lora.targets == ("all-linear",) else list(lora.targets)
     inject(model, LoraConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=targets,
                              modules_to_save=tuple(saved), use_dora=lora.dora, init=lora.init,
-                             use_rslora=lora.rslora))
+                             use_rslora=lora.rslora, trainable_token_indices=lora.trainable_tokens))
 
 
 def _trainable(model: nn.Module) -> int:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_cli import save_tiny_bert, tiny_llama  # noqa: F401  (tiny_llama: a fixture)
 
 from lorakit import LoraError
 from lorakit import distributed as D
 from lorakit.cli import main as cli
-from test_cli import save_tiny_bert, tiny_llama  # noqa: F401  (tiny_llama: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "dist_job.py"

@@ -204,7 +204,7 @@ def test_cli_help_documents_options(capsys):
 @pytest.mark.slow
 def test_classify_minilm_on_bbc_learns_and_saves_a_loadable_adapter(tmp_path, capsys):
     from lorakit.train.loop import load_checkpoint_weights
-    from lorakit.train.tasks import _prepare, LoraSpec, classify, load_model
+    from lorakit.train.tasks import LoraSpec, _prepare, classify, load_model
     lora = LoraSpec(r=8)
     # one evaluation, at the last step: the saved adapter is then the last step's weights (= checkpoint/)
     result = classify(tmp_path, lora=lora, train=TrainConfig(epochs=1, batch_size=16, lr=2e-3, max_steps=40),

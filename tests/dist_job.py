@@ -7,7 +7,8 @@ trained parameters) and OUT/records.json, and lorakit.save's adapter to OUT/adap
 make that rank raise in its loss function at that optimizer step (a rank that dies mid-run), ``hang_rank``
 sleep there instead (a rank that hangs; ``timeout_s`` is the collectives' timeout); ``fsdp`` shards
 the model with FSDP2 (each LoRA layer one unit, then the root), saves it in place (lorakit.save on every
-rank) and tries to merge it (OUT/merge_refused.json)."""
+rank) and tries to merge it (OUT/merge_refused.json). After leaving the process group each rank writes the
+names of its threads left (Linux) to OUT/threads.RANK.json."""
 
 import json
 import sys
@@ -76,7 +77,11 @@ def main(out: str, options: dict) -> None:
             (Path(out) / "merge_refused.json").write_text(json.dumps(refusals))
         with open(f"{out}/records.json", "w") as f:
             json.dump(records, f)
-    D.teardown()
+    me = D.rank()
+    D.teardown()  # the sharded model is still alive here: teardown must not need it gone
+    if Path("/proc/self/task").is_dir():  # Linux: the names of this process's threads left after teardown
+        names = sorted((t / "comm").read_text().strip() for t in Path("/proc/self/task").iterdir())
+        (Path(out) / f"threads.{me}.json").write_text(json.dumps(names))
 
 
 def _merge_refused(model, data) -> dict:

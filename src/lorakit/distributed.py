@@ -15,6 +15,7 @@ no wrapper), and a rank whose share of a batch is empty still takes part.
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 import signal
@@ -114,9 +115,28 @@ def _terminated(signum, frame) -> None:
 
 
 def teardown() -> None:
-    """Leave the process group (if this process joined one)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (if this process joined one); its threads have ended when this returns.
+
+    ``destroy_process_group`` alone leaves a gloo group alive after FSDP2: each ``DeviceMesh`` holds its
+    groups (and DTensor's caches keep the meshes for the whole process), each FSDP2 unit its mesh's group,
+    and a sharded model can outlive its task (a traceback kept by a library holds its frame). The group's
+    threads then ran on into interpreter exit, where its destruction during finalization now and then
+    aborted a rank after its work was done ("terminate called without an active exception", SIGABRT). So
+    the torch.distributed objects still alive forget the destroyed groups and the garbage is collected:
+    the group is destroyed here and its threads joined. A sharded model cannot run after this."""
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    if "torch.distributed.device_mesh" in sys.modules:  # FSDP2 / DTensor kept references to the groups
+        for obj in gc.get_objects():
+            module = type(obj).__dict__.get("__module__")
+            attrs = getattr(obj, "__dict__", None) if str(module).startswith("torch.distributed") else None
+            for key, value in list(attrs.items()) if isinstance(attrs, dict) else ():
+                if isinstance(value, dist.ProcessGroup):  # e.g. an FSDP2 unit's shard_process_group
+                    attrs[key] = None
+                elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+                    value.clear()  # e.g. a DeviceMesh's registry of its groups
+    gc.collect()  # the groups' last references may sit in reference cycles (a sharded model's FSDP2 state)
 
 
 def barrier() -> None:

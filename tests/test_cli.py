@@ -134,6 +134,24 @@ def test_classify_train_predict_inspect_and_overwrite(tmp_path, tiny_bert):
     assert code == 0, err
 
 
+def test_train_into_a_log_file_writes_whole_lines(tmp_path, tiny_bert):
+    """``lorakit train > log 2>&1`` (nohup, CI): progress as whole lines, none written into another."""
+    data = labelled_csv(tmp_path / "d.csv")
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--model", str(tiny_bert), "--data",
+                            str(data), "--max-steps", "12", "--batch-size", "4", "--max-length", "16",
+                            "--eval-every", "6", "--threads", "1", "--out", str(tmp_path / "o")],
+                           env=ENV, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    text = (tmp_path / "log").read_text()
+    assert p.returncode == 0, text
+    assert "\r" not in text, text
+    lines = text.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(":")[0] for line in steps] == ["step 6", "step 10/12 (83%)", "step 12/12 (100%)",
+                                                      "step 12"], text
+    assert all(line.count("step ") <= 1 for line in lines), text  # no line inside another
+
+
 def test_unfinished_run_needs_resume_or_overwrite(tmp_path, tiny_bert):
     (tmp_path / "o" / "checkpoint").mkdir(parents=True)
     refused(lorakit("train", "--model", tiny_bert, "--data", labelled_csv(tmp_path / "d.csv"), "--out",

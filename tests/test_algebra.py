@@ -284,9 +284,9 @@ def random_adapter(base_dir, out, r, targets, seed):
 def test_cli_combine_writes_the_exact_sum_and_refuses_bad_input_with_one_line(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.cli import COMBINE_METHODS, main
+    from lorakit.cli import COMBINE_METHODS, CONFIG_NAME, main
     from lorakit.ops.extraction import spectra
-    assert COMBINE_METHODS == lorakit.ops.algebra.METHODS
+    assert COMBINE_METHODS == lorakit.ops.algebra.METHODS and CONFIG_NAME == lorakit.files.format.CONFIG_NAME
     base = save_tiny_llama(tmp_path / "base")
     ma = random_adapter(base, tmp_path / "a", 2, ["q_proj", "v_proj"], 1)
     mb = random_adapter(base, tmp_path / "b", 3, ["q_proj", "v_proj"], 2)

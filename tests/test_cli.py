@@ -237,6 +237,59 @@ def test_causal_lm_file_too_small(tmp_path):
                     "--out", tmp_path / "o"), "p.jsonl: 2 row(s)", "at least 3 rows")
 
 
+# -- bad input is answered first, and at once ------------------------------------------------------------
+@pytest.mark.parametrize("task,name,content,options,fragments", [
+    ("classify", "bad.csv", "text,topic\nhello,a\n", [],
+     ["bad.csv, line 1: missing column 'label' (the label column, set by --label-column)",
+      "the file's columns are 'text', 'topic'"]),
+    ("classify", "bad.csv", "body,topic\nhello,a\n", ["--label-column", "topic"],
+     ["missing column 'text' (the text column, set by --text-column)", "columns are 'body', 'topic'"]),
+    ("classify", "bad.csv", "text,label\nfine,ham\nthis, has, extra,ham\n", [], ["bad.csv, line 3: 4 cells, expected 2"]),
+    ("classify", "bad.jsonl", '{"text": "a", "topic": "x"}\n', [],
+     ["bad.jsonl, line 1: missing column 'label' (the label column, set by --label-column)",
+      "this row's columns are 'text', 'topic'"]),
+    ("causal-lm", "bad.jsonl", '{"prompt": "a"}\n', [], ["bad.jsonl, line 1: missing column 'completion'"]),
+])
+def test_bad_data_is_refused_before_the_output_folder_is_looked_at(tmp_path, task, name, content, options, fragments):
+    """A user's first run with a wrong file, in a folder whose runs/<task> holds a finished run: the data's
+    problem is what they need to hear (naming the option that picks the column), not the folder's."""
+    (tmp_path / "runs" / task).mkdir(parents=True)
+    (tmp_path / "runs" / task / "summary.json").write_text("{}")
+    (tmp_path / name).write_text(content)
+    err = refused(lorakit("train", "--task", task, "--data", name, *options, cwd=tmp_path), *fragments)
+    assert "finished run" not in err
+
+
+#: Runs lorakit.cli.main(argv) in a fresh interpreter; prints its exit code and the heavy modules it imported.
+IMPORTS = """import sys
+from lorakit.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print("IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "numpy")))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv,code", [
+    (["--help"], 0), (["--version"], 0), (["train", "--help"], 0), (["combine", "--help"], 0),
+    (["train", "--rank", "x"], 2), (["train", "--data", "missing.csv"], 2), (["train", "--data", "bad.csv"], 2),
+    (["train", "--data", "bad.csv", "--threads", "1"], 2), (["train", "--task", "causal-lm", "--data", "bad.csv"], 2),
+    (["train", "--full", "--dora"], 2), (["predict", "--adapter", "nowhere", "x"], 2),
+    (["combine", "nowhere", "--weights", "1", "--out", "o"], 2), (["inspect", "nowhere"], 2),
+])
+def test_help_argument_and_data_errors_do_not_import_torch(tmp_path, argv, code):
+    """--help, a bad option and a bad data file answer at once: without importing torch or transformers
+    (seconds), checked by the modules imported rather than by a timing (a busy machine would flake)."""
+    (tmp_path / "bad.csv").write_text("text,topic\nhello,a\n")
+    p = subprocess.run([sys.executable, "-c", IMPORTS, *argv], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == code, (p.stdout, p.stderr)
+    assert "IMPORTED []" in p.stdout, p.stdout
+    assert "Traceback" not in p.stderr, p.stderr
+
+
 # -- help ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["train", "predict", "generate", "inspect", "serve"])
 def test_help_states_each_default_once(command):

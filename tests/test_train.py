@@ -191,14 +191,17 @@ def test_progress_on_a_terminal_is_a_bar(monkeypatch):
 
 # -- bad input: a clear error naming the file and line, before any training ------------------------
 @pytest.mark.parametrize("name,content,message", [
-    ("a.csv", "text,lbl\nhello,x\n", r"a.csv, line 1: missing column\(s\) \['label'\]"),
+    ("a.csv", "text,lbl\nhello,x\n", r"a.csv, line 1: missing column 'label' \(the label column, set by "
+                                      r"--label-column\); the file's columns are 'text', 'lbl'"),
     ("a.csv", "", r"a.csv: the file is empty"),
     ("a.csv", "text,label\n", r"a.csv: the file has a header but no rows"),
     ("a.csv", "text,label\nfine,x\n,y\n", r"a.csv, line 3: column 'text' is empty"),
     ("a.csv", "text,label,text\nfine,x,y\n", r"a.csv, line 1: column\(s\) \['text'\] appear more than once"),
     ("a.csv", 'text,label\nfine,x\n"multi\nline, cell",y,z\n', r"a.csv, line 3: 3 cells, expected 2"),
     ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"\n', r"a.jsonl, line 2: not valid JSON"),
-    ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"a.jsonl, line 2: missing column 'label'"),
+    ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"a.jsonl, line 2: missing column 'label' "
+                                                               r"\(the label column, set by --label-column\); "
+                                                               r"this row's columns are 'text'"),
     ("a.jsonl", '["text"]\n', r"a.jsonl, line 1: expected a JSON object"),
     ("a.txt", "x", r"unknown file type '.txt'"),
 ])

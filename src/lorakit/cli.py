@@ -12,6 +12,7 @@ __all__ = ["main"]
 
 COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")  # lorakit.ops.algebra.METHODS (no torch import)
 OUT = {"classify": "runs/classify", "causal-lm": "runs/causal-lm"}  # default output folder per task
+CONFIG_NAME = "adapter_config.json"  # lorakit.files.format.CONFIG_NAME, PEFT's (no torch import)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -120,15 +121,55 @@ def _launch(n: int, argv: list[str]) -> int:
 
 
 def _train(args) -> int:
+    """``lorakit train``: the options, then the data files (without importing torch: a bad input is
+    answered at once), then the output folder (in the task), and only then the model and training."""
+    lm = args.task == "causal-lm"
+    _check_train_options(args, lm)
+    _check_train_data(args, lm)
+    if args.nproc > 1:
+        if "RANK" in os.environ:
+            raise _UsageError("--nproc starts torchrun; under torchrun leave it out (--nproc-per-node sets it)")
+        return _launch(args.nproc, args.argv)
+    _set_threads(args)
     from . import distributed as D
     from .train.loop import TrainConfig
     from .train.tasks import LoraSpec
 
-    lm = args.task == "causal-lm"
+    device = D.resolve_device(args.device)
+    targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
+    lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
+                    dora=args.dora, init=args.init, rslora=args.rslora)
+    checkpointing = bool(args.quantize) if args.grad_checkpointing is None else args.grad_checkpointing
+    train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
+                        lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,
+                        schedule=args.schedule, warmup=args.warmup, grad_accum=args.grad_accum,
+                        max_grad_norm=args.max_grad_norm or None, bf16=args.bf16,
+                        grad_checkpointing=checkpointing, seed=args.seed, eval_every=args.eval_every,
+                        max_steps=args.max_steps)
+    common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
+                  train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                  quantize=args.quantize, device=device, fsdp=args.fsdp, log=_log)
+    D.setup(device, args.dist_timeout)
+    try:
+        _run_task(args, lm, common)
+    finally:
+        D.teardown()
+    return 0
+
+
+def _log(*args, **kwargs) -> None:
+    """The tasks' log lines, flushed at once (a log file shows them as they happen, in order with stderr)."""
+    print(*args, **kwargs, flush=True)
+
+
+def _check_train_options(args, lm: bool) -> None:
+    """Options that contradict each other or the task (no torch needed)."""
     if args.full and args.quantize:
         raise _UsageError("--full trains every weight; a quantized (--quantize) weight cannot be trained: use LoRA")
     if args.full and args.dora:
         raise _UsageError("--dora is a LoRA variant; --full trains every weight instead: use one of them")
+    if args.resume and args.overwrite:
+        raise _UsageError("--resume continues the run in the output folder and --overwrite deletes it; pass one")
     not_here = [o for o, v in ((("--eval-limit", args.eval_limit),) if not lm else
                                (("--text-column", args.text_column), ("--label-column", args.label_column)))
                 if v is not None]
@@ -145,32 +186,31 @@ def _train(args) -> int:
             raise _UsageError(f"--fsdp shards LoRA training; it does not combine with {', '.join(clash)}")
         if args.nproc == 1 and "RANK" not in os.environ:
             raise _UsageError("--fsdp shards the model across processes: start several with --nproc N (or torchrun)")
-    if args.nproc > 1:
-        if "RANK" in os.environ:
-            raise _UsageError("--nproc starts torchrun; under torchrun leave it out (--nproc-per-node sets it)")
-        return _launch(args.nproc, args.argv)
-    device = D.resolve_device(args.device)
-    targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
     if args.full and (args.rslora or args.init != "kaiming" or args.lora_plus_ratio != 1.0):
         raise _UsageError("--rslora, --init and --lora-plus-ratio configure LoRA; --full trains every weight")
-    lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
-                    dora=args.dora, init=args.init, rslora=args.rslora)
-    checkpointing = bool(args.quantize) if args.grad_checkpointing is None else args.grad_checkpointing
-    train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
-                        lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,
-                        schedule=args.schedule, warmup=args.warmup, grad_accum=args.grad_accum,
-                        max_grad_norm=args.max_grad_norm or None, bf16=args.bf16,
-                        grad_checkpointing=checkpointing, seed=args.seed, eval_every=args.eval_every,
-                        max_steps=args.max_steps)
-    common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
-                  train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                  quantize=args.quantize, device=device, fsdp=args.fsdp)
-    D.setup(device, args.dist_timeout)
-    try:
-        _run_task(args, lm, common)
-    finally:
-        D.teardown()
-    return 0
+
+
+def _check_train_data(args, lm: bool) -> None:
+    """Read and split the data files as the task will (lorakit.train.data imports no torch), so a missing
+    file, a missing column, a ragged row or a split without training rows is refused before anything
+    else: before the output folder is looked at, the model loads, or torchrun starts. The task reads
+    them again (a second read of a small text file, for an answer in a fraction of a second)."""
+    from .train.data import classification_splits, prompt_splits
+    files = [f for f in (args.data, args.val_data, args.test_data) if f and not f.startswith("builtin:")]
+    if not files:
+        return
+    if lm:
+        prompt_splits(args.data or "builtin:bbc-headlines", args.val_data, args.test_data, args.seed)
+    else:
+        classification_splits(args.data or "builtin:bbc", args.val_data, args.test_data, args.text_column or "text",
+                              args.label_column or "label", args.seed, args.train_limit or 0)
+
+
+def _set_threads(args) -> None:
+    """``--threads``: torch's CPU threads (imports torch: call it once the inputs are checked)."""
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 def _run_task(args, lm: bool, common: dict) -> None:
@@ -187,7 +227,7 @@ def _run_task(args, lm: bool, common: dict) -> None:
 
 
 def _adapter_folder(path: str) -> Path:
-    from .files.format import CONFIG_NAME
+    """``path`` if it is an adapter folder, else FileNotFoundError (without importing torch)."""
     folder = Path(path)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder}: not an adapter folder (no {CONFIG_NAME}); a trained adapter is "
@@ -198,11 +238,11 @@ def _adapter_folder(path: str) -> Path:
 def _predict(args) -> int:
     import json
 
+    folder = _adapter_folder(args.adapter)
     from .api import load
     from .train.data import read_records
     from .train.tasks import adapter_task, load_model, predict
 
-    folder = _adapter_folder(args.adapter)
     task = adapter_task(folder)
     if task.get("task") != "classify":
         raise _UsageError(f"{folder} is not a classifier adapter (task: {task.get('task', 'unknown')}); "
@@ -213,7 +253,8 @@ def _predict(args) -> int:
     if bool(args.texts) == bool(args.file):
         raise _UsageError("give texts or --file FILE (a .csv/.jsonl with a text column), not both or neither")
     if args.file:
-        texts = [row[args.text_column] for _, row in read_records(args.file, [args.text_column])]
+        roles = {args.text_column: "the text column, set by --text-column"}
+        texts = [row[args.text_column] for _, row in read_records(args.file, [args.text_column], roles=roles)]
     else:
         texts = args.texts
     from .distributed import resolve_device
@@ -234,6 +275,7 @@ def _predict(args) -> int:
 def _generate(args) -> int:
     import json
 
+    folder = _adapter_folder(args.adapter) if args.adapter else None
     import torch
 
     from .api import load
@@ -241,7 +283,6 @@ def _generate(args) -> int:
 
     model_spec = args.model
     if args.adapter:
-        folder = _adapter_folder(args.adapter)
         task = adapter_task(folder)
         if task.get("task") == "classify":
             raise _UsageError(f"{folder} is a classifier adapter; use lorakit predict --adapter {folder} TEXT")
@@ -265,12 +306,12 @@ def _generate(args) -> int:
 def _inspect(args) -> int:
     import json
 
+    folder = _adapter_folder(args.adapter)
     from safetensors import safe_open
 
-    from .files.format import CONFIG_NAME, WEIGHTS_NAME
+    from .files.format import WEIGHTS_NAME
     from .train.tasks import adapter_task
 
-    folder = _adapter_folder(args.adapter)
     config = json.loads((folder / CONFIG_NAME).read_text())
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -316,9 +357,9 @@ def _load_base(folder: Path, model_spec: str | None):
 def _combine(args) -> int:
     import json
 
+    folders = [_adapter_folder(a) for a in args.adapters]
     from .api import combine, load, save
     from .train.tasks import TASK_NAME
-    folders = [_adapter_folder(a) for a in args.adapters]
     if len(args.weights) != len(folders):
         raise _UsageError(f"--weights needs one weight per adapter: {len(folders)} adapters, "
                           f"{len(args.weights)} weights")
@@ -455,6 +496,7 @@ def _serve_parser(sub) -> None:
 
 
 def _serve(args) -> int:
+    _set_threads(args)
     from .serve.server import run
     return run(args)
 
@@ -493,20 +535,17 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "threads", None):
-        import torch
-        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .config import LoraError
-    from .distributed import RankFailure
-    from .train.data import DataError
     try:
         return {"train": _train, "predict": _predict, "generate": _generate, "inspect": _inspect,
                 "serve": _serve, "combine": _combine, "extract": _extract}[args.command](args)
-    except (LoraError, DataError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # lorakit's LoraError and DataError are ValueErrors
         print(f"lorakit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except RankFailure as e:
+    except RuntimeError as e:
+        distributed = sys.modules.get("lorakit.distributed")  # imported by then if it raised (no torch import here)
+        if distributed is None or not isinstance(e, distributed.RankFailure):
+            raise
         print(f"lorakit {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

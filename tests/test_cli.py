@@ -190,6 +190,34 @@ def test_generate_without_adapter_or_model_uses_builtin_smollm2():
     assert code == 0 and out.strip() and "Traceback" not in err, err
 
 
+# -- combine: one line by default, the table on request -------------------------------------------------
+def test_combine_prints_one_line_and_the_table_on_request(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.api import LoraConfig, inject, lora_layers, save
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    inject(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].normal_()
+    save(model, tmp_path / "a")
+    code, out, err = lorakit("combine", tmp_path / "a", tmp_path / "a", "--weights", 0.5, 0.5, "--out", tmp_path / "aa")
+    assert code == 0, err
+    assert out.count("\n") == 1, out  # one line, no per-module table
+    for fragment in ("combined 2 adapters", "by cat (factors concatenated, so the ranks add up: r=2 + r=2 -> r=4)",
+                     "given twice", "redundant", "--method svd", "2 modules", f"wrote {tmp_path / 'aa'}"):
+        assert fragment in out, (fragment, out)
+    code, out, err = lorakit("combine", tmp_path / "a", tmp_path / "aa", "--weights", 1, -1, "--method", "svd",
+                             "--rank", 1, "--out", tmp_path / "svd", "--table")
+    assert code == 0, err
+    assert "model.layers.0.self_attn.q_proj" in out and "model.layers.0.self_attn.v_proj" in out, out
+    summary = out.splitlines()[-1]
+    assert "by svd, r=1; 2 modules" in summary and "redundant" not in summary, summary
+    code, out, err = lorakit("combine", "--help")
+    text = " ".join(out.split())
+    assert "concatenates the adapters' factors" in text and "r=8 + r=8 -> r=16" in text, text
+
+
 # -- malformed data: refused before the model loads (the model path below does not exist) --------------
 NO_MODEL = "/nonexistent/model"
 

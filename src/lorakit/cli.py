@@ -370,12 +370,41 @@ def _combine(args) -> int:
     report = combine(model, dict(zip(names, args.weights)), method=args.method, adapter="combined",
                      rank=args.rank, density=args.density, majority_sign=args.majority_sign, seed=args.seed,
                      missing=args.missing)
-    print(report)
+    if args.table:
+        print(report)
     out = save(model, args.out, adapter="combined")
     if task:
         (out / TASK_NAME).write_text(json.dumps(task, indent=2))
-    print(f"wrote {out}")
+    print(_combine_summary(folders, args.weights, args.method, report.ranks, report.errors, out))
     return 0
+
+
+def _ranks(ranks) -> str:
+    """``r=8``, or ``r=4..16`` where the modules' ranks differ."""
+    low, high = min(ranks), max(ranks)
+    return f"r={low}" if low == high else f"r={low}..{high}"
+
+
+def _combine_summary(folders: list[Path], weights: list[float], method: str, ranks: dict[str, int],
+                     errors: dict[str, float], out: Path) -> str:
+    """``lorakit combine``'s one line: what was combined, how, the result's ranks and modules, where."""
+    import json
+    inputs = []
+    for folder in folders:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        inputs.append([config["r"], *(config.get("rank_pattern") or {}).values()])
+    how = method
+    if method == "cat":
+        how += (" (factors concatenated, so the ranks add up: "
+                + " + ".join(_ranks(r) for r in inputs) + f" -> {_ranks(ranks.values())})")
+        if len({f.resolve() for f in folders}) < len(folders):
+            how += ("; an adapter given twice adds rank that is redundant (its factors appear twice): "
+                    "--method svd --rank N keeps the same sum at a lower rank")
+    else:
+        how += f", {_ranks(ranks.values())}"
+    return (f"combined {len(folders)} adapters ({', '.join(f'{f} x {w:g}' for f, w in zip(folders, weights))}) "
+            f"by {how}; {len(ranks)} modules, largest relative error {max(errors.values(), default=0):.1e}; "
+            f"wrote {out}")
 
 
 def _extract(args) -> int:
@@ -414,11 +443,19 @@ def _adapter_parsers(sub) -> None:
     """``combine`` and ``extract``: adapters as objects."""
     c = sub.add_parser("combine", help="combine adapters into one (cat, svd, linear, ties, dare_*)",
                        description="Weighted combination of adapters of one base model into a new adapter "
-                                   "(lorakit.combine; PEFT's add_weighted_adapter definitions).", formatter_class=_Help)
+                                   "(lorakit.combine; PEFT's add_weighted_adapter definitions). The default "
+                                   "method, cat, concatenates the adapters' factors: the result is the exact "
+                                   "weighted sum and its rank is the sum of theirs (r=8 + r=8 -> r=16; an "
+                                   "adapter combined with itself gives a rank-16 adapter, half of it redundant: "
+                                   "--method svd --rank 8 keeps the sum at rank 8). Prints one summary line; "
+                                   "--table adds each module's rank and error.", formatter_class=_Help)
     c.add_argument("adapters", nargs="+", help="adapter folders (PEFT format)")
     c.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per adapter")
     c.add_argument("--method", choices=COMBINE_METHODS, default="cat",
-                   help="cat: exact sum (ranks add up); svd: truncated to --rank; the others as in PEFT")
+                   help="cat: the exact sum, the factors concatenated, so the ranks add up (r=8 + r=8 -> r=16); "
+                        "svd: the sum truncated to --rank; linear, ties, dare_*: as in PEFT")
+    c.add_argument("--table", "--verbose", "-v", dest="table", action="store_true",
+                   help="also print the per-module table: each module's rank and relative error")
     c.add_argument("--out", required=True, help="folder for the new adapter")
     c.add_argument("--model", help="base model (default: the first adapter's)")
     c.add_argument("--rank", type=_positive(int), help="svd: rank of the result (default: the largest input rank)")

@@ -319,6 +319,33 @@ def test_help_argument_and_data_errors_do_not_import_torch(tmp_path, argv, code)
 
 
 # -- help ----------------------------------------------------------------------------------------------
+def test_every_command_and_option_has_help():
+    import argparse
+
+    from lorakit.cli import _parser
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    described = {a.dest: a.help for a in commands._choices_actions}
+    assert set(described) == {"train", "predict", "generate", "inspect", "serve", "combine", "extract"}
+    assert all(h and h.strip() for h in described.values()), described
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, \
+                (name, action.option_strings or action.dest)
+
+
+def test_top_level_help_lists_the_commands_and_version_works():
+    code, out, err = lorakit("--help")
+    assert code == 0, err
+    for command in ("train", "predict", "generate", "inspect", "serve", "combine", "extract"):
+        assert any(line.split()[:1] == [command] and len(line.split()) > 1 for line in out.splitlines()), \
+            (command, out)
+    code, out, err = lorakit("--version")
+    assert code == 0 and out.startswith("lorakit "), (out, err)
+
+
 @pytest.mark.parametrize("command", ["train", "predict", "generate", "inspect", "serve"])
 def test_help_states_each_default_once(command):
     code, out, err = lorakit(command, "--help")

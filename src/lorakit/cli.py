@@ -60,7 +60,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--rslora", action="store_true", help="rsLoRA: scale the update by alpha/sqrt(r)")
     p.add_argument("--init", default="kaiming", choices=["kaiming", "gaussian", "pissa", "olora"],
                    help="init of A, B; pissa (SVD of W) and olora (QR) move part of W into them")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="learning-rate decay after the warm-up: cosine or linear to 0, or constant")
     p.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of steps")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -81,11 +82,13 @@ def _train_parser(sub) -> None:
                         "and validate on the first N (default: 50; 0: all)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch)")
     p.add_argument("--out", default=None, help="output folder (default: runs/classify or runs/causal-lm)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the adapter's init, the data order, dropout and the automatic split")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in OUT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) or progress lines (in a log file); the log lines stay")
     _device_option(p)
     p.add_argument("--nproc", type=_positive(int), default=1,
                    help="data-parallel processes on this machine: runs torchrun --standalone --nproc-per-node N "
@@ -501,8 +504,9 @@ def _serve_parser(sub) -> None:
                    help="builtin:smollm2, builtin:gemma3 or a local HF model folder")
     p.add_argument("--adapters", default=None, help="folder whose sub-folders are adapters (also the root for "
                                                     "POST /v1/adapters)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface, reachable from other machines)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--admin-token", default=None,
                    help="bearer token for POST/DELETE /v1/adapters (default: env LORAKIT_ADMIN_TOKEN; none: off)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per decode step")
@@ -525,7 +529,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--shutdown-timeout", type=_positive(float, zero=True), default=30.0,
                    help="on SIGTERM/Ctrl-C: seconds running requests may still finish (new ones get 503); "
                         "those left then end with a 503 error")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's logging: the least severe messages shown")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
                    help="hold the base model's linear layers (not the head) in 4 or 8 bits (bitsandbytes)")
@@ -538,8 +543,10 @@ def _serve(args) -> int:
     return run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, adapters and inference.")
+def _parser() -> argparse.ArgumentParser:
+    """``lorakit``'s argument parser, every command's options (no torch import)."""
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, adapters and inference.",
+                                     epilog="lorakit COMMAND --help shows a command's options.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -559,18 +566,23 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt", nargs="+", help="one or more prompts (chat template applied)")
     g.add_argument("--adapter", help="causal-LM adapter folder (PEFT format), e.g. runs/causal-lm/adapter")
     g.add_argument("--model", help="base model (default: the adapter's base, else builtin:smollm2)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per answer")
+    g.add_argument("--seed", type=int, default=0, help="torch's seed before generating")
     _device_option(g)
     i = sub.add_parser("inspect", help="show an adapter folder's config, size, task, labels and ΔW's spectrum",
                        formatter_class=_Help)
-    i.add_argument("adapter")
+    i.add_argument("adapter", help="adapter folder (PEFT format), e.g. runs/classify/adapter")
     i.add_argument("--energy", type=_positive(float), default=0.9,
                    help="effective rank: the smallest rank holding this share of each ΔW's energy")
     i.add_argument("--spectrum", help="write a log-scale plot of each ΔW's singular values to this PNG")
     _adapter_parsers(sub)
     _serve_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lorakit`` with ``argv`` (default: the command line); returns the exit code."""
+    args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -127,46 +128,6 @@ def _train(args) -> int:
     """``lorakit train``: the options, then the data files (without importing torch: a bad input is
     answered at once), then the output folder (in the task), and only then the model and training."""
     lm = args.task == "causal-lm"
-    _check_train_options(args, lm)
-    _check_train_data(args, lm)
-    if args.nproc > 1:
-        if "RANK" in os.environ:
-            raise _UsageError("--nproc starts torchrun; under torchrun leave it out (--nproc-per-node sets it)")
-        return _launch(args.nproc, args.argv)
-    _set_threads(args)
-    from . import distributed as D
-    from .train.loop import TrainConfig
-    from .train.tasks import LoraSpec
-
-    device = D.resolve_device(args.device)
-    targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
-    lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
-                    dora=args.dora, init=args.init, rslora=args.rslora)
-    checkpointing = bool(args.quantize) if args.grad_checkpointing is None else args.grad_checkpointing
-    train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
-                        lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,
-                        schedule=args.schedule, warmup=args.warmup, grad_accum=args.grad_accum,
-                        max_grad_norm=args.max_grad_norm or None, bf16=args.bf16,
-                        grad_checkpointing=checkpointing, seed=args.seed, eval_every=args.eval_every,
-                        max_steps=args.max_steps)
-    common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
-                  train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                  quantize=args.quantize, device=device, fsdp=args.fsdp, log=_log)
-    D.setup(device, args.dist_timeout)
-    try:
-        _run_task(args, lm, common)
-    finally:
-        D.teardown()
-    return 0
-
-
-def _log(*args, **kwargs) -> None:
-    """The tasks' log lines, flushed at once (a log file shows them as they happen, in order with stderr)."""
-    print(*args, **kwargs, flush=True)
-
-
-def _check_train_options(args, lm: bool) -> None:
-    """Options that contradict each other or the task (no torch needed)."""
     if args.full and args.quantize:
         raise _UsageError("--full trains every weight; a quantized (--quantize) weight cannot be trained: use LoRA")
     if args.full and args.dora:
@@ -191,16 +152,44 @@ def _check_train_options(args, lm: bool) -> None:
             raise _UsageError("--fsdp shards the model across processes: start several with --nproc N (or torchrun)")
     if args.full and (args.rslora or args.init != "kaiming" or args.lora_plus_ratio != 1.0):
         raise _UsageError("--rslora, --init and --lora-plus-ratio configure LoRA; --full trains every weight")
+    _check_train_data(args, lm)
+    if args.nproc > 1:
+        if "RANK" in os.environ:
+            raise _UsageError("--nproc starts torchrun; under torchrun leave it out (--nproc-per-node sets it)")
+        return _launch(args.nproc, args.argv)
+    _set_threads(args)
+    from . import distributed as D
+    from .train.loop import TrainConfig
+    from .train.tasks import LoraSpec
+
+    device = D.resolve_device(args.device)
+    targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
+    lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
+                    dora=args.dora, init=args.init, rslora=args.rslora)
+    checkpointing = bool(args.quantize) if args.grad_checkpointing is None else args.grad_checkpointing
+    train = TrainConfig(epochs=args.epochs or (1 if lm else 3), batch_size=args.batch_size or (8 if lm else 16),
+                        lr=args.lr or (1e-3 if not args.full else 5e-5), lora_plus_ratio=args.lora_plus_ratio,
+                        schedule=args.schedule, warmup=args.warmup, grad_accum=args.grad_accum,
+                        max_grad_norm=args.max_grad_norm or None, bf16=args.bf16,
+                        grad_checkpointing=checkpointing, seed=args.seed, eval_every=args.eval_every,
+                        max_steps=args.max_steps)
+    common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
+                  train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                  quantize=args.quantize, device=device, fsdp=args.fsdp,
+                  log=functools.partial(print, flush=True))  # log lines reach a log file at once
+    D.setup(device, args.dist_timeout)
+    try:
+        _run_task(args, lm, common)
+    finally:
+        D.teardown()
+    return 0
 
 
 def _check_train_data(args, lm: bool) -> None:
-    """Read and split the data files as the task will (lorakit.train.data imports no torch), so a missing
-    file, a missing column, a ragged row or a split without training rows is refused before anything
-    else: before the output folder is looked at, the model loads, or torchrun starts. The task reads
-    them again (a second read of a small text file, for an answer in a fraction of a second)."""
+    """Read and split the data files as the task will, without torch: a bad file is refused at once, before
+    the output folder is looked at, torchrun starts or the model loads (the task reads them again)."""
     from .train.data import classification_splits, prompt_splits
-    files = [f for f in (args.data, args.val_data, args.test_data) if f and not f.startswith("builtin:")]
-    if not files:
+    if not any(f and not f.startswith("builtin:") for f in (args.data, args.val_data, args.test_data)):
         return
     if lm:
         prompt_splits(args.data or "builtin:bbc-headlines", args.val_data, args.test_data, args.seed)
@@ -384,18 +373,15 @@ def _combine(args) -> int:
 
 def _ranks(ranks) -> str:
     """``r=8``, or ``r=4..16`` where the modules' ranks differ."""
-    low, high = min(ranks), max(ranks)
-    return f"r={low}" if low == high else f"r={low}..{high}"
+    return f"r={min(ranks)}" + (f"..{max(ranks)}" if min(ranks) != max(ranks) else "")
 
 
 def _combine_summary(folders: list[Path], weights: list[float], method: str, ranks: dict[str, int],
                      errors: dict[str, float], out: Path) -> str:
     """``lorakit combine``'s one line: what was combined, how, the result's ranks and modules, where."""
     import json
-    inputs = []
-    for folder in folders:
-        config = json.loads((folder / "adapter_config.json").read_text())
-        inputs.append([config["r"], *(config.get("rank_pattern") or {}).values()])
+    configs = [json.loads((folder / CONFIG_NAME).read_text()) for folder in folders]
+    inputs = [[c["r"], *(c.get("rank_pattern") or {}).values()] for c in configs]
     how = method
     if method == "cat":
         how += (" (factors concatenated, so the ranks add up: "
@@ -446,12 +432,11 @@ def _adapter_parsers(sub) -> None:
     """``combine`` and ``extract``: adapters as objects."""
     c = sub.add_parser("combine", help="combine adapters into one (cat, svd, linear, ties, dare_*)",
                        description="Weighted combination of adapters of one base model into a new adapter "
-                                   "(lorakit.combine; PEFT's add_weighted_adapter definitions). The default "
-                                   "method, cat, concatenates the adapters' factors: the result is the exact "
-                                   "weighted sum and its rank is the sum of theirs (r=8 + r=8 -> r=16; an "
-                                   "adapter combined with itself gives a rank-16 adapter, half of it redundant: "
-                                   "--method svd --rank 8 keeps the sum at rank 8). Prints one summary line; "
-                                   "--table adds each module's rank and error.", formatter_class=_Help)
+                                   "(lorakit.combine; PEFT's add_weighted_adapter definitions). The default, cat, "
+                                   "concatenates the adapters' factors: the exact weighted sum, its rank the sum of "
+                                   "theirs (r=8 + r=8 -> r=16; an adapter combined with itself gives rank 16, half "
+                                   "of it redundant: --method svd --rank 8 keeps that sum at rank 8). Prints one "
+                                   "summary line; --table adds each module's rank and error.", formatter_class=_Help)
     c.add_argument("adapters", nargs="+", help="adapter folders (PEFT format)")
     c.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per adapter")
     c.add_argument("--method", choices=COMBINE_METHODS, default="cat",

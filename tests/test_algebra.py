@@ -284,15 +284,15 @@ def random_adapter(base_dir, out, r, targets, seed):
 def test_cli_combine_writes_the_exact_sum_and_refuses_bad_input_with_one_line(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.cli import COMBINE_METHODS, main
+    from lorakit.cli import COMBINE_METHODS, CONFIG_NAME, main
     from lorakit.ops.extraction import spectra
-    assert COMBINE_METHODS == lorakit.ops.algebra.METHODS
+    assert COMBINE_METHODS == lorakit.ops.algebra.METHODS and CONFIG_NAME == lorakit.files.format.CONFIG_NAME
     base = save_tiny_llama(tmp_path / "base")
     ma = random_adapter(base, tmp_path / "a", 2, ["q_proj", "v_proj"], 1)
     mb = random_adapter(base, tmp_path / "b", 3, ["q_proj", "v_proj"], 2)
     assert main(["combine", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "0.7", "-0.3",
-                 "--method", "cat", "--out", str(tmp_path / "ab")]) == 0
-    assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().out
+                 "--method", "cat", "--out", str(tmp_path / "ab"), "--table"]) == 0
+    assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().out  # --table: the per-module table
     fresh = lorakit.load(AutoModelForCausalLM.from_pretrained(base), tmp_path / "ab")
     for (path, la), (_, lb), (_, lc) in zip(lorakit.lora_layers(ma), lorakit.lora_layers(mb), lorakit.lora_layers(fresh)):
         want = 0.7 * textbook(la.base_layer, la.lora_A["default"].detach(), la.lora_B["default"].detach(), 1.0 * 2) \

@@ -134,6 +134,24 @@ def test_classify_train_predict_inspect_and_overwrite(tmp_path, tiny_bert):
     assert code == 0, err
 
 
+def test_train_into_a_log_file_writes_whole_lines(tmp_path, tiny_bert):
+    """``lorakit train > log 2>&1`` (nohup, CI): progress as whole lines, none written into another."""
+    data = labelled_csv(tmp_path / "d.csv")
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--model", str(tiny_bert), "--data",
+                            str(data), "--max-steps", "12", "--batch-size", "4", "--max-length", "16",
+                            "--eval-every", "6", "--threads", "1", "--out", str(tmp_path / "o")],
+                           env=ENV, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+    text = (tmp_path / "log").read_text()
+    assert p.returncode == 0, text
+    assert "\r" not in text, text
+    lines = text.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(":")[0] for line in steps] == ["step 6", "step 10/12 (83%)", "step 12/12 (100%)",
+                                                      "step 12"], text
+    assert all(line.count("step ") <= 1 for line in lines), text  # no line inside another
+
+
 def test_unfinished_run_needs_resume_or_overwrite(tmp_path, tiny_bert):
     (tmp_path / "o" / "checkpoint").mkdir(parents=True)
     refused(lorakit("train", "--model", tiny_bert, "--data", labelled_csv(tmp_path / "d.csv"), "--out",
@@ -170,6 +188,34 @@ def test_causal_lm_default_folder_eval_limit_and_generate(tmp_path, tiny_llama):
 def test_generate_without_adapter_or_model_uses_builtin_smollm2():
     code, out, err = lorakit("generate", "--max-new-tokens", 3, "Hello")  # was a TypeError
     assert code == 0 and out.strip() and "Traceback" not in err, err
+
+
+# -- combine: one line by default, the table on request -------------------------------------------------
+def test_combine_prints_one_line_and_the_table_on_request(tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.api import LoraConfig, inject, lora_layers, save
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    inject(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].normal_()
+    save(model, tmp_path / "a")
+    code, out, err = lorakit("combine", tmp_path / "a", tmp_path / "a", "--weights", 0.5, 0.5, "--out", tmp_path / "aa")
+    assert code == 0, err
+    assert out.count("\n") == 1, out  # one line, no per-module table
+    for fragment in ("combined 2 adapters", "by cat (factors concatenated, so the ranks add up: r=2 + r=2 -> r=4)",
+                     "given twice", "redundant", "--method svd", "2 modules", f"wrote {tmp_path / 'aa'}"):
+        assert fragment in out, (fragment, out)
+    code, out, err = lorakit("combine", tmp_path / "a", tmp_path / "aa", "--weights", 1, -1, "--method", "svd",
+                             "--rank", 1, "--out", tmp_path / "svd", "--table")
+    assert code == 0, err
+    assert "model.layers.0.self_attn.q_proj" in out and "model.layers.0.self_attn.v_proj" in out, out
+    summary = out.splitlines()[-1]
+    assert "by svd, r=1; 2 modules" in summary and "redundant" not in summary, summary
+    code, out, err = lorakit("combine", "--help")
+    text = " ".join(out.split())
+    assert "concatenates the adapters' factors" in text and "r=8 + r=8 -> r=16" in text, text
 
 
 # -- malformed data: refused before the model loads (the model path below does not exist) --------------
@@ -219,7 +265,87 @@ def test_causal_lm_file_too_small(tmp_path):
                     "--out", tmp_path / "o"), "p.jsonl: 2 row(s)", "at least 3 rows")
 
 
+# -- bad input is answered first, and at once ------------------------------------------------------------
+@pytest.mark.parametrize("task,name,content,options,fragments", [
+    ("classify", "bad.csv", "text,topic\nhello,a\n", [],
+     ["bad.csv, line 1: missing column 'label' (the label column, set by --label-column)",
+      "the file's columns are 'text', 'topic'"]),
+    ("classify", "bad.csv", "body,topic\nhello,a\n", ["--label-column", "topic"],
+     ["missing column 'text' (the text column, set by --text-column)", "columns are 'body', 'topic'"]),
+    ("classify", "bad.csv", "text,label\nfine,ham\nthis, has, extra,ham\n", [], ["bad.csv, line 3: 4 cells, expected 2"]),
+    ("classify", "bad.jsonl", '{"text": "a", "topic": "x"}\n', [],
+     ["bad.jsonl, line 1: missing column 'label' (the label column, set by --label-column)",
+      "this row's columns are 'text', 'topic'"]),
+    ("causal-lm", "bad.jsonl", '{"prompt": "a"}\n', [], ["bad.jsonl, line 1: missing column 'completion'"]),
+])
+def test_bad_data_is_refused_before_the_output_folder_is_looked_at(tmp_path, task, name, content, options, fragments):
+    """A user's first run with a wrong file, in a folder whose runs/<task> holds a finished run: the data's
+    problem is what they need to hear (naming the option that picks the column), not the folder's."""
+    (tmp_path / "runs" / task).mkdir(parents=True)
+    (tmp_path / "runs" / task / "summary.json").write_text("{}")
+    (tmp_path / name).write_text(content)
+    err = refused(lorakit("train", "--task", task, "--data", name, *options, cwd=tmp_path), *fragments)
+    assert "finished run" not in err
+
+
+#: Runs lorakit.cli.main(argv) in a fresh interpreter; prints its exit code and the heavy modules it imported.
+IMPORTS = """import sys
+from lorakit.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print("IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "numpy")))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv,code", [
+    (["--help"], 0), (["--version"], 0), (["train", "--help"], 0), (["combine", "--help"], 0),
+    (["train", "--rank", "x"], 2), (["train", "--data", "missing.csv"], 2), (["train", "--data", "bad.csv"], 2),
+    (["train", "--data", "bad.csv", "--threads", "1"], 2), (["train", "--task", "causal-lm", "--data", "bad.csv"], 2),
+    (["train", "--full", "--dora"], 2), (["predict", "--adapter", "nowhere", "x"], 2),
+    (["combine", "nowhere", "--weights", "1", "--out", "o"], 2), (["inspect", "nowhere"], 2),
+])
+def test_help_argument_and_data_errors_do_not_import_torch(tmp_path, argv, code):
+    """--help, a bad option and a bad data file answer at once: without importing torch or transformers
+    (seconds), checked by the modules imported rather than by a timing (a busy machine would flake)."""
+    (tmp_path / "bad.csv").write_text("text,topic\nhello,a\n")
+    p = subprocess.run([sys.executable, "-c", IMPORTS, *argv], cwd=tmp_path, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == code, (p.stdout, p.stderr)
+    assert "IMPORTED []" in p.stdout, p.stdout
+    assert "Traceback" not in p.stderr, p.stderr
+
+
 # -- help ----------------------------------------------------------------------------------------------
+def test_every_command_and_option_has_help():
+    import argparse
+
+    from lorakit.cli import _parser
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    described = {a.dest: a.help for a in commands._choices_actions}
+    assert set(described) == {"train", "predict", "generate", "inspect", "serve", "combine", "extract"}
+    assert all(h and h.strip() for h in described.values()), described
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, \
+                (name, action.option_strings or action.dest)
+
+
+def test_top_level_help_lists_the_commands_and_version_works():
+    code, out, err = lorakit("--help")
+    assert code == 0, err
+    for command in ("train", "predict", "generate", "inspect", "serve", "combine", "extract"):
+        assert any(line.split()[:1] == [command] and len(line.split()) > 1 for line in out.splitlines()), \
+            (command, out)
+    code, out, err = lorakit("--version")
+    assert code == 0 and out.startswith("lorakit "), (out, err)
+
+
 @pytest.mark.parametrize("command", ["train", "predict", "generate", "inspect", "serve"])
 def test_help_states_each_default_once(command):
     code, out, err = lorakit(command, "--help")

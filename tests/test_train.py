@@ -4,6 +4,7 @@ and short real runs of both `lorakit train` tasks (slow)."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,16 +148,60 @@ def test_gradient_accumulation_equals_the_big_batch():
             torch.testing.assert_close(other[n], results[0][n], atol=1e-6, rtol=1e-5)
 
 
+# -- progress: a bar on a terminal, whole lines in a log file ------------------------------------------
+def test_progress_in_a_log_file_is_whole_lines(monkeypatch):
+    """stdout and stderr into one file (``> log 2>&1``, nohup, CI): no carriage-return bar, and the
+    evaluation lines are not written into a progress line."""
+    import io
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stdout", log)
+    monkeypatch.setattr(sys, "stderr", log)
+    model, data, collate, loss_fn = _problem()
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, log_every=5)  # 13 steps per epoch, 26 in all
+    fit(model, data, collate=collate, loss_fn=loss_fn, cfg=cfg, evaluate=lambda m: {"loss": 1.0}, progress=True)
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text, text
+    lines = text.splitlines()
+    progress = [line for line in lines if re.fullmatch(r"step \d+/26 \(\d+%\): loss [\d.]+, lr [\d.e+-]+, "
+                                                         r"[\d.]+ ex/s, \d+:\d\d:\d\d elapsed, ~\d+:\d\d:\d\d left",
+                                                         line)]
+    assert [int(line.split()[1].split("/")[0]) for line in progress] == [5, 10, 15, 20, 25, 26], text
+    assert [line for line in lines if line not in progress] == ["step 13: loss=1.0000", "step 26: loss=1.0000"], text
+    log.seek(0)
+    log.truncate()
+    model, data, collate, loss_fn = _problem()
+    fit(model, data, collate=collate, loss_fn=loss_fn, cfg=cfg, evaluate=lambda m: {"loss": 1.0}, progress=False)
+    assert log.getvalue().splitlines() == ["step 13: loss=1.0000", "step 26: loss=1.0000"]  # no progress lines
+
+
+def test_progress_on_a_terminal_is_a_bar(monkeypatch):
+    import io
+
+    from lorakit.train import loop
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert isinstance(loop._progress(10, 0, True), loop._Bar)
+    assert isinstance(loop._progress(10, 0, False), loop._Lines)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert isinstance(loop._progress(10, 0, True), loop._Lines)
+
+
 # -- bad input: a clear error naming the file and line, before any training ------------------------
 @pytest.mark.parametrize("name,content,message", [
-    ("a.csv", "text,lbl\nhello,x\n", r"a.csv, line 1: missing column\(s\) \['label'\]"),
+    ("a.csv", "text,lbl\nhello,x\n", r"a.csv, line 1: missing column 'label' \(the label column, set by "
+                                      r"--label-column\); the file's columns are 'text', 'lbl'"),
     ("a.csv", "", r"a.csv: the file is empty"),
     ("a.csv", "text,label\n", r"a.csv: the file has a header but no rows"),
     ("a.csv", "text,label\nfine,x\n,y\n", r"a.csv, line 3: column 'text' is empty"),
     ("a.csv", "text,label,text\nfine,x,y\n", r"a.csv, line 1: column\(s\) \['text'\] appear more than once"),
     ("a.csv", 'text,label\nfine,x\n"multi\nline, cell",y,z\n', r"a.csv, line 3: 3 cells, expected 2"),
     ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"\n', r"a.jsonl, line 2: not valid JSON"),
-    ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"a.jsonl, line 2: missing column 'label'"),
+    ("a.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n', r"a.jsonl, line 2: missing column 'label' "
+                                                               r"\(the label column, set by --label-column\); "
+                                                               r"this row's columns are 'text'"),
     ("a.jsonl", '["text"]\n', r"a.jsonl, line 1: expected a JSON object"),
     ("a.txt", "x", r"unknown file type '.txt'"),
 ])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ __all__ = ["main"]
 
 COMBINE_METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")  # lorakit.ops.algebra.METHODS (no torch import)
 OUT = {"classify": "runs/classify", "causal-lm": "runs/causal-lm"}  # default output folder per task
+CONFIG_NAME = "adapter_config.json"  # lorakit.files.format.CONFIG_NAME, PEFT's (no torch import)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,7 +64,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--rslora", action="store_true", help="rsLoRA: scale the update by alpha/sqrt(r)")
     p.add_argument("--init", default="kaiming", choices=["kaiming", "gaussian", "pissa", "olora"],
                    help="init of A, B; pissa (SVD of W) and olora (QR) move part of W into them")
-    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="learning-rate decay after the warm-up: cosine or linear to 0, or constant")
     p.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of steps")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -83,11 +86,13 @@ def _train_parser(sub) -> None:
                         "and validate on the first N (default: 50; 0: all)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: each epoch)")
     p.add_argument("--out", default=None, help="output folder (default: runs/classify or runs/causal-lm)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the adapter's init, the data order, dropout and the automatic split")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run in OUT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) or progress lines (in a log file); the log lines stay")
     _device_option(p)
     p.add_argument("--nproc", type=_positive(int), default=1,
                    help="data-parallel processes on this machine: runs torchrun --standalone --nproc-per-node N "
@@ -123,15 +128,15 @@ def _launch(n: int, argv: list[str]) -> int:
 
 
 def _train(args) -> int:
-    from . import distributed as D
-    from .train.loop import TrainConfig
-    from .train.tasks import LoraSpec
-
+    """``lorakit train``: the options, then the data files (without importing torch: a bad input is
+    answered at once), then the output folder (in the task), and only then the model and training."""
     lm = args.task == "causal-lm"
     if args.full and args.quantize:
         raise _UsageError("--full trains every weight; a quantized (--quantize) weight cannot be trained: use LoRA")
     if args.full and args.dora:
         raise _UsageError("--dora is a LoRA variant; --full trains every weight instead: use one of them")
+    if args.resume and args.overwrite:
+        raise _UsageError("--resume continues the run in the output folder and --overwrite deletes it; pass one")
     not_here = [o for o, v in ((("--eval-limit", args.eval_limit),) if not lm else
                                (("--text-column", args.text_column), ("--label-column", args.label_column)))
                 if v is not None]
@@ -148,14 +153,20 @@ def _train(args) -> int:
             raise _UsageError(f"--fsdp shards LoRA training; it does not combine with {', '.join(clash)}")
         if args.nproc == 1 and "RANK" not in os.environ:
             raise _UsageError("--fsdp shards the model across processes: start several with --nproc N (or torchrun)")
+    if args.full and (args.rslora or args.init != "kaiming" or args.lora_plus_ratio != 1.0):
+        raise _UsageError("--rslora, --init and --lora-plus-ratio configure LoRA; --full trains every weight")
+    _check_train_data(args, lm)
     if args.nproc > 1:
         if "RANK" in os.environ:
             raise _UsageError("--nproc starts torchrun; under torchrun leave it out (--nproc-per-node sets it)")
         return _launch(args.nproc, args.argv)
+    _set_threads(args)
+    from . import distributed as D
+    from .train.loop import TrainConfig
+    from .train.tasks import LoraSpec
+
     device = D.resolve_device(args.device)
     targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
-    if args.full and (args.rslora or args.init != "kaiming" or args.lora_plus_ratio != 1.0):
-        raise _UsageError("--rslora, --init and --lora-plus-ratio configure LoRA; --full trains every weight")
     lora = LoraSpec(targets=targets, r=args.rank, alpha=args.alpha, dropout=args.dropout, full=args.full,
                     dora=args.dora, init=args.init, rslora=args.rslora, trainable_tokens=args.trainable_tokens)
     checkpointing = bool(args.quantize) if args.grad_checkpointing is None else args.grad_checkpointing
@@ -167,13 +178,34 @@ def _train(args) -> int:
                         max_steps=args.max_steps)
     common = dict(out=args.out or OUT[args.task], val_data=args.val_data, test_data=args.test_data, lora=lora,
                   train=train, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                  quantize=args.quantize, device=device, fsdp=args.fsdp)
+                  quantize=args.quantize, device=device, fsdp=args.fsdp,
+                  log=functools.partial(print, flush=True))  # log lines reach a log file at once
     D.setup(device, args.dist_timeout)
     try:
         _run_task(args, lm, common)
     finally:
         D.teardown()
     return 0
+
+
+def _check_train_data(args, lm: bool) -> None:
+    """Read and split the data files as the task will, without torch: a bad file is refused at once, before
+    the output folder is looked at, torchrun starts or the model loads (the task reads them again)."""
+    from .train.data import classification_splits, prompt_splits
+    if not any(f and not f.startswith("builtin:") for f in (args.data, args.val_data, args.test_data)):
+        return
+    if lm:
+        prompt_splits(args.data or "builtin:bbc-headlines", args.val_data, args.test_data, args.seed)
+    else:
+        classification_splits(args.data or "builtin:bbc", args.val_data, args.test_data, args.text_column or "text",
+                              args.label_column or "label", args.seed, args.train_limit or 0)
+
+
+def _set_threads(args) -> None:
+    """``--threads``: torch's CPU threads (imports torch: call it once the inputs are checked)."""
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
 
 
 def _run_task(args, lm: bool, common: dict) -> None:
@@ -190,7 +222,7 @@ def _run_task(args, lm: bool, common: dict) -> None:
 
 
 def _adapter_folder(path: str) -> Path:
-    from .files.format import CONFIG_NAME
+    """``path`` if it is an adapter folder, else FileNotFoundError (without importing torch)."""
     folder = Path(path)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder}: not an adapter folder (no {CONFIG_NAME}); a trained adapter is "
@@ -201,11 +233,11 @@ def _adapter_folder(path: str) -> Path:
 def _predict(args) -> int:
     import json
 
+    folder = _adapter_folder(args.adapter)
     from .api import load
     from .train.data import read_records
     from .train.tasks import adapter_task, load_model, predict
 
-    folder = _adapter_folder(args.adapter)
     task = adapter_task(folder)
     if task.get("task") != "classify":
         raise _UsageError(f"{folder} is not a classifier adapter (task: {task.get('task', 'unknown')}); "
@@ -216,7 +248,8 @@ def _predict(args) -> int:
     if bool(args.texts) == bool(args.file):
         raise _UsageError("give texts or --file FILE (a .csv/.jsonl with a text column), not both or neither")
     if args.file:
-        texts = [row[args.text_column] for _, row in read_records(args.file, [args.text_column])]
+        roles = {args.text_column: "the text column, set by --text-column"}
+        texts = [row[args.text_column] for _, row in read_records(args.file, [args.text_column], roles=roles)]
     else:
         texts = args.texts
     from .distributed import resolve_device
@@ -237,6 +270,7 @@ def _predict(args) -> int:
 def _generate(args) -> int:
     import json
 
+    folder = _adapter_folder(args.adapter) if args.adapter else None
     import torch
 
     from .api import load
@@ -244,7 +278,6 @@ def _generate(args) -> int:
 
     model_spec = args.model
     if args.adapter:
-        folder = _adapter_folder(args.adapter)
         task = adapter_task(folder)
         if task.get("task") == "classify":
             raise _UsageError(f"{folder} is a classifier adapter; use lorakit predict --adapter {folder} TEXT")
@@ -268,12 +301,12 @@ def _generate(args) -> int:
 def _inspect(args) -> int:
     import json
 
+    folder = _adapter_folder(args.adapter)
     from safetensors import safe_open
 
-    from .files.format import CONFIG_NAME, WEIGHTS_NAME
+    from .files.format import WEIGHTS_NAME
     from .train.tasks import adapter_task
 
-    folder = _adapter_folder(args.adapter)
     config = json.loads((folder / CONFIG_NAME).read_text())
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -320,9 +353,9 @@ def _load_base(folder: Path, model_spec: str | None):
 def _combine(args) -> int:
     import json
 
+    folders = [_adapter_folder(a) for a in args.adapters]
     from .api import combine, load, save
     from .train.tasks import TASK_NAME
-    folders = [_adapter_folder(a) for a in args.adapters]
     if len(args.weights) != len(folders):
         raise _UsageError(f"--weights needs one weight per adapter: {len(folders)} adapters, "
                           f"{len(args.weights)} weights")
@@ -333,12 +366,38 @@ def _combine(args) -> int:
     report = combine(model, dict(zip(names, args.weights)), method=args.method, adapter="combined",
                      rank=args.rank, density=args.density, majority_sign=args.majority_sign, seed=args.seed,
                      missing=args.missing)
-    print(report)
+    if args.table:
+        print(report)
     out = save(model, args.out, adapter="combined")
     if task:
         (out / TASK_NAME).write_text(json.dumps(task, indent=2))
-    print(f"wrote {out}")
+    print(_combine_summary(folders, args.weights, args.method, report.ranks, report.errors, out))
     return 0
+
+
+def _ranks(ranks) -> str:
+    """``r=8``, or ``r=4..16`` where the modules' ranks differ."""
+    return f"r={min(ranks)}" + (f"..{max(ranks)}" if min(ranks) != max(ranks) else "")
+
+
+def _combine_summary(folders: list[Path], weights: list[float], method: str, ranks: dict[str, int],
+                     errors: dict[str, float], out: Path) -> str:
+    """``lorakit combine``'s one line: what was combined, how, the result's ranks and modules, where."""
+    import json
+    configs = [json.loads((folder / CONFIG_NAME).read_text()) for folder in folders]
+    inputs = [[c["r"], *(c.get("rank_pattern") or {}).values()] for c in configs]
+    how = method
+    if method == "cat":
+        how += (" (factors concatenated, so the ranks add up: "
+                + " + ".join(_ranks(r) for r in inputs) + f" -> {_ranks(ranks.values())})")
+        if len({f.resolve() for f in folders}) < len(folders):
+            how += ("; an adapter given twice adds rank that is redundant (its factors appear twice): "
+                    "--method svd --rank N keeps the same sum at a lower rank")
+    else:
+        how += f", {_ranks(ranks.values())}"
+    return (f"combined {len(folders)} adapters ({', '.join(f'{f} x {w:g}' for f, w in zip(folders, weights))}) "
+            f"by {how}; {len(ranks)} modules, largest relative error {max(errors.values(), default=0):.1e}; "
+            f"wrote {out}")
 
 
 def _extract(args) -> int:
@@ -378,11 +437,18 @@ def _adapter_parsers(sub) -> None:
     """``combine`` and ``extract``: adapters as objects."""
     c = sub.add_parser("combine", help="combine adapters into one (cat, svd, linear, ties, dare_*)",
                        description="Weighted combination of adapters of one base model into a new adapter "
-                                   "(lorakit.combine; PEFT's add_weighted_adapter definitions).", formatter_class=_Help)
+                                   "(lorakit.combine; PEFT's add_weighted_adapter definitions). The default, cat, "
+                                   "concatenates the adapters' factors: the exact weighted sum, its rank the sum of "
+                                   "theirs (r=8 + r=8 -> r=16; an adapter combined with itself gives rank 16, half "
+                                   "of it redundant: --method svd --rank 8 keeps that sum at rank 8). Prints one "
+                                   "summary line; --table adds each module's rank and error.", formatter_class=_Help)
     c.add_argument("adapters", nargs="+", help="adapter folders (PEFT format)")
     c.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per adapter")
     c.add_argument("--method", choices=COMBINE_METHODS, default="cat",
-                   help="cat: exact sum (ranks add up); svd: truncated to --rank; the others as in PEFT")
+                   help="cat: the exact sum, the factors concatenated, so the ranks add up (r=8 + r=8 -> r=16); "
+                        "svd: the sum truncated to --rank; linear, ties, dare_*: as in PEFT")
+    c.add_argument("--table", "--verbose", "-v", dest="table", action="store_true",
+                   help="also print the per-module table: each module's rank and relative error")
     c.add_argument("--out", required=True, help="folder for the new adapter")
     c.add_argument("--model", help="base model (default: the first adapter's)")
     c.add_argument("--rank", type=_positive(int), help="svd: rank of the result (default: the largest input rank)")
@@ -428,8 +494,9 @@ def _serve_parser(sub) -> None:
                    help="builtin:smollm2, builtin:gemma3 or a local HF model folder")
     p.add_argument("--adapters", default=None, help="folder whose sub-folders are adapters (also the root for "
                                                     "POST /v1/adapters)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface, reachable from other machines)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--admin-token", default=None,
                    help="bearer token for POST/DELETE /v1/adapters (default: env LORAKIT_ADMIN_TOKEN; none: off)")
     p.add_argument("--max-batch", type=int, default=32, help="rows per decode step")
@@ -452,7 +519,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--shutdown-timeout", type=_positive(float, zero=True), default=30.0,
                    help="on SIGTERM/Ctrl-C: seconds running requests may still finish (new ones get 503); "
                         "those left then end with a 503 error")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's logging: the least severe messages shown")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
                    help="hold the base model's linear layers (not the head) in 4 or 8 bits (bitsandbytes)")
@@ -460,12 +528,15 @@ def _serve_parser(sub) -> None:
 
 
 def _serve(args) -> int:
+    _set_threads(args)
     from .serve.server import run
     return run(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, adapters and inference.")
+def _parser() -> argparse.ArgumentParser:
+    """``lorakit``'s argument parser, every command's options (no torch import)."""
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning, adapters and inference.",
+                                     epilog="lorakit COMMAND --help shows a command's options.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -485,33 +556,35 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt", nargs="+", help="one or more prompts (chat template applied)")
     g.add_argument("--adapter", help="causal-LM adapter folder (PEFT format), e.g. runs/causal-lm/adapter")
     g.add_argument("--model", help="base model (default: the adapter's base, else builtin:smollm2)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per answer")
+    g.add_argument("--seed", type=int, default=0, help="torch's seed before generating")
     _device_option(g)
     i = sub.add_parser("inspect", help="show an adapter folder's config, size, task, labels and ΔW's spectrum",
                        formatter_class=_Help)
-    i.add_argument("adapter")
+    i.add_argument("adapter", help="adapter folder (PEFT format), e.g. runs/classify/adapter")
     i.add_argument("--energy", type=_positive(float), default=0.9,
                    help="effective rank: the smallest rank holding this share of each ΔW's energy")
     i.add_argument("--spectrum", help="write a log-scale plot of each ΔW's singular values to this PNG")
     _adapter_parsers(sub)
     _serve_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lorakit`` with ``argv`` (default: the command line); returns the exit code."""
+    args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "threads", None):
-        import torch
-        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .config import LoraError
-    from .distributed import RankFailure
-    from .train.data import DataError
     try:
         return {"train": _train, "predict": _predict, "generate": _generate, "inspect": _inspect,
                 "serve": _serve, "combine": _combine, "extract": _extract}[args.command](args)
-    except (LoraError, DataError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # lorakit's LoraError and DataError are ValueErrors
         print(f"lorakit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except RankFailure as e:
+    except RuntimeError as e:
+        distributed = sys.modules.get("lorakit.distributed")  # imported by then if it raised (no torch import here)
+        if distributed is None or not isinstance(e, distributed.RankFailure):
+            raise
         print(f"lorakit {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,6 +1,9 @@
 """Reading user data (CSV / JSONL) strictly, and turning text into model inputs.
 
-Every problem in a file is reported with the file and line before any training starts.
+Every problem in a file is reported with the file and line before any training starts. Reading and
+splitting the data (:func:`classification_splits`, :func:`prompt_splits`) does not import torch, so
+``lorakit train`` checks its data files, and answers about a bad one, at once; only :func:`collate`
+needs torch (imported when called).
 """
 
 from __future__ import annotations
@@ -11,12 +14,19 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import TYPE_CHECKING, Mapping, Sequence, TypeVar
 
-import torch
+from .. import builtin
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DataError", "read_records", "read_labelled", "read_prompts", "LabelledText", "PromptCompletion",
-           "check_labels", "split", "check_split_labels", "encode_classification", "encode_causal", "collate"]
+           "check_labels", "split", "check_split_labels", "classification_splits", "prompt_splits",
+           "bbc_headline_task", "encode_classification", "encode_causal", "collate"]
+
+#: What each column of :func:`read_labelled` is, and the ``lorakit train`` option that names it.
+TEXT_COLUMN, LABEL_COLUMN = "the text column, set by --text-column", "the label column, set by --label-column"
 
 T = TypeVar("T")
 
@@ -72,10 +82,23 @@ def _csv_rows(path: Path, lines: list[str]) -> tuple[list[str], list[tuple[int, 
     return header, rows
 
 
-def read_records(path: str | Path, columns: Sequence[str], labels: Sequence[str] = ()) -> list[tuple[int, dict]]:
+def _missing(path: Path, number: int, missing: Sequence[str], roles: Mapping[str, str], have: Sequence[str]
+             ) -> DataError:
+    """The error for required columns absent from a CSV header or a JSONL row: each with its role
+    (e.g. "the label column, set by --label-column"), then the columns there are."""
+    named = ", ".join(f"{c!r}" + (f" ({roles[c]})" if c in roles else "") for c in missing)
+    where = "the file's columns are" if path.suffix.lower() == ".csv" else "this row's columns are"
+    return DataError(f"{path}, line {number}: missing column{'s' if len(missing) > 1 else ''} {named}; {where} "
+                     f"{', '.join(repr(c) for c in have) or 'no columns'}")
+
+
+def read_records(path: str | Path, columns: Sequence[str], labels: Sequence[str] = (),
+                 roles: Mapping[str, str] | None = None) -> list[tuple[int, dict]]:
     """Rows of a ``.csv`` (with a header) or ``.jsonl`` file as ``(line number, row)``.
 
     ``columns`` must hold non-empty strings; the ``labels`` among them may also be JSON integers.
+    ``roles`` says what a column is and how to choose another (``{"label": "the label column, set by
+    --label-column"}``), for the error about a missing one, which also lists the columns there are.
     Raises :class:`DataError` naming the file and line for: a missing file, an empty file,
     non-UTF-8 bytes, a CSV row with more or fewer cells than the header, a malformed JSON line,
     a missing or empty required column, a value of the wrong JSON type, no rows at all.
@@ -87,7 +110,7 @@ def read_records(path: str | Path, columns: Sequence[str], labels: Sequence[str]
         header, rows = _csv_rows(path, lines)
         missing = [c for c in columns if c not in header]
         if missing:
-            raise DataError(f"{path}, line 1: missing column(s) {missing}; the header has {header}")
+            raise _missing(path, 1, missing, roles or {}, header)
     elif path.suffix.lower() in (".jsonl", ".json"):
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -102,9 +125,10 @@ def read_records(path: str | Path, columns: Sequence[str], labels: Sequence[str]
     else:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .csv or .jsonl")
     for number, row in rows:
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise _missing(path, number, missing, roles or {}, sorted(row))
         for c in columns:
-            if c not in row:
-                raise DataError(f"{path}, line {number}: missing column {c!r}; the row has {sorted(row)}")
             value = row[c]
             kinds = (str, int) if c in labels else (str,)
             if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
@@ -120,13 +144,17 @@ def read_records(path: str | Path, columns: Sequence[str], labels: Sequence[str]
 
 def read_labelled(path: str | Path, text: str = "text", label: str = "label") -> list[tuple[int, LabelledText]]:
     """``(line, LabelledText)`` rows of a CSV/JSONL file (see :func:`read_records`)."""
-    return [(n, LabelledText(r[text], str(r[label]))) for n, r in read_records(path, [text, label], [label])]
+    roles = {text: TEXT_COLUMN, label: LABEL_COLUMN}
+    return [(n, LabelledText(r[text], str(r[label])))
+            for n, r in read_records(path, [text, label], [label], roles=roles)]
 
 
 def read_prompts(path: str | Path, prompt: str = "prompt", completion: str = "completion"
                  ) -> list[tuple[int, PromptCompletion]]:
     """``(line, PromptCompletion)`` rows of a CSV/JSONL file (see :func:`read_records`)."""
-    return [(n, PromptCompletion(r[prompt], r[completion])) for n, r in read_records(path, [prompt, completion])]
+    roles = {prompt: "the prompt column", completion: "the completion column"}
+    return [(n, PromptCompletion(r[prompt], r[completion]))
+            for n, r in read_records(path, [prompt, completion], roles=roles)]
 
 
 def check_labels(labels: Sequence[str], rows: Sequence[tuple[int, LabelledText]], path: str | Path) -> None:
@@ -173,6 +201,66 @@ def check_split_labels(train: Sequence[tuple[int, LabelledText]], held_out: Sequ
                         "for it, or give --val-data and --test-data")
 
 
+def classification_splits(data: str, val_data: str | None, test_data: str | None, text_col: str = "text",
+                          label_col: str = "label", seed: int = 0, train_limit: int = 0
+                          ) -> dict[str, list[LabelledText]]:
+    """Train/val/test rows of ``lorakit train --task classify``: ``builtin:bbc``'s fixed split, or a file
+    split by :func:`split` where no ``val_data`` / ``test_data`` file is given; refuses (DataError) any
+    held-out label that no training row has."""
+    if data == "builtin:bbc":
+        parts = builtin.bbc_split(seed=0)  # a fixed split: the same test set for every run
+        train, val, test = ([(0, LabelledText(t, lab)) for t, lab in part] for part in parts)
+        given = {"val": val, "test": test}
+    else:
+        given = {name: read_labelled(path, text_col, label_col) if path else None
+                 for name, path in (("val", val_data), ("test", test_data))}
+        train, val, test = split(read_labelled(data, text_col, label_col), data, given["val"], given["test"], seed)
+        check_split_labels(train, [r for name, part in (("val", val), ("test", test)) if given[name] is None
+                                   for r in part], data)
+    if train_limit:
+        train = train[:train_limit]
+    labels = sorted({r.label for _, r in train})
+    for name, path in (("val", val_data or data), ("test", test_data or data)):
+        rows = given[name] if given[name] is not None else (val if name == "val" else test)
+        missing = sorted({r.label for _, r in rows} - set(labels))
+        if missing and train_limit:
+            raise DataError(f"label(s) {missing} of the {name} split have no row among the first {train_limit} "
+                            f"training rows (--train-limit {train_limit}); raise the limit")
+        check_labels(labels, rows, path)
+    return {"train": [r for _, r in train], "val": [r for _, r in val], "test": [r for _, r in test]}
+
+
+TOPICS = {"sports": "sport"}  # the corpus's folder names -> the words the LM should say
+BBC_PROMPT = ("Which topic is this BBC News headline about? Answer with one word: business, entertainment, "
+              "politics, sport or tech.\nHeadline: {headline}")
+
+
+def bbc_headline_task(seed: int = 0) -> dict[str, list[PromptCompletion]]:
+    """BBC headline → topic word, split like the classification task (headline = first line)."""
+    parts = builtin.bbc_split(seed=seed)
+    return {name: [PromptCompletion(BBC_PROMPT.format(headline=text.strip().split("\n", 1)[0].strip()),
+                                    TOPICS.get(label, label)) for text, label in part]
+            for name, part in zip(("train", "val", "test"), parts)}
+
+
+def prompt_splits(data: str, val_data: str | None, test_data: str | None, seed: int = 0, train_limit: int = 0,
+                  eval_limit: int = 0) -> dict[str, list[PromptCompletion]]:
+    """Train/val/test rows of ``lorakit train --task causal-lm``: ``builtin:bbc-headlines``
+    (:func:`bbc_headline_task`), or a file split by :func:`split` where no ``val_data`` / ``test_data``
+    file is given; the first ``train_limit`` training rows and ``eval_limit`` val/test rows (0: all)."""
+    if data == "builtin:bbc-headlines":
+        splits = bbc_headline_task()
+    else:
+        given = [read_prompts(path) if path else None for path in (val_data, test_data)]
+        parts = split(read_prompts(data), data, *given, seed=seed)
+        splits = {name: [r for _, r in part] for name, part in zip(("train", "val", "test"), parts)}
+    if train_limit:
+        splits["train"] = splits["train"][:train_limit]
+    if eval_limit:
+        splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
+    return splits
+
+
 def encode_classification(tokenizer, rows: Sequence[LabelledText], labels: Sequence[str], max_length: int
                           ) -> list[dict]:
     index = {label: i for i, label in enumerate(labels)}
@@ -210,6 +298,7 @@ def encode_causal(tokenizer, rows: Sequence[PromptCompletion], max_length: int) 
 
 def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad ``input_ids`` (and list ``labels`` with -100); build the attention mask."""
+    import torch
     width = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)

@@ -283,7 +283,7 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
     if out and main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    bar = _progress(total, step, progress and main)
+    bar = _progress(total, step, progress and main, cfg.log_every)
     micro = cfg.batch_size
     model.train()
     t0, seen, running = time.perf_counter(), 0, []
@@ -324,8 +324,7 @@ def fit(model: nn.Module, train: Sequence, *, collate: Callable[[list], dict],
         seen += len(chunk)
         running.append(loss_sum)
         rate = seen / (time.perf_counter() - t0)  # examples/s of the whole job
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", ex_s=f"{rate:.1f}")
+        bar.step(step, loss_sum, opt.param_groups[0]["lr"], rate)
         if step % cfg.log_every == 0 or step == total:
             rec = {"step": step, "epoch": round(step / per_epoch, 3), "split": "train",
                    "loss": sum(running) / len(running), "lr": opt.param_groups[0]["lr"], "examples_per_s": rate}
@@ -390,14 +389,82 @@ def _enable_checkpointing(model: nn.Module) -> None:
         raise ValueError("gradient checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
     try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: a silent stand-in
-        class _Null:
-            def update(self, *_): ...
-            def set_postfix(self, **_): ...
-            def write(self, s): print(s)
-            def close(self): ...
-        return _Null()
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def _say(stream, text: str) -> None:
+    """One whole line on ``stream``: the other standard stream is flushed first, so that when both go to
+    one file (``> log 2>&1``, nohup) no line of one lands inside a line of the other."""
+    other = sys.stdout if stream is sys.stderr else sys.stderr
+    other.flush()
+    print(text, file=stream, flush=True)
+
+
+class _Bar:
+    """A carriage-return progress bar (tqdm, on stderr) for a terminal; ``write`` prints a line above it."""
+
+    def __init__(self, tqdm, total: int, initial: int):
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, step: int, loss: float, lr: float, rate: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stdout)  # clears the bar, prints the line, redraws the bar
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Lines:
+    """Progress as whole lines, for a log file or pipe (stderr is not a terminal, where a carriage-return
+    bar would leave every redraw in the file and other lines inside it): every ``every`` steps and at
+    the last, ``step 20/200 (10%): loss 0.6931, lr 1.00e-03, 51.2 ex/s, 0:00:12 elapsed, ~0:01:48 left``
+    on stderr (``every=0``: none); ``write`` prints a line on stdout."""
+
+    def __init__(self, total: int, initial: int, every: int):
+        self.total, self.initial, self.every = total, initial, every
+        self.t0, self.losses = time.perf_counter(), []
+
+    def step(self, step: int, loss: float, lr: float, rate: float) -> None:
+        self.losses.append(loss)
+        if not self.every or (step % self.every and step != self.total):
+            return
+        spent = time.perf_counter() - self.t0
+        left = spent / (step - self.initial) * (self.total - step)
+        _say(sys.stderr, f"step {step}/{self.total} ({100 * step / self.total:.0f}%): loss "
+                         f"{sum(self.losses) / len(self.losses):.4f}, lr {lr:.2e}, {rate:.1f} ex/s, "
+                         f"{_clock(spent)} elapsed, ~{_clock(left)} left")
+        self.losses = []
+
+    def write(self, text: str) -> None:
+        _say(sys.stdout, text)
+
+    def close(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _progress(total: int, initial: int, enabled: bool, every: int = 10):
+    """A tqdm bar where stderr is a terminal; else (a log file, a pipe, no tqdm) a line every ``every``
+    steps (:class:`_Lines`); not ``enabled``: no progress at all, only the lines ``write`` prints."""
+    if not enabled:
+        return _Lines(total, initial, 0)
+    if _is_terminal(sys.stderr):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is optional
+            pass
+        else:
+            return _Bar(tqdm, total, initial)
+    return _Lines(total, initial, every)

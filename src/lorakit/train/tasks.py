@@ -24,27 +24,14 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .. import builtin
 from .. import distributed as D
 from ..api import inject
 from ..api import load as load_adapter
 from ..api import save as save_adapter
 from ..config import LoraConfig, LoraError
 from ..pretrained import load_model, model_path  # noqa: F401  (model_path: re-exported)
-from .data import (
-    DataError,
-    LabelledText,
-    PromptCompletion,
-    chat_prompt,
-    check_labels,
-    check_split_labels,
-    collate,
-    encode_causal,
-    encode_classification,
-    read_labelled,
-    read_prompts,
-    split,
-)
+from .data import (BBC_PROMPT, TOPICS, LabelledText, PromptCompletion, bbc_headline_task,  # noqa: F401 (re-exported)
+                   chat_prompt, classification_splits, collate, encode_causal, encode_classification, prompt_splits)
 from .lm_loss import causal_lm_loss, head_is_plain
 from .loop import TrainConfig, _to_device, fit, peak_memory_mb
 
@@ -55,7 +42,6 @@ TASK_NAME = "lorakit_task.json"  # beside the PEFT files of a trained adapter: i
 RUN_FILES = ("summary.json", "metrics.jsonl", "curve.png", "checkpoint", "checkpoint.old", "checkpoint.tmp",
              "best", "adapter")
 
-TOPICS = {"sports": "sport"}  # the corpus's folder names -> the words the LM should say
 
 
 @dataclass(frozen=True)
@@ -227,11 +213,11 @@ def classify(out: str | Path, model_spec: str = "builtin:minilm", data: str = "b
     ``fsdp``: under torchrun, shard the model with FSDP2, the adapters "sharded" or "replicated"
     (see the module's docstring).
 
-    The output folder and the data are checked before the model loads (:func:`prepare_out`,
-    :class:`~lorakit.train.data.DataError`)."""
+    The data, then the output folder, are checked before the model loads
+    (:class:`~lorakit.train.data.DataError`, :func:`prepare_out`)."""
     log = _main_log(log)
+    splits = classification_splits(data, val_data, test_data, text_column, label_column, train.seed, train_limit)
     out = prepare_out(out, resume, overwrite)
-    splits = _classification_data(data, val_data, test_data, text_column, label_column, train.seed, train_limit)
     labels = sorted({r.label for r in splits["train"]})
     torch.manual_seed(train.seed)  # the new head's init comes from the global RNG: seed it first
     model, tok = load_model(model_spec, "classify", num_labels=len(labels), log=log,
@@ -301,45 +287,10 @@ def evaluate_classifier(model: nn.Module, items: Sequence, pad_id: int, batch_si
     return {"loss": loss / n, "accuracy": correct / n}
 
 
-def _classification_data(data, val_data, test_data, text_col, label_col, seed, train_limit=0
-                         ) -> dict[str, list[LabelledText]]:
-    """Train/val/test rows; refuses (DataError) any held-out label that no training row has."""
-    if data == "builtin:bbc":
-        parts = builtin.bbc_split(seed=0)  # a fixed split: the same test set for every run
-        train, val, test = ([(0, LabelledText(t, lab)) for t, lab in part] for part in parts)
-        given = {"val": val, "test": test}
-    else:
-        given = {name: read_labelled(path, text_col, label_col) if path else None
-                 for name, path in (("val", val_data), ("test", test_data))}
-        train, val, test = split(read_labelled(data, text_col, label_col), data, given["val"], given["test"], seed)
-        check_split_labels(train, [r for name, part in (("val", val), ("test", test)) if given[name] is None
-                                   for r in part], data)
-    if train_limit:
-        train = train[:train_limit]
-    labels = sorted({r.label for _, r in train})
-    for name, path in (("val", val_data or data), ("test", test_data or data)):
-        rows = given[name] if given[name] is not None else (val if name == "val" else test)
-        missing = sorted({r.label for _, r in rows} - set(labels))
-        if missing and train_limit:
-            raise DataError(f"label(s) {missing} of the {name} split have no row among the first {train_limit} "
-                            f"training rows (--train-limit {train_limit}); raise the limit")
-        check_labels(labels, rows, path)
-    return {"train": [r for _, r in train], "val": [r for _, r in val], "test": [r for _, r in test]}
+_classification_data = classification_splits  # the name bench/ scripts use
 
 
 # -- causal LM ----------------------------------------------------------------------------------
-BBC_PROMPT = ("Which topic is this BBC News headline about? Answer with one word: business, entertainment, "
-              "politics, sport or tech.\nHeadline: {headline}")
-
-
-def bbc_headline_task(seed: int = 0) -> dict[str, list[PromptCompletion]]:
-    """BBC headline → topic word, split like the classification task (headline = first line)."""
-    parts = builtin.bbc_split(seed=seed)
-    return {name: [PromptCompletion(BBC_PROMPT.format(headline=text.strip().split("\n", 1)[0].strip()),
-                                    TOPICS.get(label, label)) for text, label in part]
-            for name, part in zip(("train", "val", "test"), parts)}
-
-
 @torch.no_grad()
 def generate(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16,
              shard: bool = False) -> list[str]:
@@ -385,19 +336,10 @@ def causal_lm(out: str | Path, model_spec: str = "builtin:smollm2", data: str = 
     scores exact match of greedy answers on (the first ``eval_limit`` of) the test set before and after.
     ``eval_limit`` also bounds the validation set; 0: no limit."""
     log = _main_log(log)
-    out = prepare_out(out, resume, overwrite)
     if eval_limit < 0 or train_limit < 0:
         raise LoraError(f"train_limit and eval_limit must be >= 0 (0: no limit), got {train_limit}, {eval_limit}")
-    if data == "builtin:bbc-headlines":
-        splits = bbc_headline_task()
-    else:
-        given = [read_prompts(path) if path else None for path in (val_data, test_data)]
-        parts = split(read_prompts(data), data, *given, seed=train.seed)
-        splits = {name: [r for _, r in part] for name, part in zip(("train", "val", "test"), parts)}
-    if train_limit:
-        splits["train"] = splits["train"][:train_limit]
-    if eval_limit:
-        splits["val"], splits["test"] = splits["val"][:eval_limit], splits["test"][:eval_limit]
+    splits = prompt_splits(data, val_data, test_data, train.seed, train_limit, eval_limit)  # the data, then the folder
+    out = prepare_out(out, resume, overwrite)
     torch.manual_seed(train.seed)
     model, tok = load_model(model_spec, "causal-lm", log=log, quantize=quantize)
     model.to(device)

@@ -90,9 +90,9 @@ def _oracle(make, folder, x):
         b = tensors[key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")]
         r, alpha = _pattern(cfg["rank_pattern"], path, cfg["r"]), _pattern(cfg["alpha_pattern"], path, cfg["lora_alpha"])
         assert a.shape[0] == r
-        delta = (alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r) * (b @ a)
         w = state[f"{path}.weight"]
-        v = w + (delta.t() if "embedding" in key else delta)
+        delta = (alpha / math.sqrt(r) if cfg["use_rslora"] else alpha / r) * (b.flatten(1) @ a.flatten(1))
+        v = w + (delta.t() if "embedding" in key else delta.reshape(w.shape))
         if cfg["use_dora"]:  # linear: m per output row
             v = v * (tensors[f"base_model.model.{path}.lora_magnitude_vector"] / v.norm(dim=1))[:, None]
         state[f"{path}.weight"] = v
@@ -271,6 +271,24 @@ def test_dora_hotswap(tmp_path):
                 _check(compiled(x), _lin, f, x)
 
 
+def test_conv_hotswap(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), act=nn.ReLU(), proj=nn.Conv2d(8, 4, 1)))
+
+    files = [_write(tmp_path / f"c{r}", make, r, ("conv", "proj"), r=r, alpha=a) for r, a in ((2, 4), (6, 3))]
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    model = lorakit.prepare_hotswap(lorakit.load(make(), files[0]), max_rank=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for f in (files[1], files[0]):
+                lorakit.load(compiled, f)
+                _check(compiled(x), make, f, x)
+
+
 # -- refusals -----------------------------------------------------------------------------------
 def test_refused_swaps_change_nothing(tmp_path):
     ok = _write(tmp_path / "ok", _net, 1, r=4, alpha=8)
@@ -398,3 +416,23 @@ def test_mixed_batches_see_the_swap(tmp_path, kernel):
                         _check(y[i:i + 1], _net, a_file if name == "a" else files[1], IDS[i:i + 1])
     finally:
         rowlora.use(was)
+
+
+def test_training_and_combine_on_prepared(tmp_path):
+    f = _write(tmp_path / "a", _net, 1, r=4, alpha=8, rank_pattern={"up": 2})
+    plain, prepared = lorakit.load(_net(), f), lorakit.prepare_hotswap(lorakit.load(_net(), f), max_rank=16)
+    for model in (plain, prepared):  # one SGD step; the padding gets zero gradients and stays zero
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(IDS).square().mean().backward()
+        opt.step()
+    for (path, a), (_, b) in zip(lorakit.lora_layers(plain), lorakit.lora_layers(prepared)):
+        r = a.rank("default")
+        assert b.rank("default") == r and not b.lora_A["default"][r:].any() and not b.lora_B["default"][:, r:].any()
+        for x, y in zip((a.lora_A["default"], a.lora_B["default"]), b.factors("default")):
+            assert (x - y).abs().max() <= 64 * EPS32 * x.abs().max(), path  # the same step, up to fp32 rounding
+    for model in (plain, prepared):
+        lorakit.combine(model, {"default": 0.5}, method="cat", adapter="combo", activate=True)
+    assert lorakit.summary(prepared).modules == lorakit.summary(plain).modules
+    y, y0 = prepared(IDS), plain(IDS)
+    assert (y - y0).abs().max() <= 64 * EPS32 * y0.abs().max()

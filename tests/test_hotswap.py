@@ -153,6 +153,9 @@ def test_prepare_pads_exactly_and_keeps_true_rank(tmp_path):
     assert {p: r for p, ranks in lorakit.summary(model).modules.items() for r in ranks.values()} == \
         {"emb": 8, "up": 8, "down": 8}
     assert "ranks={'default': 8}, padded to {'default': 16}" in repr(model.up)
+    lorakit.prepare_hotswap(model, max_rank=8)  # again, to another padding (here none beyond the rank)
+    assert model.up.lora_A["default"].shape == (8, 16) and model.up.rank("default") == 8
+    _check(model(IDS), _net, files[1], IDS)
 
 
 def test_prepare_refusals_change_nothing(tmp_path):

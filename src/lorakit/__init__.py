@@ -24,15 +24,16 @@ except PackageNotFoundError:  # a source tree on sys.path that is not installed
 __all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
            "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "verify", "save_pretrained",
            "registry", "lora_layers", "mixed", "Kind", "LinearKind", "register_kind", "kind_of", "quantize", "combine",
-           "CombineReport", "extract", "ExtractReport", "spectra", "__version__"]
+           "CombineReport", "extract", "ExtractReport", "spectra", "prepare_hotswap", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as lorakit.api defines them
     from .api import *  # noqa: F403
 
 
 #: Submodules reachable as ``lorakit.<name>`` without importing them first (as an eager package would allow).
-_SUBMODULES = ("api", "batching", "builtin", "config", "distributed", "files", "integrations", "kinds", "layers",
-               "model", "ops", "pretrained", "quant", "routing", "serve", "sharding", "state", "targets", "tokens", "train",
+_SUBMODULES = ("api", "batching", "builtin", "config", "distributed", "files", "hotswap", "integrations", "kinds",
+               "layers", "model", "ops", "pretrained", "quant", "routing", "serve", "sharding", "state", "targets", "tokens",
+               "train",
                "variants")
 
 

@@ -8,7 +8,8 @@ the core. Code inside lorakit above the core (train, serve, cli) imports from he
 from . import integrations  # noqa: F401  (registers transformers' save_pretrained with the core)
 from .batching import mixed
 from .config import INITS, LoraConfig, LoraError
-from .files import load, save, verify
+from .files import save
+from .hotswap import load, prepare_hotswap, verify
 from .integrations.transformers import save_pretrained
 from .kinds import Kind, LinearKind, kind_of, register_kind
 from .layers import LoraLayer
@@ -32,4 +33,4 @@ from .quant import quantize
 __all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
            "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "verify", "save_pretrained",
            "registry", "lora_layers", "mixed", "Kind", "LinearKind", "register_kind", "kind_of", "quantize", "combine",
-           "CombineReport", "extract", "ExtractReport", "spectra"]
+           "CombineReport", "extract", "ExtractReport", "spectra", "prepare_hotswap"]

@@ -50,7 +50,10 @@ class LoraLayer(nn.Module):
         lora_magnitude_vector: DoRA's magnitude m per DoRA adapter name (:mod:`lorakit.variants.dora`).
         lora_bias: the bias b on B per ``lora_bias`` adapter name (PEFT's ``lora_B.bias``): the update
             is s·(B·A·x + b), merged as W + s·B·A and base bias + s·b.
-        scale: per adapter, s = α/r (or α/√r).
+        scale: per adapter, s = α/r (or α/√r): a float, or a 0-dim float64 tensor for an adapter prepared
+            by :func:`lorakit.prepare_hotswap` (filled in place by a hot-swap, so compiled code is not
+            specialized on its value).
+        true_rank: the rank of each adapter whose factors are zero-padded past it (:func:`lorakit.prepare_hotswap`).
         active: names whose updates are applied in forward (set by :func:`lorakit.set_active`).
         merged: names currently merged into W (then forward is the base forward alone).
     """
@@ -64,7 +67,8 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_bias = nn.ParameterDict()
-        self.scale: dict[str, float] = {}
+        self.scale: dict[str, float | Tensor] = {}
+        self.true_rank: dict[str, int] = {}
         self.dropout: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()
@@ -117,6 +121,7 @@ class LoraLayer(nn.Module):
     def remove(self, name: str) -> None:
         inits.restore(self, name)  # an adapter that rewrote W puts its initial part back
         del self.lora_A[name], self.lora_B[name], self.scale[name], self.dropout[name]
+        self.true_rank.pop(name, None)
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         if name in self.lora_bias:
@@ -130,8 +135,15 @@ class LoraLayer(nn.Module):
         return list(self.lora_A)
 
     def rank(self, name: str) -> int:
-        """The rank r of adapter ``name``."""
-        return self.kind.rank(self.weight, self.lora_A[name])
+        """The rank r of adapter ``name`` (its own rank, also when its factors are zero-padded)."""
+        return self.true_rank.get(name) or self.kind.rank(self.weight, self.lora_A[name])
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` of adapter ``name`` at its own rank: the parameters, or for a zero-padded adapter
+        (:func:`lorakit.prepare_hotswap`) views of their first r rows of A and columns of B."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        r = self.true_rank.get(name)
+        return (a, b) if r is None else (a[:r], b[:, :r])
 
     def set_active(self, names: Sequence[str]) -> None:
         self.active = tuple(n for n in names if n in self.lora_A)
@@ -260,7 +272,10 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.lora_A}
         dora = f", dora={list(self.lora_magnitude_vector)}" if self.lora_magnitude_vector else ""
-        return f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}{dora}, active={list(self.active)}"
+        padded = {n: self.kind.rank(self.weight, self.lora_A[n]) for n in self.true_rank}
+        padded = f", padded to {padded}" if padded else ""
+        return (f"kind={self.kind.name}, param={self.param_name}, ranks={ranks}{padded}{dora}, "
+                f"active={list(self.active)}")
 
 
 class SavedModule(nn.Module):

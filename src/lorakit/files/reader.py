@@ -51,7 +51,7 @@ from .format import (
     read_adapter,
 )
 
-__all__ = ["load", "verify"]
+__all__ = ["load", "verify", "checked"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,8 +214,10 @@ class _Prepared:
     tokens: list[TokenSite] = dataclasses.field(default_factory=list)  # layers that get trainable tokens
 
 
-def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_change: bool = False) -> _Prepared:
-    """Read ``directory`` and check it completely against ``model`` (raises :class:`LoraError`); pure."""
+def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_change: bool = False,
+             fit_existing: bool = True) -> _Prepared:
+    """Read ``directory`` and check it completely against ``model`` (raises :class:`LoraError`); pure.
+    ``fit_existing=False`` skips the check that an existing adapter ``adapter`` has the file's shapes."""
     if not directory.is_dir():
         raise LoraError(f"{directory}: not an adapter folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
     check_name(adapter)
@@ -251,7 +253,7 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
                         f"init {reg.configs[adapter].init!r}, and one of them rewrites W; delete the adapter first")
     _check(_expected(cfg, sites, saved_plan), tensors, source)  # the file is complete in itself ...
     _agree(selection, paths, saved, config, config_source, source)  # ... and is what its config says
-    if existing:  # ... and fits the adapter's current modules and shapes
+    if existing and fit_existing:  # ... and fits the adapter's current modules and shapes
         _check(_expected_existing(model, adapter), tensors, source)
     if not allow_precision_change:  # ... and the base is quantized as the one it was trained on
         check_trained_precision(metadata.get(QUANT_KEY), {s.path: format_of(s.module) for s in sites},
@@ -348,6 +350,14 @@ def _embedding_bases(model: nn.Module, tensors: dict[str, torch.Tensor], selecti
     return bases
 
 
+def checked(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
+            allow_precision_change: bool = False, fit_existing: bool = True) -> _Prepared:
+    """Every check of :func:`load`, without changing ``model``: the file read and checked, with its
+    config, tensors and planned sites. ``fit_existing=False``: an existing adapter ``adapter`` need
+    not have the file's shapes (the caller checks what it needs, as :mod:`lorakit.hotswap` does)."""
+    return _prepare(model, Path(directory), adapter, allow_precision_change, fit_existing)
+
+
 def verify(model: nn.Module, directory: str | os.PathLike, adapter: str = "default",
           allow_precision_change: bool = False) -> LoraConfig:
     """Run every check of :func:`load` (config, keys, shapes, dtypes, finite values, base
@@ -371,6 +381,9 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     ``save_embedding_layers``) sets them in the model, as PEFT does (in place: a tied output
     embedding follows; deleting the adapter does not restore them); their shapes must be the model's.
     """
+    if any(adapter in layer.true_rank for _, layer in lora_layers(model)):
+        raise LoraError(f"adapter {adapter!r} is prepared for hot-swapping (its factors are zero-padded); load "
+                        "into it with lorakit.load, which swaps in place (this function would not)")
     prepared = _prepare(model, Path(directory), adapter, allow_precision_change)
     cfg, tensors = prepared.cfg, prepared.tensors
     if prepared.existing:

@@ -223,8 +223,7 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
     tensors = {}
     for path, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            factors = inits.converted(layer, adapter) if convert_to_lora else (layer.lora_A[adapter],
-                                                                              layer.lora_B[adapter])
+            factors = inits.converted(layer, adapter) if convert_to_lora else layer.factors(adapter)
             for key, t in zip(factor_keys(path, layer.kind), factors):
                 tensors[key] = full_tensor(t.detach()).to("cpu", dtype).contiguous()
             if adapter in layer.lora_bias:

@@ -78,7 +78,8 @@ class LinearKind(Kind):
         base = layer.base_layer
         fresh = self.owns_output(base)
         if (fresh and len(names) == 1 and torch.is_grad_enabled() and not args and not kwargs
-                and not (layer.training and layer.dropout[names[0]] > 0) and names[0] not in layer.lora_bias):
+                and not (layer.training and layer.dropout[names[0]] > 0) and names[0] not in layer.lora_bias
+                and not isinstance(layer.scale[names[0]], torch.Tensor)):  # (a hot-swap scale: the path below)
             a, b, bias = layer.lora_A[names[0]], layer.lora_B[names[0]], base.bias
             wt = base.weight if self.transposed else base.weight.t()
             cast = autocast_dtype(x)
@@ -95,6 +96,8 @@ class LinearKind(Kind):
             x2 = layer.dropped(x, name).to(a.dtype).reshape(-1, x.shape[-1])
             h = skinny(a, x2)  # (tokens, r)
             if fresh and h.dtype == b.dtype == result.dtype and result.is_contiguous():
+                if isinstance(s, torch.Tensor):  # a hot-swap scale (lorakit.prepare_hotswap): alpha takes numbers only
+                    h, s = h * s, 1
                 result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=s)
             else:
                 result = result + (F.linear(h, b) * s).to(result.dtype).view(result.shape)

@@ -175,9 +175,9 @@ def _plan_layer(path: str, layer: LoraLayer, names: list[str], w: list[float], m
     """New factors (A, B) for one module, and the relative error of their ΔW against Σ wᵢΔWᵢ."""
     f64 = torch.float64
     kind, base, weight = layer.kind, layer.base_layer, layer.weight
-    a_s = [layer.lora_A[n].detach().to("cpu", f64) for n in names]
-    b_s = [layer.lora_B[n].detach().to("cpu", f64) for n in names]
-    ws = [wi * layer.scale[n] for wi, n in zip(w, names)]
+    a_s = [layer.factors(n)[0].detach().to("cpu", f64) for n in names]  # (at their own rank if zero-padded)
+    b_s = [layer.factors(n)[1].detach().to("cpu", f64) for n in names]
+    ws = [wi * float(layer.scale[n]) for wi, n in zip(w, names)]
     if method in ("cat", "svd"):
         check_plain(path, kind, base, weight, f"method {method!r}")
         d, k = b_s[0].flatten(1).shape[0], a_s[0].flatten(1).shape[1]

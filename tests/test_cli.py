@@ -322,7 +322,7 @@ def test_help_argument_and_data_errors_do_not_import_torch(tmp_path, argv, code)
 def test_every_command_and_option_has_help():
     import argparse
 
-    from lorakit.cli import _parser
+    from lorakit.cli.parser import build_parser as _parser
     parser = _parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     described = {a.dest: a.help for a in commands._choices_actions}

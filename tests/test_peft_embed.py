@@ -386,7 +386,7 @@ def test_trainable_tokens_refusals(tmp_path):
 def test_cli_trainable_tokens_flag_parsed():
     import argparse
 
-    from lorakit.cli import _train_parser
+    from lorakit.cli.parser import _train_parser
     parser = argparse.ArgumentParser()
     _train_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["train", "--task", "causal-lm", "--trainable-tokens", "5,6,7"])

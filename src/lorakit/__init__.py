@@ -33,8 +33,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as lorakit.api define
 #: Submodules reachable as ``lorakit.<name>`` without importing them first (as an eager package would allow).
 _SUBMODULES = ("api", "batching", "builtin", "config", "distributed", "files", "hotswap", "integrations", "kinds",
                "layers", "model", "ops", "pretrained", "quant", "routing", "serve", "sharding", "state", "targets", "tokens",
-               "train",
-               "variants")
+               "train", "variants")
 
 
 def __getattr__(name: str) -> Any:

@@ -30,8 +30,19 @@ from ..api import load as load_adapter
 from ..api import save as save_adapter
 from ..config import LoraConfig, LoraError
 from ..pretrained import load_model, model_path  # noqa: F401  (model_path: re-exported)
-from .data import (BBC_PROMPT, TOPICS, LabelledText, PromptCompletion, bbc_headline_task,  # noqa: F401 (re-exported)
-                   chat_prompt, classification_splits, collate, encode_causal, encode_classification, prompt_splits)
+from .data import (  # noqa: F401 (re-exported)
+    BBC_PROMPT,
+    TOPICS,
+    LabelledText,
+    PromptCompletion,
+    bbc_headline_task,
+    chat_prompt,
+    classification_splits,
+    collate,
+    encode_causal,
+    encode_classification,
+    prompt_splits,
+)
 from .lm_loss import causal_lm_loss, head_is_plain
 from .loop import TrainConfig, _to_device, fit, peak_memory_mb
 

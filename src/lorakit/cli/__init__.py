@@ -226,7 +226,8 @@ def _inspect(args) -> int:
     print(f"{len(shapes)} tensors, {n:,} parameters, {(folder / WEIGHTS_NAME).stat().st_size:,} bytes")
     task = adapter_task(folder)
     if task:
-        print(f"task {task['task']}, base model {task.get('model', config.get('base_model_name_or_path'))}"
+        kind = task.get("task", task.get("architecture", "unknown"))
+        print(f"task {kind}, base model {task.get('model', config.get('base_model_name_or_path'))}"
               + (f", labels: {', '.join(task['labels'])}" if task.get("labels") else ""))
     _inspect_spectrum(args, folder)
     return 0
@@ -311,34 +312,20 @@ def _combine_summary(folders: list[Path], weights: list[float], method: str, ran
 
 
 def _extract(args) -> int:
+    """``lorakit extract``: both models loaded as the tuned folder's class (or ``--task``'s), then the SVD."""
     import json
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from ..api import extract, save
-    from ..pretrained import _quiet_transformers, model_path
-    from ..train.tasks import TASK_NAME, load_model
-    task = args.task
-    fields = {}
-    if task == "classify":
-        config = json.loads((model_path(args.tuned) / "config.json").read_text())
-        fields["labels"] = [config.get("id2label", {}).get(str(i), str(i))
-                            for i in range(len(config.get("id2label") or {}))]
-        base = load_model(args.base, task, num_labels=len(fields["labels"]))[0]
-    else:
-        base = load_model(args.base, task)[0]
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
-    with _quiet_transformers():  # the tuned model's weights only: its folder needs no tokenizer
-        tuned = auto.from_pretrained(model_path(args.tuned), local_files_only=True)
+    from ..pretrained import load_tuned_pair
+    from ..train.tasks import TASK_NAME
+    saved = args.modules_to_save.split(",") if args.modules_to_save else None
+    pair = load_tuned_pair(args.base, args.tuned, args.task, saved, log=print)
     targets = args.targets.split(",")
-    saved = args.modules_to_save.split(",") if args.modules_to_save else \
-        [h for h in ("classifier", "score") if task == "classify" and hasattr(base, h)]
-    report = extract(base, tuned, rank=args.rank, energy=args.energy,
-                     targets=targets[0] if targets == ["all-linear"] else targets, modules_to_save=saved)
+    report = extract(pair.base, pair.tuned, rank=args.rank, energy=args.energy,
+                     targets=targets[0] if targets == ["all-linear"] else targets, modules_to_save=pair.modules_to_save)
     print(report)
-    out = save(base, args.out)
-    spec = args.base if args.base.startswith("builtin:") else str(Path(args.base).resolve())
-    (out / TASK_NAME).write_text(json.dumps({"task": task, "model": spec, **fields}, indent=2))
+    out = save(pair.base, args.out)
+    (out / TASK_NAME).write_text(json.dumps(pair.record, indent=2))
     print(f"wrote {out}")
     return 0
 

@@ -136,7 +136,10 @@ def _adapter_parsers(sub) -> None:
     size.add_argument("--energy", type=_positive(float), help="per module, the smallest rank keeping this share "
                                                               "of ||W1 - W0||^2 (e.g. 0.9)")
     e.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear")
-    e.add_argument("--task", choices=["causal-lm", "classify"], default="causal-lm", help="how to load the models")
+    e.add_argument("--task", choices=["causal-lm", "classify"], default=None,
+                   help="load both models as this task's class (default: the tuned folder's own architecture, "
+                        "config.json's architectures); a class that would add weights the tuned folder lacks "
+                        "(e.g. a new head) is refused")
     e.add_argument("--modules-to-save", default=None,
                    help="modules copied whole from the tuned model (default for classify: the head)")
     e.add_argument("--out", required=True, help="folder for the adapter")

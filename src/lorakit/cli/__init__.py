@@ -165,7 +165,8 @@ def _predict(args) -> int:
     from ..distributed import resolve_device
     device = resolve_device(args.device)
     model, tok = load_model(args.model or task["model"], "classify", num_labels=len(task["labels"]))
-    load(model, folder)
+    _hold_base(model, folder, args)
+    load(model, folder, allow_precision_change=args.allow_precision_change)
     model.to(device)
     model.eval()
     for text, probs in zip(texts, predict(model, tok, texts, task["labels"], task.get("max_length", 128))):
@@ -175,6 +176,17 @@ def _predict(args) -> int:
         else:
             print(f"{label}\t{probs[label]:.4f}\t{' '.join(text.split())[:80]}")
     return 0
+
+
+def _hold_base(model, folder: Path | None, args) -> None:
+    """Quantize the freshly loaded base as ``--quantize`` says, else as the adapter was trained (its
+    file's record); an adapter trained on another precision is refused unless --allow-precision-change."""
+    from ..pretrained import apply_base_precision, plan_base_precision
+    plan = plan_base_precision(model, {"adapter": folder} if folder else {}, args.quantize,
+                               args.allow_precision_change)
+    if plan.refused:
+        raise _UsageError(f"{folder}: {plan.refused['adapter']}")
+    apply_base_precision(model, plan)
 
 
 def _generate(args) -> int:
@@ -198,8 +210,9 @@ def _generate(args) -> int:
     from ..distributed import resolve_device
     device = resolve_device(args.device)
     model, tok = load_model(model_spec or "builtin:smollm2", "causal-lm")
+    _hold_base(model, folder, args)
     if args.adapter:
-        load(model, folder)
+        load(model, folder, allow_precision_change=args.allow_precision_change)
     model.to(device)
     model.eval()
     torch.manual_seed(args.seed)

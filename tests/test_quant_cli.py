@@ -202,3 +202,29 @@ def test_serve_refuses_a_bad_adapter_folder_naming_it(world, capsys):
     assert main(["serve", "--model", str(folder), "--adapters", str(root)]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert "cannot serve 1 adapter folder(s)" in err and "broken:" in err and "JSON" in err
+
+
+def test_a_base_quantized_with_skips_is_reproduced_layer_for_layer(world, tmp_path):
+    """An adapter saved from a base quantized with q_proj of layer 0 kept in full precision: the plan
+    skips that layer and the head, and the base it builds holds exactly the trained base's quantized
+    layers, in the same format. A record mixing formats is refused (one quantize call, one format)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.pretrained import adapter_precision, apply_base_precision, plan_base_precision
+    from lorakit.quant import quantized_paths
+    folder, _ = world
+    kept = "model.layers.0.self_attn.q_proj"
+    trained = lorakit.quantize(AutoModelForCausalLM.from_pretrained(folder), "fp4", skip=["lm_head", kept])
+    want = quantized_paths(trained)
+    _random_adapter(trained, tmp_path / "a", ["q_proj", "v_proj"], seed=4)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    plan = plan_base_precision(model, {"a": tmp_path / "a"})
+    assert (plan.fmt, plan.skip, plan.refused) == ("fp4", ("lm_head", kept), {})
+    assert quantized_paths(apply_base_precision(model, plan)) == want
+    lorakit.load(model, tmp_path / "a")  # the load's own precision check passes
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    record = dict.fromkeys(want, "fp4") | {"model.layers.1.self_attn.q_proj": "int8"}
+    save_file(load_file(file), file, metadata={"format": "pt", "lorakit_base_quantization": json.dumps(record)})
+    with pytest.raises(lorakit.LoraError, match="layers in fp4 and int8"):
+        adapter_precision(tmp_path / "a")

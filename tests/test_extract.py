@@ -170,3 +170,61 @@ def test_a_quantized_base_is_refused():
     with pytest.raises(lorakit.LoraError, match=r"q.weight: the base weight is stored packed"):
         extract(base, tuned, rank=2, targets=["q"])
     assert not lorakit.state.has_adapters(base)
+
+
+def _tiny_bert_pair(tmp_path, rank=2):
+    """A tiny BertModel saved as ``base`` and a ``tuned`` copy whose every targeted (all-linear) weight
+    moved by an update of exactly rank ``rank`` (float64 checkpoints: the differences are exactly low rank)."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=16)).to(F64).eval()
+    base.save_pretrained(tmp_path / "base")
+    tuned = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, module in tuned.named_modules():
+            if isinstance(module, nn.Linear):
+                module.weight += 0.05 * low_rank(module.weight.shape, rank, gen)
+    tuned.save_pretrained(tmp_path / "tuned")
+    return base, tuned
+
+
+def test_cli_extract_loads_a_bert_model_as_its_own_architecture(tmp_path, capsys):
+    """No --task: the tuned folder's class (BertModel), so the adapter's keys have no ``bert.`` prefix and
+    lorakit.load(AutoModel...) takes it. Oracle (float64): the tuned model itself, since base + ΔW with
+    ΔW exactly rank 2 is the tuned model; the error left is the adapter's fp32 factors (relative 6e-8)."""
+    import json
+
+    from transformers import AutoModel
+
+    from lorakit.cli import main
+    _, tuned = _tiny_bert_pair(tmp_path)
+    assert main(["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "2",
+                 "--out", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layer.0.attention.self.query" in out and "bert." not in out
+    record = json.loads((tmp_path / "x" / "lorakit_task.json").read_text())
+    assert record["architecture"] == "BertModel" and "task" not in record
+    model = lorakit.load(AutoModel.from_pretrained(tmp_path / "base", dtype=F64), tmp_path / "x").eval()
+    assert len(list(lorakit.lora_layers(model))) == 13  # q, k, v, attention output, intermediate, output x 2, pooler
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    with torch.no_grad():
+        got, want, before = model(ids).last_hidden_state, tuned(ids).last_hidden_state, \
+            AutoModel.from_pretrained(tmp_path / "base", dtype=F64)(ids).last_hidden_state
+    assert (want - before).abs().max() > 0.1  # the fine-tune changed the outputs ...
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # ... and the adapter reproduces it
+
+
+def test_cli_extract_refuses_a_task_that_would_add_an_uninitialised_head(tmp_path, capsys):
+    """--task causal-lm on a BertModel folder would load BertLMHeadModel, whose prediction head the
+    folder does not hold: refused naming those weights, exit 2, one line, nothing written."""
+    from lorakit.cli import main
+    _tiny_bert_pair(tmp_path)
+    capsys.readouterr()
+    assert main(["extract", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"), "--rank", "2",
+                 "--task", "causal-lm", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "does not hold" in err and "BertLMHeadModel" in err and "cls.predictions.transform.dense.weight" in err
+    assert "leave --task out" in err and "BertModel" in err
+    assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "x").exists()

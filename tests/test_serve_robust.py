@@ -405,16 +405,24 @@ def test_every_adapter_checked_at_start_and_files_stay_in_the_root(world, tmp_pa
     broken = {"garbage": "json", "pickled": "never unpickles", "shape": "shape", "other": "no module",
               "nan": "finite", "escape": "outside the adapter root", "filelink": "outside the adapter root",
               "halflink": "outside the adapter root"}
+    with pytest.raises(lorakit.LoraError, match=r"cannot serve 8 adapter folder\(s\)") as refused:
+        build(str(model), root, TOKEN, log=lambda m: None)  # without skip_bad: never fewer adapters than the folder
+    assert all(f"{name}: " in str(refused.value) for name in broken)
     for max_adapters in (0, 1):
         logged = []
-        app = build(str(model), root, TOKEN, max_adapters=max_adapters, log=logged.append)
+        app = build(str(model), root, TOKEN, max_adapters=max_adapters, log=logged.append, skip_bad=True)
         with Running(app) as srv:
-            models = {m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]}
+            listing = httpx.get(srv.url + "/v1/models").json()
+            models = {m["id"] for m in listing["data"]}
             assert models == {"tiny", "good", "inside", "zgood"}, (max_adapters, models)
-            assert httpx.get(srv.url + "/health").json()["adapters"] == 3
+            health = httpx.get(srv.url + "/health").json()
+            assert health["adapters"] == 3 and health["skipped"] == listing["skipped"]
+            skipped = {s["name"]: s["reason"].lower() for s in health["skipped"]}
+            assert set(skipped) == set(broken) and str(tmp_path) not in json.dumps(health)
             for name, reason in broken.items():
                 hits = [m for m in logged if f"skipping {name}" in m]
                 assert len(hits) == 1 and reason in hits[0].lower(), (name, logged)
+                assert reason in skipped[name], (name, skipped)
                 r = srv.post("/v1/completions", {"model": name, "prompt": "Hi", "max_tokens": 2})
                 assert r.status_code == 404 and str(tmp_path) not in r.text
             for name in ("good", "inside", "zgood"):

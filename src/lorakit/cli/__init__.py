@@ -165,7 +165,8 @@ def _predict(args) -> int:
     from ..distributed import resolve_device
     device = resolve_device(args.device)
     model, tok = load_model(args.model or task["model"], "classify", num_labels=len(task["labels"]))
-    load(model, folder)
+    _hold_base(model, folder, args)
+    load(model, folder, allow_precision_change=args.allow_precision_change)
     model.to(device)
     model.eval()
     for text, probs in zip(texts, predict(model, tok, texts, task["labels"], task.get("max_length", 128))):
@@ -175,6 +176,17 @@ def _predict(args) -> int:
         else:
             print(f"{label}\t{probs[label]:.4f}\t{' '.join(text.split())[:80]}")
     return 0
+
+
+def _hold_base(model, folder: Path | None, args) -> None:
+    """Quantize the freshly loaded base as ``--quantize`` says, else as the adapter was trained (its
+    file's record); an adapter trained on another precision is refused unless --allow-precision-change."""
+    from ..pretrained import apply_base_precision, plan_base_precision
+    plan = plan_base_precision(model, {"adapter": folder} if folder else {}, args.quantize,
+                               args.allow_precision_change)
+    if plan.refused:
+        raise _UsageError(f"{folder}: {plan.refused['adapter']}")
+    apply_base_precision(model, plan)
 
 
 def _generate(args) -> int:
@@ -198,8 +210,9 @@ def _generate(args) -> int:
     from ..distributed import resolve_device
     device = resolve_device(args.device)
     model, tok = load_model(model_spec or "builtin:smollm2", "causal-lm")
+    _hold_base(model, folder, args)
     if args.adapter:
-        load(model, folder)
+        load(model, folder, allow_precision_change=args.allow_precision_change)
     model.to(device)
     model.eval()
     torch.manual_seed(args.seed)
@@ -226,7 +239,8 @@ def _inspect(args) -> int:
     print(f"{len(shapes)} tensors, {n:,} parameters, {(folder / WEIGHTS_NAME).stat().st_size:,} bytes")
     task = adapter_task(folder)
     if task:
-        print(f"task {task['task']}, base model {task.get('model', config.get('base_model_name_or_path'))}"
+        kind = task.get("task", task.get("architecture", "unknown"))
+        print(f"task {kind}, base model {task.get('model', config.get('base_model_name_or_path'))}"
               + (f", labels: {', '.join(task['labels'])}" if task.get("labels") else ""))
     _inspect_spectrum(args, folder)
     return 0
@@ -311,34 +325,20 @@ def _combine_summary(folders: list[Path], weights: list[float], method: str, ran
 
 
 def _extract(args) -> int:
+    """``lorakit extract``: both models loaded as the tuned folder's class (or ``--task``'s), then the SVD."""
     import json
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from ..api import extract, save
-    from ..pretrained import _quiet_transformers, model_path
-    from ..train.tasks import TASK_NAME, load_model
-    task = args.task
-    fields = {}
-    if task == "classify":
-        config = json.loads((model_path(args.tuned) / "config.json").read_text())
-        fields["labels"] = [config.get("id2label", {}).get(str(i), str(i))
-                            for i in range(len(config.get("id2label") or {}))]
-        base = load_model(args.base, task, num_labels=len(fields["labels"]))[0]
-    else:
-        base = load_model(args.base, task)[0]
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
-    with _quiet_transformers():  # the tuned model's weights only: its folder needs no tokenizer
-        tuned = auto.from_pretrained(model_path(args.tuned), local_files_only=True)
+    from ..pretrained import load_tuned_pair
+    from ..train.tasks import TASK_NAME
+    saved = args.modules_to_save.split(",") if args.modules_to_save else None
+    pair = load_tuned_pair(args.base, args.tuned, args.task, saved, log=print)
     targets = args.targets.split(",")
-    saved = args.modules_to_save.split(",") if args.modules_to_save else \
-        [h for h in ("classifier", "score") if task == "classify" and hasattr(base, h)]
-    report = extract(base, tuned, rank=args.rank, energy=args.energy,
-                     targets=targets[0] if targets == ["all-linear"] else targets, modules_to_save=saved)
+    report = extract(pair.base, pair.tuned, rank=args.rank, energy=args.energy,
+                     targets=targets[0] if targets == ["all-linear"] else targets, modules_to_save=pair.modules_to_save)
     print(report)
-    out = save(base, args.out)
-    spec = args.base if args.base.startswith("builtin:") else str(Path(args.base).resolve())
-    (out / TASK_NAME).write_text(json.dumps({"task": task, "model": spec, **fields}, indent=2))
+    out = save(pair.base, args.out)
+    (out / TASK_NAME).write_text(json.dumps(pair.record, indent=2))
     print(f"wrote {out}")
     return 0
 

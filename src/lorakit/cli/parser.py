@@ -97,6 +97,20 @@ def _train_parser(sub) -> None:
                         "adapter is the same file")
 
 
+QUANTIZE = ("none", "nf4", "fp4", "int8")  # lorakit.pretrained.QUANTIZE_CHOICES (no torch import)
+
+
+def _precision_options(p, what: str) -> None:
+    """``--quantize`` and ``--allow-precision-change`` of the commands that load adapters on a base."""
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help=f"hold the base's linear layers (not the head) in 4 or 8 bits (bitsandbytes), or none: full "
+                        f"precision (default: the precision {what} trained on, as recorded in the adapter file by "
+                        "lorakit train --quantize / lorakit.save; else full precision)")
+    p.add_argument("--allow-precision-change", action="store_true",
+                   help="apply an adapter on a base held in another precision than the one it was trained on "
+                        "(its outputs change by the difference of the quantization errors); refused otherwise")
+
+
 def _device_option(p) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="where the model runs; auto: CUDA (under torchrun cuda:LOCAL_RANK), else MPS, else CPU")
@@ -136,7 +150,10 @@ def _adapter_parsers(sub) -> None:
     size.add_argument("--energy", type=_positive(float), help="per module, the smallest rank keeping this share "
                                                               "of ||W1 - W0||^2 (e.g. 0.9)")
     e.add_argument("--targets", default="all-linear", help="comma-separated module names, or all-linear")
-    e.add_argument("--task", choices=["causal-lm", "classify"], default="causal-lm", help="how to load the models")
+    e.add_argument("--task", choices=["causal-lm", "classify"], default=None,
+                   help="load both models as this task's class (default: the tuned folder's own architecture, "
+                        "config.json's architectures); a class that would add weights the tuned folder lacks "
+                        "(e.g. a new head) is refused")
     e.add_argument("--modules-to-save", default=None,
                    help="modules copied whole from the tuned model (default for classify: the head)")
     e.add_argument("--out", required=True, help="folder for the adapter")
@@ -191,8 +208,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="the server's logging: the least severe messages shown")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
-                   help="hold the base model's linear layers (not the head) in 4 or 8 bits (bitsandbytes)")
+    _precision_options(p, "the adapters under --adapters were (all must agree: one base per server)")
+    p.add_argument("--skip-bad-adapters", action="store_true",
+                   help="start even if some adapter folders under --adapters cannot be served (a bad file, another "
+                        "base precision), listing each with its reason in /v1/models and /health; without it "
+                        "such a folder stops the server from starting (exit 2)")
     _device_option(p)
 
 
@@ -213,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text", help="--file: the text column")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--json", action="store_true", help="one JSON object per text, with every probability")
+    _precision_options(p, "the adapter was")
     _device_option(p)
     g = sub.add_parser("generate", help="answer prompts with a causal LM (and an adapter)",
                        formatter_class=_Help)
@@ -221,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="base model (default: the adapter's base, else builtin:smollm2)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens generated per answer")
     g.add_argument("--seed", type=int, default=0, help="torch's seed before generating")
+    _precision_options(g, "--adapter was")
     _device_option(g)
     i = sub.add_parser("inspect", help="show an adapter folder's config, size, task, labels and ΔW's spectrum",
                        formatter_class=_Help)

@@ -106,26 +106,37 @@ def check_contained(root: Path, folder: Path) -> None:
                                code="path_outside_root", param="path")
 
 
-def discover(root: Path, log=log.warning) -> dict[str, Path]:
+def discover(root: Path, log=log.warning, bad: dict[str, str] | None = None) -> dict[str, Path]:
     """``{folder name: folder}`` for every adapter folder directly under ``root`` with a valid name;
-    every other entry is reported through ``log`` with the reason."""
+    every other entry is reported through ``log`` with the reason, or, given ``bad``, an entry that
+    holds an adapter_config.json (an adapter that cannot be served) goes into ``bad`` as
+    ``{name: reason}`` instead."""
     found = {}
     for sub in sorted(root.iterdir()) if root.is_dir() else ():
+        adapter = (sub / "adapter_config.json").exists() or (sub / "adapter_config.json").is_symlink()
         if not ADAPTER_NAME.fullmatch(sub.name):
-            log(f"lorakit serve: skipping {sub.name!r}: not a valid adapter name (letters, digits, '_', '-')")
-            continue
-        try:
-            found[sub.name] = resolve_under(root, sub.name)
-        except AdapterError as e:
-            log(f"lorakit serve: skipping {sub.name}: {e.message}")
+            reason = "not a valid adapter name (letters, digits, '_', '-')"
+        else:
+            try:
+                found[sub.name] = resolve_under(root, sub.name)
+                continue
+            except AdapterError as e:
+                reason = e.message
+        if bad is not None and adapter:
+            bad[sub.name] = reason
+        else:
+            log(f"lorakit serve: skipping {sub.name!r}: {reason}")
     return found
 
 
 class Adapters:
     """Catalog (public names) and resident set (in the model) of one served model."""
 
-    def __init__(self, model: nn.Module, root: Path | None, max_resident: int = 0, metrics=None) -> None:
+    def __init__(self, model: nn.Module, root: Path | None, max_resident: int = 0, metrics=None,
+                 allow_precision_change: bool = False) -> None:
         self.model, self.root, self.max_resident, self.metrics = model, root, max_resident, metrics
+        self.allow_precision_change = allow_precision_change  # lorakit.load's: another base precision is no error
+        self.skipped: dict[str, str] = {}  # adapter folders under the root not served (--skip-bad-adapters): why
         self.catalog: dict[str, Entry] = {}
         self.resident: list[Entry] = []
         self.version = 0            # bumped whenever the model's adapters change (routing must be rebuilt)
@@ -146,6 +157,11 @@ class Adapters:
                      **({"path": shown(self.root, e.path) if self.root else e.path.name, "requests": e.holders,
                          "rows": e.rows} if detail else {})}
                     for e in sorted(self.catalog.values(), key=lambda e: e.name)]
+
+    def skipped_listing(self) -> list[dict]:
+        """The adapter folders of the root not served (``--skip-bad-adapters``), each with its reason."""
+        with self._lock:
+            return [{"name": name, "reason": why} for name, why in sorted(self.skipped.items())]
 
     def acquire(self, name: str) -> Entry:
         """The entry of adapter ``name``, held for one request (release it when the request ends)."""
@@ -173,7 +189,8 @@ class Adapters:
     def register(self, name: str, path: Path) -> Entry:
         """Check an adapter completely (config, keys, shapes, finite values; the tensors are read and
         dropped) and list it without loading it (it loads on first use). Raises AdapterError."""
-        self._guarded(name, path, lambda: verify(self.model, path, adapter="srvcheck"))
+        self._guarded(name, path, lambda: verify(self.model, path, adapter="srvcheck",
+                                                 allow_precision_change=self.allow_precision_change))
         with self._lock:
             entry = self.catalog[check_name(name)] = Entry(name, path)
             return entry
@@ -188,6 +205,7 @@ class Adapters:
         self._load(entry)
         with self._lock:
             self.catalog[name] = entry
+            self.skipped.pop(name, None)
         self.evict_over_limit()
         return entry
 
@@ -242,7 +260,8 @@ class Adapters:
     def _load(self, entry: Entry) -> None:
         internal = f"srv{next(self._ids)}"
         try:
-            self._guarded(entry.name, entry.path, lambda: load(self.model, entry.path, adapter=internal))
+            self._guarded(entry.name, entry.path, lambda: load(self.model, entry.path, adapter=internal,
+                                                                allow_precision_change=self.allow_precision_change))
         finally:
             if has_adapters(self.model):
                 set_active(self.model, [])  # rows choose adapters through lorakit.mixed only

@@ -344,7 +344,8 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
     async def health():
         if not engine.alive:
             return _error(503, "the engine is not running", code="engine_stopped")
-        return {"status": "ok", "model": base_name, "adapters": len(engine.adapters.names())}
+        return {"status": "ok", "model": base_name, "adapters": len(engine.adapters.names()),
+                "skipped": engine.adapters.skipped_listing()}
 
     @app.get("/metrics")
     async def prometheus():
@@ -354,7 +355,7 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
     async def models():
         cards = [P.model_card(base_name)] + [P.model_card(a["name"], parent=base_name, resident=a["resident"])
                                              for a in engine.adapters.listing()]
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": cards, "skipped": engine.adapters.skipped_listing()}
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest, http: Request):

@@ -25,6 +25,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..config import LoraError
 from ..distributed import resolve_device
 from .adapters import AdapterError, Adapters, discover
 from .app import MAX_BODY_BYTES, create_app
@@ -45,32 +46,51 @@ def build(model: str = "builtin:smollm2", adapters: str | os.PathLike | None = N
           max_batch: int = 32, max_queue: int = 256, timeout: float = 120.0, max_adapters: int = 0,
           max_context: int | None = None, name: str | None = None, prefill_tokens: int = 4096,
           max_body: int = MAX_BODY_BYTES, log=print, quantize: str | None = None,
-          device: str | torch.device | None = None) -> FastAPI:
+          device: str | torch.device | None = None, skip_bad: bool = False,
+          allow_precision_change: bool = False) -> FastAPI:
     """The app serving ``model`` and every adapter folder directly under ``adapters``.
 
-    Every adapter folder is checked completely now (config, tensor names and shapes, finite
-    values), whatever ``max_adapters`` is; one that fails is reported through ``log`` with the
-    reason and not served. With ``max_adapters`` > 0, the first ``max_adapters`` good ones (by
-    name) are loaded now and the rest on first use. ``quantize``: the base's linear layers in
-    "nf4", "fp4" or "int8" (:func:`lorakit.quantize`); ``device``: where the model runs (moved after
-    loading and quantizing, as ``lorakit train`` does; None: the CPU it loads on)."""
-    from ..pretrained import load_model
-    net, tok = load_model(model, "causal-lm", quantize=quantize)
-    if device is not None:
-        net.to(device)
-    metrics = Metrics()
+    The base is held in the precision the adapters were trained on (their files' record, see
+    :func:`lorakit.pretrained.plan_base_precision`; adapters needing different ones are refused,
+    one base per server), or in ``quantize`` ("none", "nf4", "fp4", "int8"); ``device``: where the
+    model runs (moved after loading and quantizing, as ``lorakit train`` does; None: the CPU it
+    loads on). Every adapter folder is checked completely now (config, tensor names and shapes,
+    finite values, base precision), whatever ``max_adapters`` is. One that cannot be served raises
+    LoraError naming each such adapter and why, unless ``skip_bad``: then each is reported through
+    ``log`` and listed with its reason in ``/v1/models`` and ``/health``. With ``max_adapters`` > 0,
+    the first ``max_adapters`` good ones (by name) are loaded now and the rest on first use."""
+    from ..pretrained import apply_base_precision, load_model, plan_base_precision
     root = Path(adapters).resolve() if adapters else None
     if root is not None and not root.is_dir():
         raise FileNotFoundError(f"--adapters {adapters}: not a folder")
-    registry = Adapters(net, root, max_adapters, metrics)
-    for key, path in (discover(root, log).items() if root else ()):
+    net, tok = load_model(model, "causal-lm")
+    bad: dict[str, str] = {}
+    found = discover(root, log, bad) if root else {}
+    plan = plan_base_precision(net, found, quantize, allow_precision_change)
+    bad.update(plan.refused)
+    apply_base_precision(net, plan)
+    if device is not None:
+        net.to(device)
+    metrics = Metrics()
+    registry = Adapters(net, root, max_adapters, metrics, allow_precision_change)
+    for key, path in found.items():
+        if key in bad:
+            continue
         try:
             if not max_adapters or len(registry.resident) < max_adapters:
                 registry.add(key, path)
             else:
                 registry.register(key, path)
         except AdapterError as e:
-            log(f"lorakit serve: skipping {key}: {e.message}")
+            bad[key] = e.message.removeprefix(f"cannot load adapter {key!r}: ")
+    if bad and not skip_bad:
+        raise LoraError(f"cannot serve {len(bad)} adapter folder(s) of {adapters}: "
+                        + "; ".join(f"{key}: {why}" for key, why in sorted(bad.items()))
+                        + ". Fix or remove them, or pass --skip-bad-adapters to serve the others (each is then "
+                          "listed with its reason in /v1/models and /health)")
+    for key, why in sorted(bad.items()):
+        log(f"lorakit serve: skipping {key}: {why}")
+    registry.skipped = dict(sorted(bad.items()))
     engine = Engine(net, copy.deepcopy(tok), registry, max_batch=max_batch, max_queue=max_queue,
                     timeout=timeout, metrics=metrics, prefill_tokens=prefill_tokens)
     served = name or base_name(model)
@@ -153,10 +173,12 @@ def run(args) -> int:
     device = resolve_device(args.device)  # before loading anything: a missing device is refused at once
     app = build(args.model, args.adapters, token, args.max_batch, args.max_queue, args.timeout,
                 args.max_adapters, args.max_context, args.served_model_name, args.prefill_tokens,
-                args.max_body_bytes, log=log, quantize=args.quantize, device=device)
+                args.max_body_bytes, log=log, quantize=args.quantize, device=device,
+                skip_bad=args.skip_bad_adapters, allow_precision_change=args.allow_precision_change)
     srv = app.state.server
-    names = srv.engine.adapters.names()
-    log(f"lorakit serve: model {srv.base_name!r}, {len(names)} adapter(s) {names}, "
+    names, skipped = srv.engine.adapters.names(), srv.engine.adapters.skipped
+    log(f"lorakit serve: model {srv.base_name!r}, {len(names)} adapter(s) {names}"
+        + (f", {len(skipped)} skipped {sorted(skipped)}" if skipped else "") + ", "
         f"admin endpoints {'on' if token else 'off'}; http://{args.host}:{args.port}/v1")
     server(app, args.host, args.port, args.read_timeout, args.keep_alive_timeout, args.shutdown_timeout,
            log_level=args.log_level).run()

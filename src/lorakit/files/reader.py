@@ -264,7 +264,7 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
         check_trained_precision(metadata.get(QUANT_KEY), {s.path: format_of(s.module) for s in sites},
                                 str(source))
     tokens = _check_tokens(unwrap(model), cfg, adapter, existing, token_tensors, source)
-    biases = _check_biases(unwrap(model), cfg, adapter, sites, saved_plan, tokens, bias_tensors, source)
+    biases = _check_biases(unwrap(model), cfg, adapter, sites, saved_plan, tokens, bias_tensors, source, config_source)
     _check_copies(modules, copies, {**tensors, **{k: file.tensors[k] for k in copies}}, source)
     return _Prepared(cfg, {**tensors, **token_tensors, **{k: file.tensors[k] for k in bases}}, sites, saved_plan,
                      existing, bases, tokens, biases)
@@ -299,23 +299,27 @@ def _base_bias_keys(tensors: dict[str, torch.Tensor], cfg: LoraConfig, selection
 
 
 def _check_biases(model: nn.Module, cfg: LoraConfig, adapter: str, sites: list[Site], saved: list[tuple],
-                  tokens: list[TokenSite], tensors: dict[str, torch.Tensor], source: Path,
+                  tokens: list[TokenSite], tensors: dict[str, torch.Tensor], source: Path, config_source: Path,
                   ) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
     """``{path: (base bias, its value in the file)}`` for ``cfg.bias`` (:func:`lorakit.targets.plan_biases`),
     the file holding exactly those biases under PEFT's keys (:func:`lorakit.files.format.base_bias_key`),
     in their shapes, floating point and finite; an existing adapter ``adapter`` must train the same ones."""
     reg = registry_of(model)
     planned = plan_biases(model, cfg, adapter, sites, saved, tokens, reg.biases if reg else None)
+    wrapped = {s.path for s in sites}
+    keys = {base_bias_key(path, wrapped): path for path in planned}
+    try:
+        _check({k: tuple(planned[p].shape) for k, p in keys.items()}, tensors, source)
+    except LoraError as e:
+        raise LoraError(f"{e} (base biases: bias={cfg.bias!r} in {config_source} selects {sorted(planned)[:6]}"
+                        f"{' …' if len(planned) > 6 else ''})") from None
+    if bad := sorted(k for k, t in tensors.items() if not t.is_floating_point()):
+        raise LoraError(f"{source}: base bias {bad[0]} has dtype {tensors[bad[0]].dtype}, not floating point")
     if reg is not None and adapter in reg.configs:
         old = reg.configs[adapter].bias
         if old != cfg.bias or set(planned) != set(reg.biases.get(adapter, {})):
-            raise LoraError(f"{source}: bias={cfg.bias!r} (base biases of {sorted(planned)[:6]}) differs from adapter "
+            raise LoraError(f"{config_source}: bias={cfg.bias!r} (base biases of {sorted(planned)[:6]}) differs from adapter "
                             f"{adapter!r}'s bias={old!r}; delete the adapter first, then load the file")
-    wrapped = {s.path for s in sites}
-    keys = {base_bias_key(path, wrapped): path for path in planned}
-    _check({k: tuple(planned[p].shape) for k, p in keys.items()}, tensors, source)
-    if bad := sorted(k for k, t in tensors.items() if not t.is_floating_point()):
-        raise LoraError(f"{source}: base bias {bad[0]} has dtype {tensors[bad[0]].dtype}, not floating point")
     return {path: (planned[path], tensors[key]) for key, path in keys.items()}
 
 

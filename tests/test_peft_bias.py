@@ -301,3 +301,18 @@ def test_bias_all_with_modules_to_save_both_ways(tmp_path):
     with pytest.raises(lorakit.LoraError, match=re.escape("head.original_module.bias differs from the base model's")):
         lorakit.load(fresh, tmp_path / "peft")
     assert _same(fresh, state)
+
+
+def test_loading_into_the_same_adapter_again_keeps_the_first_original(tmp_path):
+    base, x = _base(), _x()
+    model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=2, targets=["up", "attn"], bias="lora_only",
+                                                                   init="random"))
+    _zero_out_proj_update(model)
+    _perturb([model.up.base_layer.bias], seed=7)
+    lorakit.save(model, tmp_path / "one")
+    _perturb([model.up.base_layer.bias], seed=8)
+    lorakit.load(model, tmp_path / "one")  # into the existing adapter: the file's biases, same originals
+    with torch.no_grad():
+        _close(model(x), _oracle(base, tmp_path / "one", x))
+    lorakit.delete(model, "default")
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())

@@ -419,7 +419,9 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     k·len(adapters) rows, each name repeated k times (``repeat_interleave``). Adapters may differ in
     rank and in the modules they target. Raises :class:`LoraError` for unknown names, merged
     adapters, None rows on a model whose weights a PiSSA/OLoRA adapter rewrote (they would not run
-    the original model), or (at forward) a batch whose dim 0 does not match.
+    the original model), rows other than those of the one adapter that trains base biases
+    (``LoraConfig.bias``: the model holds them once, for every row), or (at forward) a batch whose
+    dim 0 does not match.
     """
     reg = registry(model)
     adapters = list(adapters)

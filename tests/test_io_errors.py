@@ -35,7 +35,7 @@ Malformed-file cases tried (a valid lorakit-saved folder, then one change):
 22. missing-r              adapter_config.json without ``r`` (PEFT-style folder, no lorakit metadata)
 23. r-zero                 ``r: 0``
 24. use-dora               ``use_dora: true`` but no DoRA magnitudes in the weights
-25. bias-all               ``bias: "all"`` (unsupported)
+25. bias-all               ``bias: "all"`` but no base biases in the weights
 26. saved-module-wrong-shape a modules_to_save tensor ``out.weight`` of shape (4, 9) instead of (4, 8)
 27. stray-tensor           an extra non-LoRA tensor ``out.not_a_parameter`` (no such state key)
 28. peft-type-ia3          ``peft_type: "IA3"``
@@ -302,7 +302,7 @@ CASES = {
     "missing-r": (lambda d, m: _edit_config(d, r=_DELETE), [CONFIG, "missing required field 'r'"]),
     "r-zero": (lambda d, m: _edit_config(d, r=0), ["r must be an integer >= 1", "0"]),
     "use-dora": (lambda d, m: _edit_config(d, use_dora=True), ["missing", ".lora_magnitude_vector (expected shape"]),
-    "bias-all": (lambda d, m: _edit_config(d, bias="all"), [CONFIG, "bias='all'", "not supported"]),
+    "bias-all": (lambda d, m: _edit_config(d, bias="all"), [CONFIG, "bias='all'", "missing", ".base_layer.bias"]),
     "saved-module-wrong-shape": (lambda d, m: _rewrite(d, lambda t: {**t, f"{PREFIX}out.weight": torch.zeros(4, 9),
                                                                      f"{PREFIX}out.bias": torch.zeros(4)}),
                                  [f"{PREFIX}out.weight", "expected shape (4, 8)", "found (4, 9)"]),

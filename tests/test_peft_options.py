@@ -370,7 +370,7 @@ def test_init_random_is_init_lora_weights_false_both_ways(tmp_path):
 
 # -- refused by name ---------------------------------------------------------------------------------
 REFUSED_VALUES = {
-    "bias": "lora_only", "layer_replication": [[0, 1]], "use_qalora": True, "alora_invocation_tokens": [5, 6],
+    "layer_replication": [[0, 1]], "use_qalora": True, "alora_invocation_tokens": [5, 6],
     "arrow_config": {"top_k": 2}, "use_bdlora": {"nblocks": 2}, "kasa_config": {"x": 1}, "velora_config": {"x": 1},
     "monteclora_config": {"x": 1}, "megatron_config": {"x": 1}, "lora_ga_config": {"x": 1},
     "ensure_weight_tying": True,

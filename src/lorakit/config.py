@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 
 from torch import nn
 
-__all__ = ["LoraConfig", "LoraError", "INITS", "Target"]
+__all__ = ["LoraConfig", "LoraError", "INITS", "BIASES", "Target"]
 
 #: Valid values of ``LoraConfig.init``.
 #: ``kaiming``: A ~ Kaiming-uniform(a=√5) (PEFT's default), ``gaussian``: A ~ N(0, 1/r),
@@ -26,6 +26,11 @@ __all__ = ["LoraConfig", "LoraError", "INITS", "Target"]
 #: :mod:`lorakit.variants.rewriting_inits`); ``pissa_niter_<k>`` is PiSSA by a randomized SVD with k subspace iterations.
 INITS = ("kaiming", "gaussian", "normal", "random", "pissa", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
+
+#: Valid values of ``LoraConfig.bias`` (PEFT's): which base-model biases train with the adapter.
+#: ``none``: none; ``lora_only``: the ``bias`` of each module the adapter adapts; ``all``: every
+#: parameter of the model named ``bias`` (not ``in_proj_bias`` and the like, as in PEFT).
+BIASES = ("none", "lora_only", "all")
 
 #: A target is a module name / dotted suffix, a regex string, a module type, or "all-linear".
 Target = Union[str, type]
@@ -122,6 +127,11 @@ class LoraConfig:
             name, e.g. new special tokens): a list of token ids for the input embedding, or
             ``{module name: ids}`` (PEFT's plain suffix match); a head tied to the input embedding
             follows it (see :mod:`lorakit.tokens`).
+        bias: which of the *base model's* biases train with the adapter (PEFT's ``bias``): ``"none"``;
+            ``"lora_only"``, the biases of the adapted modules; ``"all"``, every parameter named ``bias``.
+            They are saved in the file and written into the model on load; the model keeps one value
+            per bias (shared by all adapters), its original is restored by :func:`lorakit.delete` and
+            inside :func:`lorakit.disabled`.
     """
 
     r: int = 8
@@ -140,6 +150,7 @@ class LoraConfig:
     layers_pattern: tuple[str, ...] = ()
     lora_bias: bool = False
     trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    bias: str = "none"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -190,6 +201,9 @@ class LoraConfig:
             raise LoraError(f"lora_bias must be True or False, got {self.lora_bias!r}")
         if self.lora_bias and self.use_dora:
             raise LoraError("lora_bias=True is not supported with use_dora=True (PEFT refuses it too); use one of them")
+        if self.bias not in BIASES:
+            raise LoraError(f"bias must be one of {', '.join(map(repr, BIASES))} (which base-model biases train "
+                            f"with the adapter), got {self.bias!r}")
         if self.lora_bias and (self.init == "olora" or self.init.startswith("pissa")):
             raise LoraError(f"lora_bias=True is not supported with init={self.init!r} (PEFT allows it only with its "
                             "plain inits); use init='kaiming' or 'random'")

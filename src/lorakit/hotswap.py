@@ -101,6 +101,10 @@ def prepare_hotswap(model: nn.Module, max_rank: int, adapters: str | Sequence[st
         raise LoraError("cannot prepare an FSDP2-sharded model for hot-swapping: its factors are DTensor shards; "
                         "prepare the model before lorakit.distributed.fully_shard_model")
     for name in names:
+        if reg.configs[name].bias != "none":
+            raise LoraError(f"adapter {name!r} trains base-model biases (bias={reg.configs[name].bias!r}), which an "
+                            "in-place swap does not replace; it cannot be hot-swapped (use lorakit.delete + "
+                            "lorakit.load, or adapters with bias='none')")
         if inits.rewrites(reg.configs[name].init):
             raise LoraError(f"adapter {name!r} has init {reg.configs[name].init!r}, which rewrote the base weights; "
                             "it cannot be hot-swapped (save it with convert_to_lora=True and load that on an "
@@ -169,6 +173,8 @@ def _plan(model: nn.Module, directory: str | os.PathLike, adapter: str, allow_pr
     if {e[0] for e in file.saved} != whole:
         problems.append(f"it trains other modules whole (modules_to_save {sorted(e[0] for e in file.saved)}, "
                         f"the adapter's {sorted(whole)})")
+    if cfg.bias != "none":
+        problems.append(f"it trains base-model biases (bias={cfg.bias!r}), which an in-place swap does not replace")
     if cfg.use_dora != old.use_dora:
         problems.append(f"use_dora is {cfg.use_dora} in the file and {old.use_dora} in the adapter")
     if not problems:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from .state import (
     unwrap,
     wrappers,
 )
-from .targets import Site, TokenSite, check_rewriting_inits, plan, plan_saved, plan_tokens
+from .targets import Site, TokenSite, check_rewriting_inits, plan, plan_biases, plan_saved, plan_tokens
 from .tokens import TokenLayer
 from .variants import rewriting_inits as inits
 
@@ -61,9 +61,12 @@ def check_names(reg: Registry, names: Sequence[str]) -> None:
 
 
 def apply_plan(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], saved: list[tuple],
-               activate: bool = True, tokens: Sequence[TokenSite] = ()) -> None:
+               activate: bool = True, tokens: Sequence[TokenSite] = (),
+               biases: Mapping[str, nn.Parameter] | None = None) -> None:
     """Wrap (or reuse) a LoraLayer at every site and a SavedModule at every ``saved`` entry,
-    add adapter ``name`` to them, then make it the active adapter (or leave it inactive, frozen).
+    add adapter ``name`` to them, record the base ``biases`` it trains (``{path: bias}``, from
+    :func:`lorakit.targets.plan_biases`) with a copy of their values, then make it the active
+    adapter (or leave it inactive, frozen).
     The mutating half of :func:`inject`, :func:`lorakit.files.load` and :func:`lorakit.combine`,
     which plan and check first."""
     root = unwrap(model)
@@ -90,6 +93,8 @@ def apply_plan(model: nn.Module, name: str, cfg: LoraConfig, sites: list[Site], 
             layer = made[t.path] = TokenLayer(t.module, made.get(t.tied) or _token_layer(root, t.tied))
             setattr(t.parent, t.attr, layer)
         layer.add(name, t.indices)
+    if biases:
+        reg.biases[name] = {path: (b, b.detach().clone()) for path, b in biases.items()}
     reg.configs[name] = cfg
     reg.paths[name] = tuple(s.path for s in sites) + tuple(e[0] for e in saved) + tuple(t.path for t in tokens)
     set_active(root, name if activate else reg.active)
@@ -103,7 +108,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activ
     """Add adapter ``adapter`` to ``model`` in place and make it the active one (``activate=False``:
     add it inactive and frozen, keeping the active set).
 
-    The base model is frozen (requires_grad=False); the new adapter's factors are trainable.
+    The base model is frozen (requires_grad=False); the new adapter's factors are trainable, and
+    with ``config.bias`` the base biases it trains (a copy of their values is kept: :func:`delete`
+    restores them, :func:`disabled` runs them).
     Calling again with another name adds a second adapter. Returns ``model``.
     All targets are resolved before anything changes, so an error leaves the model untouched.
     """
@@ -116,15 +123,17 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", activ
         require_unmerged(reg, "add an adapter")
     sites = plan(unwrap(model), config)
     check_rewriting_inits(unwrap(model), config, adapter, sites)
-    tokens = plan_tokens(unwrap(model), config)
-    apply_plan(model, adapter, config, sites, plan_saved(unwrap(model), config), activate, tokens)
+    tokens, saved = plan_tokens(unwrap(model), config), plan_saved(unwrap(model), config)
+    biases = plan_biases(unwrap(model), config, adapter, sites, saved, tokens, reg.biases if reg else None)
+    apply_plan(model, adapter, config, sites, saved, activate, tokens, biases)
     return model
 
 
 def set_active(model: nn.Module, adapters: str | Sequence[str]) -> None:
     """Make ``adapters`` (one name or several) the active set; their updates add up.
 
-    Active adapters are trainable, inactive ones are frozen. A DoRA adapter must be the only active
+    Active adapters are trainable, inactive ones are frozen, as are the base biases they train
+    (``LoraConfig.bias``; their values stay in the model either way, one value per bias). A DoRA adapter must be the only active
     one on each of its layers (:class:`LoraError` otherwise, before anything changes).
     """
     names = (adapters,) if isinstance(adapters, str) else tuple(dict.fromkeys(adapters))
@@ -136,6 +145,9 @@ def set_active(model: nn.Module, adapters: str | Sequence[str]) -> None:
     reg.active = names
     for _, wrapper in wrappers(model):
         wrapper.set_active(names)
+    for name, held in reg.biases.items():
+        for b, _ in held.values():
+            b.requires_grad_(name in names)
 
 
 @contextlib.contextmanager
@@ -143,7 +155,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block; adapters (and a merge) are restored on exit, always.
 
     Where a PiSSA/OLoRA adapter rewrote W (:mod:`lorakit.variants.rewriting_inits`), the base is the residual
-    W − s₀·B₀·A₀, as in PEFT, not the original model: a warning says so."""
+    W − s₀·B₀·A₀, as in PEFT, not the original model: a warning says so. Base biases trained by an
+    adapter (``LoraConfig.bias``) count as part of it: the original values run inside the block (the
+    trained parameters are set aside, untouched), and PEFT's ``disable_adapter`` keeps the trained ones."""
     reg = registry(model)
     rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)}
                        if any(inits.rewrites(c.init) for c in reg.configs.values()) else ())  # (only their layers)
@@ -157,12 +171,18 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     if merged:
         unmerge(model)
     saved = [layer.active for layer in layers]
+    originals = {id(b): original for held in reg.biases.values() for b, original in held.values()}
+    biased = [(m, b) for m in unwrap(model).modules() if id(b := m._parameters.get("bias")) in originals]
     try:
         for layer in layers:
             layer.active = ()
         reg.active = ()
+        for m, b in biased:  # swapped, not written in place: autograd graphs that saved b stay valid
+            m._parameters["bias"] = nn.Parameter(originals[id(b)], requires_grad=False)
         yield model
     finally:
+        for m, b in biased:
+            m._parameters["bias"] = b
         for layer, act in zip(layers, saved):
             layer.active = act
         reg.active = active
@@ -171,10 +191,12 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def delete(model: nn.Module, adapter: str) -> None:
-    """Remove adapter ``adapter``; modules left without adapters get their original module back."""
+    """Remove adapter ``adapter``; modules left without adapters get their original module back, and
+    the base biases it trained (``LoraConfig.bias``) their original values."""
     reg = registry(model)
     check_names(reg, [adapter])
     require_unmerged(reg, "delete an adapter")
+    _restore_biases(reg, adapter)
     for path, wrapper in list(wrappers(model)):
         if adapter in wrapper.adapters():
             wrapper.remove(adapter)
@@ -184,6 +206,14 @@ def delete(model: nn.Module, adapter: str) -> None:
     reg.active = tuple(n for n in reg.active if n != adapter)
     if not reg.configs:
         _unload(model)
+
+
+def _restore_biases(reg: Registry, adapter: str) -> None:
+    """Write back the original values of the base biases ``adapter`` trained, frozen, and forget them."""
+    with torch.no_grad():
+        for b, original in reg.biases.pop(adapter, {}).values():
+            b.copy_(original)
+            b.requires_grad_(False)
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -327,7 +357,9 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     updates in its weights and the parameters' original ``requires_grad`` flags. A quantized
     (bitsandbytes) base cannot take ΔW: ``dequantize=True`` first replaces every quantized layer
     by an ``nn.Linear`` holding its dequantized weight W_deq, so the result is a full-precision
-    model with W_deq + ΔW rounded once (see :mod:`lorakit.quant`).
+    model with W_deq + ΔW rounded once (see :mod:`lorakit.quant`). Base biases trained by the merged
+    adapters (``LoraConfig.bias``) keep their trained values; those of the other adapters get their
+    original values back, as :func:`delete` does.
     """
     _refuse_sharded(model, "merge_and_unload")
     reg = registry(model)
@@ -338,6 +370,8 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     except LoraError:
         restore_quantized(replaced)  # all or nothing: the quantized layers go back
         raise
+    for name in [n for n in reg.biases if n not in reg.merged]:
+        _restore_biases(reg, name)
     _unload(model)
     return model
 

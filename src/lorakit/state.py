@@ -45,6 +45,9 @@ class Registry:
     active: tuple[str, ...] = ()
     merged: tuple[str, ...] = ()
     frozen: list = field(default_factory=list, repr=False)  # (param, requires_grad before inject), restored on unload
+    #: ``biases[name]``: ``{module path: (its base bias, a copy of the original value)}`` of the base-model
+    #: biases adapter ``name`` trains (``LoraConfig.bias``); a bias belongs to one adapter at most.
+    biases: dict[str, dict[str, tuple]] = field(default_factory=dict, repr=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -24,7 +25,8 @@ from .tokens import TokenLayer
 from .variants import dora
 from .variants.rewriting_inits import FLOATS, rewrites, rewritten
 
-__all__ = ["Site", "TokenSite", "plan", "plan_saved", "plan_tokens", "parts", "matcher", "output_heads", "check_rewriting_inits"]
+__all__ = ["Site", "TokenSite", "plan", "plan_saved", "plan_tokens", "plan_biases", "parts", "matcher", "output_heads",
+           "check_rewriting_inits"]
 
 _PLAIN = re.compile(r"[\w.\-]+")
 #: Names treated as the output head by "all-linear" (besides HF's get_output_embeddings()).
@@ -347,3 +349,48 @@ def plan_tokens(model: nn.Module, cfg: LoraConfig) -> list[TokenSite]:
                             f"{rows} rows (resize the embeddings first for new tokens)")
         sites.append(TokenSite(p, module, parent, attr, wrapper, ids, heads.get(p)))
     return sorted(sites, key=lambda s: s.tied is not None)  # owners first: tied heads read their layer
+
+
+def _under(path: str, roots: Sequence[str]) -> str | None:
+    """The first of ``roots`` that is ``path`` or one of its ancestors, else None."""
+    return next((q for q in roots if path == q or path.startswith(f"{q}.")), None)
+
+
+def plan_biases(model: nn.Module, cfg: LoraConfig, adapter: str, sites: Sequence[Site], saved: Sequence[tuple],
+                tokens: Sequence[TokenSite] = (), taken: Mapping[str, Mapping[str, tuple]] | None = None,
+                ) -> dict[str, nn.Parameter]:
+    """``{module path: its bias parameter}``: the base-model biases adapter ``adapter`` trains by
+    ``cfg.bias`` (PEFT's rule): ``"lora_only"``, the ``bias`` of each module in ``sites``; ``"all"``,
+    every parameter named ``bias`` except inside modules trained whole (``saved`` and existing
+    ``modules_to_save`` copies hold their own). A bias shared by several modules counts once. Raises
+    :class:`LoraError`, before anything changes, for a bias another adapter already trains (``taken``:
+    the registry's ``biases``; the model holds one value per bias) and for a bias inside a module
+    adapted through ``target_parameters`` or given trainable tokens (PEFT names it by its wrappers)."""
+    if cfg.bias == "none":
+        return {}
+    entries = list(walk(model))
+    if cfg.bias == "lora_only":
+        found = [(s.path, s.module._parameters.get("bias")) for s in sites]
+    else:
+        whole = [e[0] for e in saved] + [e[0] for e in entries if isinstance(e[4], SavedModule)]
+        found = [(p, m._parameters.get("bias")) for p, m, *_ in entries if _under(p, whole) is None]
+    biases: dict[str, nn.Parameter] = {}
+    for path, b in found:
+        if b is not None and all(b is not other for other in biases.values()):
+            biases[path] = b
+    wrapped = [s.path for s in sites if s.kind.selected_by == "target_parameters"]
+    wrapped += [t.path for t in tokens] + [p for p, *_, w in entries if isinstance(w, TokenLayer)]
+    for path in biases:
+        if (owner := _under(path, wrapped)) is not None:
+            raise LoraError(f"bias={cfg.bias!r}: {path}.bias is inside {owner}, which the adapter adapts through "
+                            "target_parameters or trainable tokens; training that base bias is not supported there "
+                            "(use bias='none', or bias='lora_only' with target_modules)")
+    owners = {id(b): (name, path) for name, held in (taken or {}).items() if name != adapter
+              for path, (b, _) in held.items()}
+    for path, b in biases.items():
+        if id(b) in owners:
+            other, where = owners[id(b)]
+            raise LoraError(f"adapter {adapter!r} (bias={cfg.bias!r}) would train the base bias {path}.bias, which "
+                            f"adapter {other!r} already trains (as {where}.bias); the model holds one value per bias, "
+                            f"so two adapters cannot both train it: delete {other!r} first, or use bias='none'")
+    return biases

@@ -419,7 +419,9 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
     k·len(adapters) rows, each name repeated k times (``repeat_interleave``). Adapters may differ in
     rank and in the modules they target. Raises :class:`LoraError` for unknown names, merged
     adapters, None rows on a model whose weights a PiSSA/OLoRA adapter rewrote (they would not run
-    the original model), or (at forward) a batch whose dim 0 does not match.
+    the original model), rows other than those of the one adapter that trains base biases
+    (``LoraConfig.bias``: the model holds them once, for every row), or (at forward) a batch whose
+    dim 0 does not match.
     """
     reg = registry(model)
     adapters = list(adapters)
@@ -432,6 +434,11 @@ def mixed(model: nn.Module, adapters: Sequence[str | None], expand: int = 1) -> 
         raise LoraError(f"unknown adapter(s) {unknown}; the model has: {sorted(reg.configs)}")
     if reg.merged:
         raise LoraError(f"adapters {list(reg.merged)} are merged; unmerge before running mixed batches")
+    trained = sorted(n for n, held in reg.biases.items() if held)
+    if trained and (len(trained) > 1 or set(adapters) != {trained[0]}):
+        raise LoraError(f"adapters {trained} trained base-model biases (LoraConfig.bias), which the model holds once "
+                        "for every row; rows of other adapters (or None) would run them too. Run those rows "
+                        "separately, or delete the adapters that train biases")
     if None in adapters:
         rewriting = sorted({n for _, layer in lora_layers(model) for n in inits.rewritten(layer)}
                            if any(inits.rewrites(c.init) for c in reg.configs.values()) else ())

@@ -23,7 +23,7 @@ from ..kinds import Kind
 from ..state import walk
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PREFIX", "AdapterFile", "read_adapter", "factor_keys", "magnitude_key",
-           "module_path", "in_list", "outermost", "bias_key", "peft_selects", "PEFT_FIELDS", "REFUSED",
+           "module_path", "in_list", "outermost", "bias_key", "base_bias_key", "peft_selects", "PEFT_FIELDS", "REFUSED",
            "read_config", "open_weights", "consistent_config", "to_lora_config",
            "EMBEDDING_LAYER_NAMES", "embedding_modules", "embedding_base_param", "TOKENS_SUFFIX"]
 
@@ -50,13 +50,12 @@ PEFT_FIELDS = {
                      "alora_invocation_tokens", "use_qalora", "monteclora_config", "layer_replication",
                      "use_bdlora", "arrow_config", "kasa_config", "ensure_weight_tying"), "refused"),
 }
-#: The default of each refused field (and of ``bias``, supported only as "none"), as lorakit writes them.
-REFUSED = {"bias": "none", "megatron_config": None, "lora_ga_config": None,
+#: The default of each refused field, as lorakit writes them.
+REFUSED = {"megatron_config": None, "lora_ga_config": None,
            "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
            "layer_replication": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
            "ensure_weight_tying": False}
-_WHY = {"bias": "training the base model's biases with the adapter (bias='lora_only' / 'all')",
-        "megatron_config": "Megatron tensor-parallel LoRA layers",
+_WHY = {"megatron_config": "Megatron tensor-parallel LoRA layers",
         "lora_ga_config": "LoRA-GA", "velora_config": "VeLoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
         "use_qalora": "QALoRA", "monteclora_config": "MonteCLoRA", "layer_replication": "layer replication",
         "use_bdlora": "BD-LoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
@@ -87,6 +86,19 @@ def factor_keys(path: str, kind: Kind) -> tuple[str, str]:
 def bias_key(path: str) -> str:
     """The file key of a ``lora_bias`` bias at ``path`` (PEFT's ``lora_B`` is an ``nn.Linear``/conv with a bias)."""
     return f"{PREFIX}{path}.lora_B.bias"
+
+
+def base_bias_key(path: str, wrapped: set[str] | frozenset[str]) -> str:
+    """The file key of the base bias of the module at ``path`` (``LoraConfig.bias``), PEFT's name in the state
+    dict of a model holding only this adapter: ``.base_layer`` after every module on the way that the
+    adapter wraps (``wrapped``: its LoRA layers' paths), e.g. ``q.base_layer.bias``, ``fc.bias``,
+    ``attn.base_layer.out_proj.base_layer.bias``."""
+    segments, out = path.split("."), []
+    for i, segment in enumerate(segments):
+        out.append(segment)
+        if ".".join(segments[: i + 1]) in wrapped:
+            out.append("base_layer")
+    return f"{PREFIX}{'.'.join(out)}.bias"
 
 
 def peft_selects(names: list[str], path: str, cfg: LoraConfig) -> bool:
@@ -233,7 +245,8 @@ def to_lora_config(config: dict, source: Path) -> LoraConfig:
                           layers_to_transform=config.get("layers_to_transform"),
                           layers_pattern=config.get("layers_pattern") or (),
                           lora_bias=config.get("lora_bias") or False,
-                          trainable_token_indices=config.get("trainable_token_indices"))
+                          trainable_token_indices=config.get("trainable_token_indices"),
+                          bias=config.get("bias") or "none")
     except KeyError as e:
         raise LoraError(f"{source}: missing required field {e.args[0]!r}") from None
     except LoraError as e:

@@ -30,7 +30,7 @@ from ..model import apply_plan, set_active
 from ..quant import check_trained_precision, format_of
 from ..sharding import is_sharded, like_param
 from ..state import lora_layers, registry, registry_of, saved_modules, token_layers, unwrap, walk
-from ..targets import Site, TokenSite, check_rewriting_inits, parts, plan, plan_saved, plan_tokens
+from ..targets import Site, TokenSite, check_rewriting_inits, parts, plan, plan_biases, plan_saved, plan_tokens
 from ..variants import dora
 from ..variants import rewriting_inits as inits
 from .format import (
@@ -39,6 +39,7 @@ from .format import (
     QUANT_KEY,
     TOKENS_SUFFIX,
     WEIGHTS_NAME,
+    base_bias_key,
     bias_key,
     embedding_base_param,
     embedding_modules,
@@ -212,6 +213,8 @@ class _Prepared:
     existing: bool
     bases: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # file key -> embedding weight to set
     tokens: list[TokenSite] = dataclasses.field(default_factory=list)  # layers that get trainable tokens
+    biases: dict[str, tuple[nn.Parameter, torch.Tensor]] = dataclasses.field(default_factory=dict)  # path -> (base
+    # bias the adapter trains, its value in the file)
 
 
 def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_change: bool = False,
@@ -235,7 +238,9 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
     selection = _selection(config, unwrap(model), config_source, file.lora)
     bases = _embedding_bases(unwrap(model), tensors, selection, source)
     token_tensors = {k: t for k, t in tensors.items() if k.endswith(TOKENS_SUFFIX)}
-    tensors = {k: t for k, t in tensors.items() if k not in bases and k not in token_tensors}  # LoRA and saved
+    tensors = {k: t for k, t in tensors.items() if k not in bases and k not in token_tensors}
+    bias_tensors, copies = _base_bias_keys(tensors, file.lora, selection, source)
+    tensors = {k: t for k, t in tensors.items() if k not in bias_tensors and k not in copies}  # LoRA and saved
     paths = {module_path(k) for k in tensors if ".lora_" in k}
     saved = {_owner(k[len(PREFIX):], modules) for k in tensors if ".lora_" not in k}
     if unknown := sorted(p for p in paths | saved if p not in modules):
@@ -259,8 +264,83 @@ def _prepare(model: nn.Module, directory: Path, adapter: str, allow_precision_ch
         check_trained_precision(metadata.get(QUANT_KEY), {s.path: format_of(s.module) for s in sites},
                                 str(source))
     tokens = _check_tokens(unwrap(model), cfg, adapter, existing, token_tensors, source)
+    biases = _check_biases(unwrap(model), cfg, adapter, sites, saved_plan, tokens, bias_tensors, source, config_source)
+    _check_copies(modules, copies, {**tensors, **{k: file.tensors[k] for k in copies}}, source)
     return _Prepared(cfg, {**tensors, **token_tensors, **{k: file.tensors[k] for k in bases}}, sites, saved_plan,
-                     existing, bases, tokens)
+                     existing, bases, tokens, biases)
+
+
+def _base_bias_keys(tensors: dict[str, torch.Tensor], cfg: LoraConfig, selection: _Selection, source: Path,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str, str]]]:
+    """The file's base-bias tensors (``LoraConfig.bias``: every key ending in ``.bias`` that is neither a
+    LoRA tensor nor inside a module saved whole), and, with ``bias="all"``, the copies PEFT also writes
+    of the biases inside a saved-whole module ``c``: ``c.original_module.<name>`` / ``c.modules_to_save.<name>``
+    (key -> (c, "original_module" | "modules_to_save", name)). Empty for ``bias="none"``, where a
+    base bias of an adapted module (``<path>.base_layer.bias``) is refused by name."""
+    if cfg.bias == "none":
+        if held := sorted(k for k in tensors if k.endswith(".base_layer.bias") and ".lora_" not in k):
+            raise LoraError(f"{source} holds the base-model bias {held[0]} ({len(held)} in all), but its config has "
+                            "bias='none'; a file with trained base biases says bias='lora_only' or 'all'")
+        return {}, {}
+    roots = sorted(selection.saved | selection.saved_loose)
+    biases, copies = {}, {}
+    for key, t in tensors.items():
+        rest = key[len(PREFIX):]
+        if ".lora_" in key or not (rest == "bias" or rest.endswith(".bias")):
+            continue
+        root = next((q for q in roots if rest.startswith(f"{q}.")), None)
+        if root is None:
+            biases[key] = t
+            continue
+        where, _, name = rest[len(root) + 1:].partition(".")
+        if cfg.bias == "all" and where in ("original_module", "modules_to_save") and name:
+            copies[key] = (root, where, name)
+    return biases, copies
+
+
+def _check_biases(model: nn.Module, cfg: LoraConfig, adapter: str, sites: list[Site], saved: list[tuple],
+                  tokens: list[TokenSite], tensors: dict[str, torch.Tensor], source: Path, config_source: Path,
+                  ) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
+    """``{path: (base bias, its value in the file)}`` for ``cfg.bias`` (:func:`lorakit.targets.plan_biases`),
+    the file holding exactly those biases under PEFT's keys (:func:`lorakit.files.format.base_bias_key`),
+    in their shapes, floating point and finite; an existing adapter ``adapter`` must train the same ones."""
+    reg = registry_of(model)
+    planned = plan_biases(model, cfg, adapter, sites, saved, tokens, reg.biases if reg else None)
+    wrapped = {s.path for s in sites}
+    keys = {base_bias_key(path, wrapped): path for path in planned}
+    try:
+        _check({k: tuple(planned[p].shape) for k, p in keys.items()}, tensors, source)
+    except LoraError as e:
+        raise LoraError(f"{e} (base biases: bias={cfg.bias!r} in {config_source} selects {sorted(planned)[:6]}"
+                        f"{' …' if len(planned) > 6 else ''})") from None
+    if bad := sorted(k for k, t in tensors.items() if not t.is_floating_point()):
+        raise LoraError(f"{source}: base bias {bad[0]} has dtype {tensors[bad[0]].dtype}, not floating point")
+    if reg is not None and adapter in reg.configs:
+        old = reg.configs[adapter].bias
+        if old != cfg.bias or set(planned) != set(reg.biases.get(adapter, {})):
+            raise LoraError(f"{config_source}: bias={cfg.bias!r} (base biases of {sorted(planned)[:6]}) differs from adapter "
+                            f"{adapter!r}'s bias={old!r}; delete the adapter first, then load the file")
+    return {path: (planned[path], tensors[key]) for key, path in keys.items()}
+
+
+def _check_copies(modules: dict[str, nn.Module], copies: dict[str, tuple[str, str, str]],
+                  tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """PEFT's ``bias="all"`` also writes, for a module ``c`` saved whole, ``c.original_module.<bias>`` (the
+    base module's bias, never trained: PEFT writes it back into the base) and ``c.modules_to_save.<bias>``
+    (the copy's bias, again). lorakit keeps the base module as it is, so both must be what they repeat:
+    the model's own bias, and the copy's value in the file."""
+    for key, (root, where, name) in copies.items():
+        t = tensors.get(f"{PREFIX}{root}.{name}") if where == "modules_to_save" else None
+        if where == "original_module":
+            try:
+                t = modules[root].get_parameter(name).detach()
+            except AttributeError:
+                raise LoraError(f"{source}: unexpected key {key}: module {root} has no parameter {name!r}") from None
+        value = tensors[key]
+        if t is None or tuple(t.shape) != tuple(value.shape) or not torch.equal(value.to(t.dtype).cpu(), t.cpu()):
+            what = "the copy's" if where == "modules_to_save" else "the base model's"
+            raise LoraError(f"{source}: {key} differs from {what} {root}.{name}; lorakit does not change the base "
+                            f"modules of modules_to_save {root!r} (PEFT would write it into the original module)")
 
 
 def _check_tokens(model: nn.Module, cfg: LoraConfig, adapter: str, existing: bool, tensors: dict[str, torch.Tensor],
@@ -379,7 +459,9 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
 
     A file that holds the base weights of the model's input/output embeddings (PEFT's
     ``save_embedding_layers``) sets them in the model, as PEFT does (in place: a tied output
-    embedding follows; deleting the adapter does not restore them); their shapes must be the model's.
+    embedding follows; deleting the adapter does not restore them); their shapes must be the model's. A file
+    with ``bias="lora_only"`` / ``"all"`` writes the base biases it holds into the model, as PEFT does;
+    a copy of their values is kept first, restored by :func:`lorakit.delete`.
     """
     if any(adapter in layer.true_rank for _, layer in lora_layers(model)):
         raise LoraError(f"adapter {adapter!r} is prepared for hot-swapping (its factors are zero-padded); load "
@@ -393,7 +475,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
                         "not be sharded; load the adapter before lorakit.distributed.fully_shard_model, or into "
                         "an existing adapter of that name")
     else:
-        apply_plan(model, adapter, cfg, prepared.sites, prepared.saved, activate, prepared.tokens)
+        apply_plan(model, adapter, cfg, prepared.sites, prepared.saved, activate, prepared.tokens,
+                   {path: b for path, (b, _) in prepared.biases.items()})  # (keeps a copy of their values)
     with torch.no_grad():  # a sharded (FSDP2) parameter takes its shard of the whole tensor (a collective)
         for path, layer in lora_layers(model):
             if adapter in layer.lora_A:
@@ -409,6 +492,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
             if adapter in layer.trainable_tokens_delta:
                 t = layer.trainable_tokens_delta[adapter]
                 t.copy_(like_param(tensors[f"{PREFIX}{path}{TOKENS_SUFFIX}"], t))
+        for b, value in prepared.biases.values():  # the base biases it trains, as PEFT's load_state_dict
+            b.copy_(like_param(value, b))
         for key, param in prepared.bases.items():  # the embeddings' base weights, as PEFT's load_state_dict
             param.copy_(like_param(tensors[key], param))  # in place: a tied output embedding follows
         for path, wrapper in saved_modules(model):

@@ -35,6 +35,7 @@ from .format import (
     REFUSED,
     TOKENS_SUFFIX,
     WEIGHTS_NAME,
+    base_bias_key,
     bias_key,
     embedding_modules,
     factor_keys,
@@ -79,7 +80,7 @@ def _peft_config(model: nn.Module, adapter: str) -> dict:
         **REFUSED, "lora_bias": cfg.lora_bias, "layers_to_transform": list(cfg.layers_to_transform) or None,
         "layers_pattern": list(cfg.layers_pattern) or None,
         "modules_to_save": _target_modules(unwrap(model), saved) if saved else None,
-        "trainable_token_indices": _token_indices(model, adapter),
+        "trainable_token_indices": _token_indices(model, adapter), "bias": cfg.bias,
     }
 
 
@@ -231,6 +232,9 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter: str = "default
             if adapter in layer.lora_magnitude_vector:
                 m = layer.lora_magnitude_vector[adapter].detach()
                 tensors[magnitude_key(path)] = full_tensor(m).to("cpu", dtype).contiguous()
+    wrapped = {p for p, layer in lora_layers(model) if adapter in layer.lora_A}
+    for path, (b, _) in reg.biases.get(adapter, {}).items():  # the base biases it trains, in their own dtype (PEFT)
+        tensors[base_bias_key(path, wrapped)] = full_tensor(b.detach()).to("cpu").contiguous()
     for path, layer in token_layers(model):  # tied heads hold none: their owner's are written
         if adapter in layer.trainable_tokens_delta:
             t = layer.trainable_tokens_delta[adapter].detach()

@@ -245,6 +245,11 @@ def combine(model: nn.Module, weights: Mapping[str, float], method: str = "cat",
     if biased:
         raise LoraError(f"cannot combine adapters with lora_bias=True ({biased}): their biases have no defined "
                         "combination; combine adapters without lora_bias")
+    trained = sorted(n for n in names if reg.configs[n].bias != "none")
+    if trained:
+        raise LoraError(f"cannot combine adapters that train base-model biases ({trained}, LoraConfig.bias): the "
+                        "base holds one value per bias, so they have no defined combination; combine adapters "
+                        "with bias='none'")
     whole = sorted({p for p, w in saved_modules(model) if set(names) & set(w.adapters())})
     if whole:
         raise LoraError(f"cannot combine adapters that train modules whole (modules_to_save: {whole}); "

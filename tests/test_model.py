@@ -464,3 +464,11 @@ def test_one_adapter_name_rule_for_the_library_and_the_server(net):
             assert "adapter name" in str(e)
             injected = False
         assert served == injected == (name in ("a", "1st", "_x-2", "x" * 128)), name
+
+
+@pytest.mark.parametrize("name", ["half", "to", "training", "forward", "parameters"])
+def test_adapter_names_that_are_module_attributes_are_refused_by_name(name):
+    net = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(LoraError, match=f"{name!r} is the name of a torch module attribute"):
+        lorakit.inject(net, LoraConfig(r=2, targets=["0"]), adapter=name)
+    assert not lorakit.state.has_adapters(net) and type(net[0]) is nn.Linear

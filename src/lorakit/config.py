@@ -45,10 +45,16 @@ class LoraError(ValueError):
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+_DICTS = (nn.ParameterDict(), nn.ModuleDict())  # their keys become attributes: a name must not be one already
+
+
 def check_name(adapter: object) -> str:
     """Return ``adapter`` if it is a valid adapter name (:data:`ADAPTER_NAME`), else raise :class:`LoraError`."""
     if not isinstance(adapter, str) or not ADAPTER_NAME.fullmatch(adapter):
         raise LoraError(f"adapter name {adapter!r} is invalid: use 1-128 letters, digits, '_' or '-'")
+    if any(hasattr(d, adapter) for d in _DICTS):  # an adapter name is a key of both kinds of dict
+        raise LoraError(f"adapter name {adapter!r} is the name of a torch module attribute or method "
+                        f"(nn.ParameterDict.{adapter}); pick another name, e.g. {adapter + '_adapter'!r}")
     return adapter
 
 

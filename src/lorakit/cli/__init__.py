@@ -71,9 +71,9 @@ def _train(args) -> int:
             raise _UsageError("--nproc starts torchrun; under torchrun leave it out (--nproc-per-node sets it)")
         return _launch(args.nproc, args.argv)
     _set_threads(args)
-    from . import distributed as D
-    from .train.loop import TrainConfig
-    from .train.tasks import LoraSpec
+    from .. import distributed as D
+    from ..train.loop import TrainConfig
+    from ..train.tasks import LoraSpec
 
     device = D.resolve_device(args.device)
     targets = tuple((args.targets or ("all-linear" if lm else "query,value")).split(","))
@@ -101,7 +101,7 @@ def _train(args) -> int:
 def _check_train_data(args, lm: bool) -> None:
     """Read and split the data files as the task will, without torch: a bad file is refused at once, before
     the output folder is looked at, torchrun starts or the model loads (the task reads them again)."""
-    from .train.data import classification_splits, prompt_splits
+    from ..train.data import classification_splits, prompt_splits
     if not any(f and not f.startswith("builtin:") for f in (args.data, args.val_data, args.test_data)):
         return
     if lm:
@@ -119,7 +119,7 @@ def _set_threads(args) -> None:
 
 
 def _run_task(args, lm: bool, common: dict) -> None:
-    from .train.tasks import causal_lm, classify
+    from ..train.tasks import causal_lm, classify
     if lm:
         data = args.data or "builtin:bbc-headlines"
         limit = args.train_limit if args.train_limit is not None else (600 if data == "builtin:bbc-headlines" else 0)
@@ -144,9 +144,9 @@ def _predict(args) -> int:
     import json
 
     folder = _adapter_folder(args.adapter)
-    from .api import load
-    from .train.data import read_records
-    from .train.tasks import adapter_task, load_model, predict
+    from ..api import load
+    from ..train.data import read_records
+    from ..train.tasks import adapter_task, load_model, predict
 
     task = adapter_task(folder)
     if task.get("task") != "classify":
@@ -162,7 +162,7 @@ def _predict(args) -> int:
         texts = [row[args.text_column] for _, row in read_records(args.file, [args.text_column], roles=roles)]
     else:
         texts = args.texts
-    from .distributed import resolve_device
+    from ..distributed import resolve_device
     device = resolve_device(args.device)
     model, tok = load_model(args.model or task["model"], "classify", num_labels=len(task["labels"]))
     load(model, folder)
@@ -183,8 +183,8 @@ def _generate(args) -> int:
     folder = _adapter_folder(args.adapter) if args.adapter else None
     import torch
 
-    from .api import load
-    from .train.tasks import adapter_task, generate, load_model
+    from ..api import load
+    from ..train.tasks import adapter_task, generate, load_model
 
     model_spec = args.model
     if args.adapter:
@@ -195,7 +195,7 @@ def _generate(args) -> int:
             "base_model_name_or_path")
         if model_spec is None and base and (base.startswith("builtin:") or Path(base).is_dir()):
             model_spec = base
-    from .distributed import resolve_device
+    from ..distributed import resolve_device
     device = resolve_device(args.device)
     model, tok = load_model(model_spec or "builtin:smollm2", "causal-lm")
     if args.adapter:
@@ -214,8 +214,8 @@ def _inspect(args) -> int:
     folder = _adapter_folder(args.adapter)
     from safetensors import safe_open
 
-    from .files.format import WEIGHTS_NAME
-    from .train.tasks import adapter_task
+    from ..files.format import WEIGHTS_NAME
+    from ..train.tasks import adapter_task
 
     config = json.loads((folder / CONFIG_NAME).read_text())
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
@@ -234,7 +234,7 @@ def _inspect(args) -> int:
 
 def _inspect_spectrum(args, folder: Path) -> None:
     """``inspect``'s per-module table: rank, largest singular values of ΔW, effective rank; the plot."""
-    from .ops.extraction import effective_rank, plot_spectra, spectra
+    from ..ops.extraction import effective_rank, plot_spectra, spectra
     found = spectra(folder)
     print(f"{'module':<56} {'rank':>4} {'sigma_1':>10} {'sigma_r':>10} {f'rank@{args.energy:g}':>9}")
     for path, s in found.items():
@@ -249,7 +249,7 @@ def _load_base(folder: Path, model_spec: str | None):
     """The base model an adapter folder belongs to (``--model``, else its recorded base), by its task."""
     import json
 
-    from .train.tasks import adapter_task, load_model
+    from ..train.tasks import adapter_task, load_model
     task = adapter_task(folder)
     base = model_spec or task.get("model") or json.loads((folder / "adapter_config.json").read_text()).get(
         "base_model_name_or_path")
@@ -264,8 +264,8 @@ def _combine(args) -> int:
     import json
 
     folders = [_adapter_folder(a) for a in args.adapters]
-    from .api import combine, load, save
-    from .train.tasks import TASK_NAME
+    from ..api import combine, load, save
+    from ..train.tasks import TASK_NAME
     if len(args.weights) != len(folders):
         raise _UsageError(f"--weights needs one weight per adapter: {len(folders)} adapters, "
                           f"{len(args.weights)} weights")
@@ -315,9 +315,9 @@ def _extract(args) -> int:
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from .api import extract, save
-    from .pretrained import _quiet_transformers, model_path
-    from .train.tasks import TASK_NAME, load_model
+    from ..api import extract, save
+    from ..pretrained import _quiet_transformers, model_path
+    from ..train.tasks import TASK_NAME, load_model
     task = args.task
     fields = {}
     if task == "classify":
@@ -362,7 +362,7 @@ def _export(args) -> int:
 
 def _serve(args) -> int:
     _set_threads(args)
-    from .serve.server import run
+    from ..serve.server import run
     return run(args)
 
 

@@ -6,6 +6,13 @@ A real uvicorn server (in a thread) serves a tiny random Llama folder; every req
 field or a name already loaded; 404 for an adapter folder or a name that does not exist), our admin
 rules (401/403 for the token, 400 for a path outside the adapter root), and Hugging Face
 ``generate`` run alone with the adapter for the completion served under the loaded name.
+
+``load_inplace`` and ``lora_int_id`` (issue 21): vLLM's semantics as in
+vllm/entrypoints/openai/models/serving.py (``OpenAIServingModels.load_lora_adapter``: the id kept
+by an in-place reload; ``load_inplace`` for a name not loaded loads it), and lorakit's decision for
+requests in flight: rows already generating finish on the weights they started with, waiting ones
+start on the new version. The swap is made to land mid-generation deterministically by holding the
+engine's worker between two steps; oracle: HF ``generate`` alone with each version.
 """
 
 import copy

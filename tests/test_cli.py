@@ -326,7 +326,7 @@ def test_every_command_and_option_has_help():
     parser = _parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     described = {a.dest: a.help for a in commands._choices_actions}
-    assert set(described) == {"train", "predict", "generate", "inspect", "serve", "combine", "extract"}
+    assert set(described) == {"train", "predict", "generate", "inspect", "serve", "combine", "extract", "export"}
     assert all(h and h.strip() for h in described.values()), described
     for name, sub in commands.choices.items():
         for action in sub._actions:
@@ -339,7 +339,7 @@ def test_every_command_and_option_has_help():
 def test_top_level_help_lists_the_commands_and_version_works():
     code, out, err = lorakit("--help")
     assert code == 0, err
-    for command in ("train", "predict", "generate", "inspect", "serve", "combine", "extract"):
+    for command in ("train", "predict", "generate", "inspect", "serve", "combine", "extract", "export"):
         assert any(line.split()[:1] == [command] and len(line.split()) > 1 for line in out.splitlines()), \
             (command, out)
     code, out, err = lorakit("--version")

@@ -24,7 +24,8 @@ except PackageNotFoundError:  # a source tree on sys.path that is not installed
 __all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
            "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "verify", "save_pretrained",
            "registry", "lora_layers", "mixed", "Kind", "LinearKind", "register_kind", "kind_of", "quantize", "combine",
-           "CombineReport", "extract", "ExtractReport", "spectra", "prepare_hotswap", "__version__"]
+           "CombineReport", "extract", "ExtractReport", "spectra", "prepare_hotswap", "export_vllm", "VllmExport",
+           "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as lorakit.api defines them
     from .api import *  # noqa: F403

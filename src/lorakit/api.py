@@ -8,7 +8,7 @@ the core. Code inside lorakit above the core (train, serve, cli) imports from he
 from . import integrations  # noqa: F401  (registers transformers' save_pretrained with the core)
 from .batching import mixed
 from .config import INITS, LoraConfig, LoraError
-from .files import save
+from .files import VllmExport, export_vllm, save
 from .hotswap import load, prepare_hotswap, verify
 from .integrations.transformers import save_pretrained
 from .kinds import Kind, LinearKind, kind_of, register_kind
@@ -33,4 +33,5 @@ from .quant import quantize
 __all__ = ["LoraConfig", "LoraError", "INITS", "LoraLayer", "Summary", "inject", "set_active", "disabled",
            "delete", "merge", "unmerge", "merge_and_unload", "summary", "save", "load", "verify", "save_pretrained",
            "registry", "lora_layers", "mixed", "Kind", "LinearKind", "register_kind", "kind_of", "quantize", "combine",
-           "CombineReport", "extract", "ExtractReport", "spectra", "prepare_hotswap"]
+           "CombineReport", "extract", "ExtractReport", "spectra", "prepare_hotswap", "export_vllm",
+           "VllmExport"]

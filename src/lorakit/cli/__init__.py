@@ -1,5 +1,5 @@
 """``lorakit`` command line: ``train``, ``predict``, ``generate``, ``inspect``, ``serve``, ``combine``,
-``extract`` (their options in :mod:`.parser`). Errors go to stderr with exit 2 (bad input) or 1
+``extract``, ``export`` (their options in :mod:`.parser`). Errors go to stderr with exit 2 (bad input) or 1
 (failure); ``--help`` on every command."""
 
 from __future__ import annotations
@@ -343,6 +343,23 @@ def _extract(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """``lorakit export --format vllm IN OUT``: the summary line, each truncation's error, the warnings."""
+    import warnings
+
+    folder = _adapter_folder(args.adapter)
+    from ..files.vllm import export_vllm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same notes are in the report, printed below
+        report = export_vllm(folder, args.out, max_lora_rank=args.max_lora_rank, truncate=args.truncate)
+    for path, error in report.truncated.items():
+        print(f"  {path}: truncated to rank {args.max_lora_rank}, relative error {error:.3e}")
+    for note in report.warnings:
+        print(f"lorakit export: warning: {note}", file=sys.stderr)
+    print(report)
+    return 0
+
+
 def _serve(args) -> int:
     _set_threads(args)
     from ..serve.server import run
@@ -356,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return {"train": _train, "predict": _predict, "generate": _generate, "inspect": _inspect,
-                "serve": _serve, "combine": _combine, "extract": _extract}[args.command](args)
+                "serve": _serve, "combine": _combine, "extract": _extract, "export": _export}[args.command](args)
     except (FileNotFoundError, ValueError) as e:  # lorakit's LoraError and DataError are ValueErrors
         print(f"lorakit {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -157,6 +157,21 @@ def _adapter_parsers(sub) -> None:
     e.add_argument("--modules-to-save", default=None,
                    help="modules copied whole from the tuned model (default for classify: the head)")
     e.add_argument("--out", required=True, help="folder for the adapter")
+    x = sub.add_parser("export", help="write a copy of an adapter that another server loads unchanged (vLLM)",
+                       description="Write a copy of a PEFT-format adapter folder that vLLM serves as it is and that "
+                                   "computes the same update (lorakit.export_vllm): each module's scale folded into "
+                                   "its B so that vLLM's one scaling (lora_alpha/r) is exact, rank_pattern, "
+                                   "alpha_pattern, rsLoRA and layers_to_transform flattened. What vLLM cannot serve "
+                                   "(DoRA, modules_to_save, lora_bias, trainable tokens, unconverted PiSSA/OLoRA, "
+                                   "convolutions, ranks above --max-lora-rank) is refused with the reason, and "
+                                   "nothing is written.", formatter_class=_Help)
+    x.add_argument("adapter", help="adapter folder (PEFT format)")
+    x.add_argument("out", help="folder to create (must not exist, or be empty)")
+    x.add_argument("--format", required=True, choices=["vllm"], help="the server to export for")
+    x.add_argument("--max-lora-rank", type=_positive(int), default=16,
+                   help="the vLLM server's --max-lora-rank (vLLM's default: 16); higher ranks are refused")
+    x.add_argument("--truncate", action="store_true",
+                   help="cut modules above --max-lora-rank to that rank by truncated SVD instead (prints the error)")
 
 
 def _positive(kind, zero: bool = False):

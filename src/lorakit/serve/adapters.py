@@ -8,7 +8,15 @@ loading one more evicts the least recently used adapter that no running row uses
 adapter is reloaded from disk when a request needs it again.
 
 Names inside the model are internal (``srv0``, ``srv1``, ...), one per load, so a public name
-may be deleted and added again while old requests still run on the old weights.
+may be deleted and added again while old requests still run on the old weights. Each public name
+also has vLLM's ``lora_int_id`` (1, 2, ... in the order of loading), kept across in-place reloads.
+
+In-place reload (``replace``, vLLM's ``load_inplace``): the new version is loaded (and checked)
+under a fresh internal name while the old one keeps serving, then the catalog entry is swapped on
+the worker between two decode steps. Rows already generating finish on the version they started
+with (never a mix); requests still waiting move to the new version when they are admitted
+(``current``); the old weights leave once no row uses them. A failed load leaves the old version
+serving, untouched.
 
 Containment: every file an adapter is read from (not only its folder) must resolve, symlinks
 included, inside the adapter root. Clients only ever see paths relative to the root.
@@ -58,6 +66,8 @@ class Entry:
     rows: int = 0           # rows of the decode batch (or the prefill) using it now
     removed: bool = False   # deleted from the catalog; unloaded once holders == 0
     last_used: float = field(default_factory=time.monotonic)
+    int_id: int = 0         # vLLM's lora_int_id of the public name (kept by in-place reloads)
+    replaced_by: Entry | None = None  # the newer version an in-place reload swapped in
 
 
 def check_name(name: object, param: str = "name") -> str:
@@ -142,6 +152,7 @@ class Adapters:
         self.version = 0            # bumped whenever the model's adapters change (routing must be rebuilt)
         self._dropped: list[Entry] = []
         self._ids = itertools.count()
+        self._int_ids = itertools.count(1)
         self._lock = threading.Lock()
 
     # -- any thread ------------------------------------------------------------------------------
@@ -153,7 +164,7 @@ class Adapters:
         """Name and residency of each adapter; ``detail``: also its path (relative to the root), the
         requests holding it and the batch rows using it (both 0 when idle, never negative)."""
         with self._lock:
-            return [{"name": e.name, "resident": e.internal is not None,
+            return [{"name": e.name, "resident": e.internal is not None, "lora_int_id": e.int_id,
                      **({"path": shown(self.root, e.path) if self.root else e.path.name, "requests": e.holders,
                          "rows": e.rows} if detail else {})}
                     for e in sorted(self.catalog.values(), key=lambda e: e.name)]
@@ -176,6 +187,22 @@ class Adapters:
         with self._lock:
             entry.holders -= 1
 
+    def current(self, entry: Entry) -> Entry:
+        """The newest version of ``entry`` (after in-place reloads), the request's hold moved to it."""
+        with self._lock:
+            newest = entry
+            while newest.replaced_by is not None:
+                newest = newest.replaced_by
+            if newest is not entry:
+                entry.holders -= 1
+                newest.holders += 1
+            return newest
+
+    def name_of(self, int_id: int) -> str | None:
+        """The public name whose ``lora_int_id`` is ``int_id``, or None."""
+        with self._lock:
+            return next((e.name for e in self.catalog.values() if e.int_id == int_id), None)
+
     def remove(self, name: str) -> Entry:
         """Take ``name`` out of the catalog now; its weights go once no request holds it."""
         with self._lock:
@@ -192,7 +219,7 @@ class Adapters:
         self._guarded(name, path, lambda: verify(self.model, path, adapter="srvcheck",
                                                  allow_precision_change=self.allow_precision_change))
         with self._lock:
-            entry = self.catalog[check_name(name)] = Entry(name, path)
+            entry = self.catalog[check_name(name)] = Entry(name, path, int_id=next(self._int_ids))
             return entry
 
     # -- worker thread -----------------------------------------------------------------------------
@@ -201,11 +228,29 @@ class Adapters:
         with self._lock:
             if name in self.catalog:
                 raise AdapterError(409, f"adapter {name!r} already exists; delete it first", code="adapter_exists")
-        entry = Entry(name, path)
+        entry = Entry(name, path, int_id=next(self._int_ids))
         self._load(entry)
         with self._lock:
             self.catalog[name] = entry
             self.skipped.pop(name, None)
+        self.evict_over_limit()
+        return entry
+
+    def replace(self, name: str, path: Path) -> Entry:
+        """In-place reload (see the module doc): load ``path`` as the new version of ``name``, same
+        ``lora_int_id``; a name not loaded is simply added (as vLLM's ``load_inplace`` does). Raises
+        AdapterError, the old version still serving."""
+        with self._lock:
+            old = self.catalog.get(name)
+        entry = Entry(name, path, int_id=old.int_id if old is not None else next(self._int_ids))
+        self._load(entry)
+        with self._lock:
+            old = self.catalog.get(name)  # again: a delete may have come meanwhile
+            self.catalog[name] = entry
+            if old is not None:
+                old.replaced_by, old.removed = entry, True
+                self._dropped.append(old)
+        self.collect()
         self.evict_over_limit()
         return entry
 

@@ -4,7 +4,9 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``model`` = 
 name or an adapter's; ``stream: true`` sends server-sent events), ``GET /v1/models``,
 ``GET /health``, ``GET /metrics`` (Prometheus text), and the admin endpoints ``POST /v1/adapters``,
 ``GET /v1/adapters``, ``DELETE /v1/adapters/{name}`` and vLLM's ``POST /v1/load_lora_adapter`` /
-``POST /v1/unload_lora_adapter`` (bearer token). Every error is OpenAI's
+``POST /v1/unload_lora_adapter`` (bearer token; ``load_inplace`` replaces a loaded adapter between two
+decode steps, see :mod:`.adapters`; ``lora_int_id`` names an adapter by vLLM's integer id, given in
+the load answer's ``X-Lora-Int-Id`` header and in ``/v1/models``). Every error is OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` with a precise status; a client that goes away
 (mid-stream or while waiting) cancels its requests, which frees their batch slots.
 
@@ -69,6 +71,7 @@ class _Server:
         self.base_names = {base_name, *aliases}
         self.admin_token, self.root, self.max_context = admin_token, adapter_root, max_context
         self.draining = False  # set on shutdown: new requests get 503
+        self.reloading: set[str] = set()  # adapters with an in-place reload under way (a second one: 409)
         # one thread: the tokenizer is not shared across threads, and the event loop never waits on it
         self._text = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lorakit-tokenize")
 
@@ -353,8 +356,8 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
 
     @app.get("/v1/models")
     async def models():
-        cards = [P.model_card(base_name)] + [P.model_card(a["name"], parent=base_name, resident=a["resident"])
-                                             for a in engine.adapters.listing()]
+        cards = [P.model_card(base_name)] + [P.model_card(a["name"], parent=base_name, resident=a["resident"],
+                                                          lora_int_id=a["lora_int_id"]) for a in engine.adapters.listing()]
         return {"object": "list", "data": cards, "skipped": engine.adapters.skipped_listing()}
 
     @app.post("/v1/completions")
@@ -396,9 +399,10 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         return {"object": "list", "data": engine.adapters.listing(detail=True),
                 "max_resident": engine.adapters.max_resident or None}
 
-    async def add_adapter(name: object, path: object) -> str:
+    async def add_adapter(name: object, path: object, inplace: bool = False):
         """Load the adapter folder ``path`` (inside the adapter root) as ``name`` (default: the
-        folder's name); the one load path of both admin APIs. Raises ApiError / AdapterError."""
+        folder's name), or with ``inplace`` as the new version of ``name``; the one load path of both
+        admin APIs; returns the adapter's entry. Raises ApiError / AdapterError."""
         if srv.root is None:
             raise ApiError(400, "the server was started without --adapters; no adapter root to load from",
                            param="path", code="no_adapter_root")
@@ -406,8 +410,16 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         name = check_name(name if name is not None else path.name)
         if name in srv.base_names:
             raise ApiError(409, f"{name!r} is the base model's name", param="name", code="reserved_name")
-        await asyncio.wrap_future(engine.call(lambda: engine.adapters.add(name, path)))
-        return name
+        if not inplace:
+            return await asyncio.wrap_future(engine.call(lambda: engine.adapters.add(name, path)))
+        if name in srv.reloading:
+            raise ApiError(409, f"an in-place reload of '{name}' is under way; retry once it is answered",
+                           param="name", code="reload_in_progress")
+        srv.reloading.add(name)
+        try:
+            return await asyncio.wrap_future(engine.call(lambda: engine.adapters.replace(name, path)))
+        finally:
+            srv.reloading.discard(name)
 
     def remove_adapter(name: object, param: str) -> str:
         """Take adapter ``name`` out of the catalog; its weights leave once no request uses them."""
@@ -423,8 +435,8 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
     @app.post("/v1/adapters", status_code=201)
     async def load_adapter(body: P.AdapterLoadRequest, authorization: str | None = Header(default=None)):
         srv.check_admin(authorization)
-        name = await add_adapter(body.name, body.path)
-        return P.model_card(name, parent=base_name, resident=True)
+        entry = await add_adapter(body.name, body.path)
+        return P.model_card(entry.name, parent=base_name, resident=True, lora_int_id=entry.int_id)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, authorization: str | None = Header(default=None)):
@@ -432,34 +444,55 @@ def create_app(engine: Engine, tokenizer, base_name: str, aliases: tuple[str, ..
         return {"id": remove_adapter(name, "name"), "object": "model", "deleted": True}
 
     # vLLM's runtime adapter API (same token, root and checks): 200 with a text message on success;
-    # like vLLM, a name already loaded is a 400 and an adapter folder that does not exist a 404.
+    # like vLLM, a name already loaded is a 400 (unless load_inplace) and an adapter folder that does
+    # not exist a 404; load_inplace for a name not loaded loads it (as vLLM does).
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: P.LoraLoadRequest, authorization: str | None = Header(default=None)):
         srv.check_admin(authorization)
         if not body.lora_name or not body.lora_path:
             raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.",
                            param="lora_path" if body.lora_name else "lora_name", code="missing_field")
+        inplace = False if body.load_inplace is None else body.load_inplace
+        if not isinstance(inplace, bool):
+            raise ApiError(400, "'load_inplace' must be true or false", param="load_inplace", code="invalid_type")
         try:
-            name = await add_adapter(body.lora_name, body.lora_path)
+            entry = await add_adapter(body.lora_name, body.lora_path, inplace)
         except (ApiError, AdapterError) as e:
             param = {"name": "lora_name", "path": "lora_path"}.get(e.param, e.param)
             if e.code == "adapter_exists":
-                raise ApiError(400, f"The lora adapter '{body.lora_name}' has already been loaded.",
+                raise ApiError(400, f"The lora adapter '{body.lora_name}' has already been loaded. If you want "
+                               "to load the adapter in place, set 'load_inplace' to True.",
                                param="lora_name", code="adapter_exists") from None
             if e.code == "adapter_not_found":
                 status = 404  # vLLM's "No adapter found"
             else:
-                status = 400 if e.status in (400, 409) else e.status
+                status = 400 if e.status in (400, 409) and e.code != "reload_in_progress" else e.status
             raise ApiError(status, e.message, param, e.code) from None
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+        return PlainTextResponse(f"Success: LoRA adapter '{entry.name}' added successfully.",
+                                 headers={"X-Lora-Int-Id": str(entry.int_id)})
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: P.LoraLoadRequest, authorization: str | None = Header(default=None)):
         srv.check_admin(authorization)
-        if not body.lora_name:
-            raise ApiError(400, "'lora_name' must be provided.", param="lora_name", code="missing_field")
+        name, int_id = body.lora_name, body.lora_int_id
+        if int_id is not None and (isinstance(int_id, bool) or not isinstance(int_id, int)):
+            raise ApiError(400, "'lora_int_id' must be an integer", param="lora_int_id", code="invalid_type")
+        if not name and int_id is None:
+            raise ApiError(400, "'lora_name' or 'lora_int_id' must be provided.", param="lora_name",
+                           code="missing_field")
+        if int_id is not None:
+            name = check_name(name, "lora_name") if name else None
+            owner = engine.adapters.name_of(int_id)
+            if owner is None or (name and name not in engine.adapters.names()):
+                raise ApiError(404, f"No LoRA adapter with lora_int_id {int_id}." if owner is None else
+                               f"The lora adapter '{name}' cannot be found.", param="lora_int_id" if owner is None
+                               else "lora_name", code="model_not_found")
+            if name and name != owner:
+                raise ApiError(400, f"lora_int_id {int_id} is the adapter '{owner}', not '{name}'",
+                               param="lora_int_id", code="lora_int_id_mismatch")
+            name = owner
         try:
-            name = remove_adapter(body.lora_name, "lora_name")
+            name = remove_adapter(name, "lora_name")
         except ApiError as e:
             if e.status != 404:
                 raise

@@ -3,14 +3,16 @@
 One worker thread owns the model; all torch work happens there. Requests enter a bounded queue
 (``submit`` raises :class:`QueueFull` when it is full). Each loop iteration of the worker:
 
-1. runs pending commands (adapter loads/deletes) between steps, and unloads deleted adapters
-   nobody uses any more;
+1. runs pending commands (adapter loads, in-place reloads, deletes) between steps, and unloads
+   deleted or replaced adapter versions nobody uses any more;
 2. drops queued or running requests that were cancelled (client gone) or timed out;
 3. admits waiting requests in arrival order while the batch has room (and up to a budget of
    prefill tokens): they are prefilled together, left-padded, under ``lorakit.mixed(model, their
    adapters)``, and sample their first tokens; only rows whose prefill and first token succeeded
-   join the decode batch. With a resident limit, a request whose adapter cannot be loaded yet (all resident ones are in use) waits, and
-   only base-model requests may overtake it, so it cannot starve;
+   join the decode batch. A request whose adapter was reloaded in place while it waited starts
+   on the new version (rows already running keep the one they started with). With a resident limit,
+   a request whose adapter cannot be loaded yet (all resident ones are in use) waits, and only
+   base-model requests may overtake it, so it cannot starve;
 4. runs ONE decode step for every running row together, under ``lorakit.mixed(model, names)``
    (one adapter per row, None = base), samples each row with its own parameters and generator,
    and retires the rows that finished.
@@ -234,6 +236,8 @@ class Engine:
                 continue  # first come, first served: nobody overtakes a request waiting for a slot
             if group and max(longest, len(r.prompt)) * (len(group) + 1) > self.prefill_tokens:
                 break
+            if r.adapter is not None and r.adapter.replaced_by is not None:
+                r.adapter = self.adapters.current(r.adapter)  # reloaded in place: starts on the new version
             try:  # outside the lock: loading an adapter from disk must not block submit()
                 if r.adapter is not None and not self.adapters.ensure(r.adapter):
                     blocked = True  # every resident adapter is in use by running rows; only base rows pass

@@ -172,10 +172,12 @@ class AdapterLoadRequest(_Strict):
 
 class LoraLoadRequest(_Strict):
     """vLLM's ``POST /v1/load_lora_adapter`` / ``unload_lora_adapter`` body. The fields are checked by
-    the endpoint, not here: like vLLM, a missing, empty or non-string field is a 400, not a 422."""
+    the endpoint, not here: like vLLM, a missing, empty or mistyped field is a 400, not a 422."""
 
     lora_name: object = None
     lora_path: object = None
+    load_inplace: object = None   # load: replace the adapter loaded under lora_name
+    lora_int_id: object = None    # unload: the adapter's id (the load answer's X-Lora-Int-Id, /v1/models)
 
 
 # -- responses -----------------------------------------------------------------------------------

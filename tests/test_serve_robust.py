@@ -476,9 +476,18 @@ def test_sigterm_drains_then_ends_the_rest_with_errors_and_exits_0(world, tmp_pa
         time.sleep(0.3)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(url + "/health", timeout=5)
+        # New connections are refused once the server handles the signal, while running requests still drain.
+        # (Polled: on a busy machine the signal is handled when the process next runs; a connection that
+        # reached the accept backlog just before the listener closed is reset instead of refused.)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=5)
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                break
+            assert time.monotonic() < deadline, "the server still accepts connections 10 s after SIGTERM"
+            time.sleep(0.05)
+        assert not plain.done(), "new connections must be refused while the running requests drain"
         r = short.result(60)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
         r = plain.result(60)
